@@ -1,0 +1,136 @@
+"""Checkpoints: one directory with everything needed to evaluate or resume a run.
+
+    weights.pt     model state_dict            optimizer.pt  optimizer state_dict
+    rng.pt         torch (and CUDA) RNG states  state.json    step, data position, best metric
+    config.json    the resolved Config          vocab.json    the vocabulary
+    manifest.json  sha256 of every file above (checked on load)
+
+Written atomically: into a temporary sibling directory, then renamed into place; ``best`` and
+``latest`` are symlinks replaced atomically.  Loaded with ``torch.load(weights_only=True)``, so
+a checkpoint can never execute pickled code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config
+from .data.vocab import Vocab
+from .errors import CvaeError
+
+TENSOR_FILES = ("weights.pt", "optimizer.pt", "rng.pt")
+JSON_FILES = ("state.json", "config.json", "vocab.json")
+
+
+@dataclass
+class CheckpointData:
+    path: Path
+    config: Config
+    vocab: Vocab
+    weights: dict[str, Any]
+    optimizer: dict[str, Any] | None
+    rng: dict[str, Any]
+    state: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: dict[str, Any], config: Config, vocab: Vocab) -> Path:
+    """Write a checkpoint directory atomically; ``directory`` must not exist yet."""
+    directory = Path(directory)
+    if directory.exists():
+        raise CvaeError(f"checkpoint directory already exists: {directory}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    try:
+        torch.save(model.state_dict(), tmp / "weights.pt")
+        torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(config.to_json())
+        vocab.save(tmp / "vocab.json")
+        manifest = {name: _sha256(tmp / name) for name in TENSOR_FILES + JSON_FILES}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def point_link(link: str | Path, target: str | Path) -> None:
+    """Make ``link`` a symlink to ``target`` (relative), replacing any old link atomically."""
+    link, target = Path(link), Path(target)
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> CheckpointData:
+    """Verify the manifest and load a checkpoint directory without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CvaeError(f"checkpoint not found (expected a directory): {path}")
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise CvaeError(f"checkpoint {path} is incomplete: manifest.json is missing") from None
+    except ValueError:
+        raise CvaeError(f"checkpoint {path} is corrupted: manifest.json is not valid JSON") from None
+    for name in TENSOR_FILES + JSON_FILES:
+        file = path / name
+        if not file.is_file():
+            raise CvaeError(f"checkpoint {path} is incomplete: {name} is missing")
+        if _sha256(file) != manifest.get(name):
+            raise CvaeError(f"checkpoint {path} is corrupted: {name} does not match its checksum")
+    try:
+        tensors = {name: torch.load(path / name, map_location=map_location, weights_only=True) for name in TENSOR_FILES}
+        config = Config.from_dict(json.loads((path / "config.json").read_text()))
+        state = json.loads((path / "state.json").read_text())
+    except CvaeError:
+        raise
+    except Exception as exc:  # a truncated or foreign file that slipped past the checksum
+        raise CvaeError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
+    return CheckpointData(path, config, Vocab.load(path / "vocab.json"), tensors["weights.pt"],
+                          tensors["optimizer.pt"] or None, tensors["rng.pt"], state)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, Vocab]:
+    """Load a trained model for evaluation: -> (model in eval mode, config, vocab)."""
+    from .models import build_model
+
+    data = load_checkpoint(path, map_location=device)
+    model = build_model(data.config, len(data.vocab)).to(device)
+    model.load_state_dict(data.weights)
+    return model.eval(), data.config, data.vocab

@@ -1,0 +1,89 @@
+"""Length-bucketed batches in a seeded order that can be resumed from (epoch, index)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .vocab import BOS, EOS, PAD
+
+
+@dataclass
+class Batch:
+    """A padded batch. B sentences, T = longest sentence length.
+
+    words   [B, T]    word ids, no BOS/EOS (encoder input), PAD-padded
+    lengths [B]       number of words per sentence
+    inputs  [B, T+1]  <bos> w1..wn (decoder input)
+    targets [B, T+1]  w1..wn <eos> (decoder target); PAD positions are ignored by the loss
+    """
+
+    words: Tensor
+    lengths: Tensor
+    inputs: Tensor
+    targets: Tensor
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.words, self.lengths, self.inputs, self.targets)))
+
+    @property
+    def size(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        """Words plus one <eos> per sentence."""
+        return int(self.lengths.sum().item()) + self.size
+
+
+def make_batch(examples: list[list[int]]) -> Batch:
+    size = len(examples)
+    longest = max(len(x) for x in examples)
+    words = torch.full((size, longest), PAD, dtype=torch.long)
+    inputs = torch.full((size, longest + 1), PAD, dtype=torch.long)
+    targets = torch.full((size, longest + 1), PAD, dtype=torch.long)
+    inputs[:, 0] = BOS
+    for i, ids in enumerate(examples):
+        n = len(ids)
+        row = torch.tensor(ids, dtype=torch.long)
+        words[i, :n] = row
+        inputs[i, 1 : n + 1] = row
+        targets[i, :n] = row
+        targets[i, n] = EOS
+    lengths = torch.tensor([len(x) for x in examples], dtype=torch.long)
+    return Batch(words, lengths, inputs, targets)
+
+
+class BucketBatcher:
+    """Shuffled, length-bucketed training batches; epoch e's order depends only on (seed, e).
+
+    Each epoch: shuffle, cut into pools of ``pool_batches`` batches, sort each pool by length
+    (so padding is small), cut into batches, shuffle the batch order.  The last partial batch is
+    kept, as in the authors' code.  ``batches(epoch)[index:]`` resumes mid-epoch exactly.
+    """
+
+    def __init__(self, examples: list[list[int]], batch_size: int, seed: int, pool_batches: int = 50):
+        self.examples, self.batch_size, self.seed, self.pool_batches = examples, batch_size, seed, pool_batches
+
+    def order(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        perm = torch.randperm(len(self.examples), generator=generator).tolist()
+        pool = self.batch_size * self.pool_batches
+        batches: list[list[int]] = []
+        for start in range(0, len(perm), pool):
+            chunk = sorted(perm[start : start + pool], key=lambda i: len(self.examples[i]))
+            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        shuffle = torch.randperm(len(batches), generator=generator).tolist()
+        return [batches[i] for i in shuffle]
+
+    def __len__(self) -> int:
+        return -(-len(self.examples) // self.batch_size)
+
+    def batch(self, indices: list[int]) -> Batch:
+        return make_batch([self.examples[i] for i in indices])
+
+
+def eval_batches(examples: list[list[int]], batch_size: int) -> list[Batch]:
+    """Consecutive, unshuffled batches (evaluation keeps the file order)."""
+    return [make_batch(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]

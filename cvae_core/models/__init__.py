@@ -1,0 +1,4 @@
+"""Models: GRU-LM, DAE, the text VAE over any posterior family, and the coupling wrapper."""
+from .text_vae import CoupledVAE, DenoisingAutoencoder, LanguageModel, ModelOutput, TextVAE, build_model
+
+__all__ = ["CoupledVAE", "DenoisingAutoencoder", "LanguageModel", "ModelOutput", "TextVAE", "build_model"]

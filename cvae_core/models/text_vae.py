@@ -1,0 +1,215 @@
+"""The text VAE (encoder -> posterior -> signal network -> decoder), its baselines and the
+Coupled wrapper.  Shapes: B sentences, T tokens, S latent samples, d latent size, E signal size.
+
+Contract used by every likelihood metric: a latent model exposes ``prior``,
+``posterior(batch)`` (a LatentDistribution over z [B, d]) and ``log_px_given_z(batch, z)``
+(per-sentence log-likelihood summed over targets incl. <eos>, [S, B] for z [S, B, d]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution
+
+from ..config import Config, ModelConfig
+from ..data import Batch
+from ..modules.networks import BiGRUEncoder, GRUDecoder, SignalNetwork
+from ..modules.posteriors import GaussianHead, LatentDistribution, LatentSample
+
+
+@dataclass
+class ModelOutput:
+    """What one training forward pass returns; the objective turns it into a loss."""
+
+    rec: Tensor  # [B] reconstruction NLL per sentence (nats), stochastic path
+    posterior: LatentDistribution | None = None
+    sample: LatentSample | None = None
+    h: Tensor | None = None  # [B, E] decoding signal
+    rec_coupled: Tensor | None = None  # [B] coupled (deterministic) reconstruction NLL
+    h_coupled: Tensor | None = None  # [B, E] coupled decoding signal (not detached here)
+
+
+def make_posterior_head(config: ModelConfig, in_dim: int) -> nn.Module:
+    """A fresh posterior head of the configured family (each call has its own weights)."""
+    family = config.posterior
+    if family == "gaussian":
+        return GaussianHead(in_dim, config.latent_dim)
+    if family == "vmf":
+        from ..modules.vmf import VonMisesFisherHead
+
+        return VonMisesFisherHead(in_dim, config.latent_dim)
+    if family == "power_spherical":
+        from ..modules.power_spherical import PowerSphericalHead
+
+        return PowerSphericalHead(in_dim, config.latent_dim)
+    if family == "nf":
+        from ..modules.flows import PlanarFlowHead
+
+        return PlanarFlowHead(in_dim, config.latent_dim, n_flows=config.n_flows)
+    raise ValueError(f"unknown posterior family {family!r}")
+
+
+def make_decoder(config: ModelConfig, embedding: nn.Embedding) -> nn.Module:
+    """A fresh decoder sharing ``embedding`` (decoders expose logits/log_likelihood/greedy)."""
+    if config.decoder == "gru":
+        return GRUDecoder(embedding, 2 * config.hidden_dim, config.dropout)
+    if config.decoder == "cnn":
+        from ..modules.cnn_decoder import CNNDecoder
+
+        return CNNDecoder(embedding, config.cnn_filters, config.cnn_dilations, config.dropout)
+    raise ValueError(f"unknown decoder {config.decoder!r}")
+
+
+def make_embedding(vocab_size: int, embed_dim: int) -> nn.Embedding:
+    embedding = nn.Embedding(vocab_size, embed_dim)
+    nn.init.normal_(embedding.weight, 0.0, 1.0)  # the authors' N(0, 1) initialisation
+    return embedding
+
+
+def repeat_for_samples(batch: Batch, n_samples: int) -> tuple[Tensor, Tensor]:
+    """Decoder inputs/targets repeated sample-major: [S*B, T+1] matching z.reshape(S*B, d)."""
+    return batch.inputs.repeat(n_samples, 1), batch.targets.repeat(n_samples, 1)
+
+
+class LanguageModel(nn.Module):
+    """GRU-LM baseline: the decoder with no latent signal; its NLL is exact."""
+
+    kind = "lm"
+
+    def __init__(self, config: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.embedding = make_embedding(vocab_size, config.embed_dim)
+        self.decoder = GRUDecoder(self.embedding, 2 * config.hidden_dim, config.dropout, conditioned=False)
+
+    def log_px(self, batch: Batch) -> Tensor:
+        """Exact per-sentence log-likelihood, [B]."""
+        return self.decoder.log_likelihood(batch.inputs, batch.targets, None)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        return ModelOutput(rec=-self.log_px(batch))
+
+
+class DenoisingAutoencoder(nn.Module):
+    """DAE baseline (no noise): encoder -> Linear(2H -> d) -> signal network -> decoder."""
+
+    kind = "dae"
+
+    def __init__(self, config: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.embedding = make_embedding(vocab_size, config.embed_dim)
+        self.encoder = BiGRUEncoder(self.embedding, config.hidden_dim, config.dropout)
+        self.code = nn.Linear(self.encoder.out_dim, config.latent_dim)
+        self.signal = SignalNetwork(config.latent_dim, config.embed_dim)
+        self.decoder = make_decoder(config, self.embedding)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        h = self.signal(self.code(self.encoder(batch.words, batch.lengths)))
+        return ModelOutput(rec=-self.decoder.log_likelihood(batch.inputs, batch.targets, h), h=h)
+
+
+class TextVAE(nn.Module):
+    """encoder -> posterior head -> signal network -> decoder, for any posterior family."""
+
+    kind = "vae"
+
+    def __init__(self, config: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.embedding = make_embedding(vocab_size, config.embed_dim)
+        self.encoder = BiGRUEncoder(self.embedding, config.hidden_dim, config.dropout)
+        self.head = make_posterior_head(config, self.encoder.out_dim)
+        self.signal = SignalNetwork(config.latent_dim, config.embed_dim)
+        self.decoder = make_decoder(config, self.embedding)
+
+    @property
+    def prior(self) -> Distribution:
+        return self.head.prior(self.embedding.weight.device)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embedding.num_embeddings
+
+    def encode(self, batch: Batch) -> Tensor:
+        """[B, 2H] encoding e."""
+        return self.encoder(batch.words, batch.lengths)
+
+    def posterior(self, batch: Batch) -> LatentDistribution:
+        return self.head(self.encode(batch))
+
+    def log_px_given_z(self, batch: Batch, z: Tensor) -> Tensor:
+        """z [S, B, d] (or [B, d]) -> log p(x | z) per sentence, [S, B] (or [B])."""
+        if z.dim() == 2:
+            return self.log_px_given_z(batch, z.unsqueeze(0)).squeeze(0)
+        n_samples = z.shape[0]
+        inputs, targets = repeat_for_samples(batch, n_samples)
+        h = self.signal(z.reshape(-1, z.shape[-1]))
+        return self.decoder.log_likelihood(inputs, targets, h).view(n_samples, -1)
+
+    def forward_from_encoding(self, batch: Batch, e: Tensor) -> ModelOutput:
+        posterior = self.head(e)
+        sample = posterior.rsample_with_log_prob()
+        h = self.signal(sample.z)
+        rec = -self.decoder.log_likelihood(batch.inputs, batch.targets, h)
+        return ModelOutput(rec=rec, posterior=posterior, sample=sample, h=h)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        return self.forward_from_encoding(batch, self.encode(batch))
+
+
+class CoupledVAE(nn.Module):
+    """Coupling as one wrapper over any TextVAE (paper section 4).
+
+    Shared with the base: the embedding and the whole encoder (e is computed once).  Owned by
+    the twin, same structure, separate weights: posterior head, signal network, decoder.  The
+    twin's code is ``posterior.coupled_code()`` (Gaussian: the mean), so it is deterministic.
+    Evaluation uses the stochastic path only: prior/posterior/log_px_given_z delegate to base.
+    """
+
+    kind = "vae"
+
+    def __init__(self, base: TextVAE, config: ModelConfig):
+        super().__init__()
+        self.base = base
+        self.twin_head = make_posterior_head(config, base.encoder.out_dim)
+        self.twin_signal = SignalNetwork(config.latent_dim, config.embed_dim)
+        self.twin_decoder = make_decoder(config, base.embedding)
+
+    @property
+    def prior(self) -> Distribution:
+        return self.base.prior
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size
+
+    def encode(self, batch: Batch) -> Tensor:
+        return self.base.encode(batch)
+
+    def posterior(self, batch: Batch) -> LatentDistribution:
+        return self.base.posterior(batch)
+
+    def log_px_given_z(self, batch: Batch, z: Tensor) -> Tensor:
+        return self.base.log_px_given_z(batch, z)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        e = self.base.encode(batch)
+        out = self.base.forward_from_encoding(batch, e)
+        out.h_coupled = self.twin_signal(self.twin_head(e).coupled_code())
+        out.rec_coupled = -self.twin_decoder.log_likelihood(batch.inputs, batch.targets, out.h_coupled)
+        return out
+
+
+def build_model(config: Config, vocab_size: int) -> nn.Module:
+    kind = config.model.kind
+    if kind == "lm":
+        return LanguageModel(config.model, vocab_size)
+    if kind == "dae":
+        return DenoisingAutoencoder(config.model, vocab_size)
+    model = TextVAE(config.model, vocab_size)
+    return CoupledVAE(model, config.model) if config.coupling.enabled else model
+
+
+def latent_model(model: nn.Module) -> TextVAE:
+    """The stochastic TextVAE inside a (possibly coupled) model."""
+    return model.base if isinstance(model, CoupledVAE) else model

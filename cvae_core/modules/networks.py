@@ -1,0 +1,97 @@
+"""Encoder, decoding-signal network and GRU decoder of the paper (implementation notes section 1)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from ..data.vocab import PAD, UNK
+
+
+class BiGRUEncoder(nn.Module):
+    """words [B, T], lengths [B] -> e [B, 2H]: the final forward and backward states, forward first."""
+
+    def __init__(self, embedding: nn.Embedding, hidden_dim: int, dropout: float):
+        super().__init__()
+        self.embedding = embedding
+        self.dropout = nn.Dropout(dropout)
+        self.gru = nn.GRU(embedding.embedding_dim, hidden_dim, batch_first=True, bidirectional=True)
+        self.out_dim = 2 * hidden_dim
+
+    def forward(self, words: Tensor, lengths: Tensor) -> Tensor:
+        embedded = self.dropout(self.embedding(words))
+        # An empty sentence is read as one <pad>: its code then depends on the model, not on NaNs.
+        packed = pack_padded_sequence(embedded, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        _, last = self.gru(packed)  # [2, B, H]
+        return last.transpose(0, 1).reshape(words.shape[0], self.out_dim)
+
+
+class SignalNetwork(nn.Module):
+    """z [..., d] -> decoding signal h [..., E]: Linear -> ReLU -> Linear ("toInit")."""
+
+    def __init__(self, latent_dim: int, signal_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(latent_dim, signal_dim), nn.ReLU(), nn.Linear(signal_dim, signal_dim))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+
+def sequence_log_likelihood(logits: Tensor, targets: Tensor) -> Tensor:
+    """logits [B, T, V], targets [B, T] -> sum over non-pad targets of log p, [B] (nats)."""
+    token_nll = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=PAD, reduction="none"
+    )
+    return -token_nll.view(targets.shape).sum(-1)
+
+
+class GRUDecoder(nn.Module):
+    """Teacher-forced GRU decoder conditioned on the decoding signal h [B, E].
+
+    With a signal: the state starts from zeros and takes ONE step on [h; h]; every step's input
+    is Dropout([Emb(y_{t-1}); h]).  Without a signal (GRU-LM) the input is the embedding alone.
+    Output: Linear_{200->V}(tanh(Linear_{2H->200}(Dropout(GRU output)))), untied from the embedding.
+    """
+
+    def __init__(self, embedding: nn.Embedding, hidden_dim: int, dropout: float, conditioned: bool = True):
+        super().__init__()
+        self.embedding = embedding
+        embed_dim, vocab_size = embedding.embedding_dim, embedding.num_embeddings
+        self.conditioned = conditioned
+        self.gru = nn.GRU(embed_dim * (2 if conditioned else 1), hidden_dim, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.project = nn.Linear(hidden_dim, embed_dim)
+        self.output = nn.Linear(embed_dim, vocab_size)
+
+    def _initial_state(self, h: Tensor | None, batch_size: int) -> Tensor | None:
+        if h is None:
+            return None
+        _, state = self.gru(torch.cat([h, h], dim=-1).unsqueeze(1))  # one step from zeros
+        return state
+
+    def logits(self, inputs: Tensor, h: Tensor | None) -> Tensor:
+        """inputs [B, T] (starting with <bos>), h [B, E] or None -> logits [B, T, V]."""
+        embedded = self.embedding(inputs)
+        if h is not None:
+            embedded = torch.cat([embedded, h.unsqueeze(1).expand(-1, inputs.shape[1], -1)], dim=-1)
+        states, _ = self.gru(self.dropout(embedded), self._initial_state(h, inputs.shape[0]))
+        return self.output(torch.tanh(self.project(self.dropout(states))))
+
+    def log_likelihood(self, inputs: Tensor, targets: Tensor, h: Tensor | None) -> Tensor:
+        """Per-sentence log p(targets | h), [B], summed over targets incl. <eos>."""
+        return sequence_log_likelihood(self.logits(inputs, h), targets)
+
+    @torch.no_grad()
+    def greedy(self, h: Tensor, bos: int, max_steps: int) -> Tensor:
+        """h [B, E] -> greedy ids [B, max_steps] (<unk> masked, as in the authors' code)."""
+        state = self._initial_state(h, h.shape[0])
+        token = torch.full((h.shape[0], 1), bos, dtype=torch.long, device=h.device)
+        out = []
+        for _ in range(max_steps):
+            step_in = torch.cat([self.embedding(token), h.unsqueeze(1)], dim=-1)
+            output, state = self.gru(step_in, state)
+            logits = self.output(torch.tanh(self.project(output[:, -1])))
+            logits[:, UNK] = float("-inf")
+            token = logits.argmax(-1, keepdim=True)
+            out.append(token)
+        return torch.cat(out, dim=1)

