@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""Launch the MLflow tracking server for a study cluster, with safe defaults.
+
+Run it as a file (``python mlflow/server.py``), never as a module: this folder has no
+``__init__.py`` on purpose, so it can never shadow the ``mlflow`` library on ``sys.path``.
+
+What it does: reads its settings from flags or ``CVAE_MLFLOW_*`` environment variables,
+refuses unsafe or ambiguous ones with a one-line error (exit code 2), then replaces itself
+(``exec``) with::
+
+    python -m mlflow server --backend-store-uri URI --serve-artifacts
+        --artifacts-destination DEST --host HOST --port PORT
+        --allowed-hosts H1,H1:PORT,... --workers N
+
+so the launcher's pid *is* the server's pid and signals reach the server directly.
+
+Settings (flag > environment variable > default):
+
+  --backend-store-uri   CVAE_MLFLOW_BACKEND_URI  required. postgresql+psycopg://... (several
+                        writers), or sqlite:////abs/path/mlflow.db (one server on one host).
+  --artifacts-destination CVAE_MLFLOW_ARTIFACTS_DESTINATION required. s3://bucket/prefix or a
+                        local directory; artifacts are proxied through the server.
+  --host                CVAE_MLFLOW_HOST         127.0.0.1. An IP address to bind. 0.0.0.0, ::
+                        and public addresses need --allowed-hosts set explicitly.
+  --port                CVAE_MLFLOW_PORT         5000
+  --allowed-hosts       CVAE_MLFLOW_ALLOWED_HOSTS Host headers to accept, comma-separated. A name
+                        without a port is also allowed as name:PORT. Default: the bind address
+                        plus localhost/127.0.0.1, each with and without the port.
+  --workers             CVAE_MLFLOW_WORKERS      2 (uvicorn worker processes)
+  --pidfile PATH        write the server pid there; a server still running under the pid in an
+                        existing pidfile is stopped first (so re-running `ray up` restarts it).
+  --stop                only stop the server recorded in --pidfile (if running) and exit 0.
+  --dry-run             print the mlflow command line and exit 0.
+
+MLflow's background job runner (GenAI scorer jobs, ~7 extra huey processes) is switched off
+(MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false) unless that variable is already set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+
+PROG = "mlflow/server.py"
+EXIT_BAD_INPUT = 2
+
+# SQLAlchemy dialects MLflow supports as a tracking backend.
+SQL_DIALECTS = ("postgresql", "mysql", "mssql", "sqlite")
+# Artifact destinations MLflow resolves itself; anything else without a scheme is a local path.
+REMOTE_ARTIFACT_SCHEMES = ("s3", "gs", "wasbs", "abfss", "hdfs", "viewfs", "ftp", "sftp", "oss", "dbfs")
+
+
+class BadInput(Exception):
+    """A setting the user gave (or forgot) that we refuse; the message is printed as one line."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the whole usage block
+        fail(f"{message} (see --help)")
+
+
+def fail(message: str):
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def _setting(cli_value, flag: str, env_name: str, default=None):
+    """Return (value, where it came from); where is None for the built-in default."""
+    if cli_value is not None:
+        return cli_value, flag
+    env_value = os.environ.get(env_name, "").strip()
+    if env_value:
+        return env_value, env_name
+    return default, None
+
+
+def mask_password(uri: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (for logs only)."""
+    return re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", uri)
+
+
+def check_backend_uri(uri: str | None) -> str:
+    if not uri:
+        raise BadInput(
+            "no backend store: set CVAE_MLFLOW_BACKEND_URI (e.g. postgresql+psycopg://ray@/mlflow?host=/var/run/postgresql, "
+            "or sqlite:////abs/path/mlflow.db for a single host) or pass --backend-store-uri"
+        )
+    if "://" not in uri:
+        raise BadInput(f"backend store {uri!r} is not a database URI; use postgresql://... or sqlite:////abs/path/mlflow.db")
+    scheme = uri.split("://", 1)[0].lower()
+    dialect = scheme.split("+", 1)[0]
+    if dialect == "postgres":
+        raise BadInput(f"backend store scheme {scheme!r} is not understood by SQLAlchemy; write postgresql://")
+    if dialect == "file":
+        raise BadInput("file:// backend stores are in maintenance mode in MLflow 3; use postgresql:// or sqlite:////abs/path/mlflow.db")
+    if dialect not in SQL_DIALECTS:
+        raise BadInput(f"backend store scheme {scheme!r} is not supported; use one of {', '.join(SQL_DIALECTS)}")
+    if dialect == "sqlite":
+        path = uri.split("://", 1)[1]
+        # sqlite:////abs/file.db -> path '/abs/file.db' after the third slash
+        if not path.startswith("//"):
+            raise BadInput(f"sqlite backend {uri!r} needs an absolute path: sqlite:////abs/path/mlflow.db")
+        db_file = Path(path[1:].split("?", 1)[0])
+        if not db_file.parent.is_dir():
+            raise BadInput(f"sqlite backend directory {str(db_file.parent)!r} does not exist")
+    return uri
+
+
+def check_artifacts_destination(dest: str | None) -> str:
+    if not dest:
+        raise BadInput(
+            "no artifacts destination: set CVAE_MLFLOW_ARTIFACTS_DESTINATION (s3://bucket/prefix or a local "
+            "directory) or pass --artifacts-destination; without it MLflow writes ./mlartifacts relative to the cwd"
+        )
+    if "://" in dest:
+        scheme = dest.split("://", 1)[0].lower()
+        if scheme == "file":
+            dest = dest.split("://", 1)[1]
+        elif scheme in REMOTE_ARTIFACT_SCHEMES:
+            return dest
+        else:
+            raise BadInput(f"artifacts destination scheme {scheme!r} is not supported; use s3://... or a local directory")
+    local = Path(dest).expanduser().resolve()
+    if local.exists() and not local.is_dir():
+        raise BadInput(f"artifacts destination {str(local)!r} exists and is not a directory")
+    local.mkdir(parents=True, exist_ok=True)
+    return str(local)
+
+
+def check_host(host: str) -> tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise BadInput(f"--host {host!r} is not an IP address; give the address to bind, e.g. 127.0.0.1 or the node's private IP") from None
+    return str(address), address
+
+
+def _with_port(entry: str, port: int) -> list[str]:
+    """'10.0.0.5' -> ['10.0.0.5', '10.0.0.5:5000']; entries with a port or a wildcard stay as they are."""
+    if "*" in entry:
+        return [entry]
+    if entry.startswith("["):  # [::1] or [::1]:5000
+        return [entry] if "]:" in entry else [entry, f"{entry}:{port}"]
+    if entry.count(":") == 1:  # host:port
+        return [entry]
+    if entry.count(":") > 1:  # bare IPv6 literal: Host headers carry it in brackets
+        return [f"[{entry}]", f"[{entry}]:{port}"]
+    return [entry, f"{entry}:{port}"]
+
+
+def allowed_hosts_list(explicit: str | None, address, port: int) -> list[str]:
+    if explicit is not None:
+        entries = [e.strip() for e in explicit.split(",") if e.strip()]
+        if not entries:
+            raise BadInput("--allowed-hosts is empty; list the host names/IPs clients use")
+        if "*" in entries:
+            raise BadInput("--allowed-hosts '*' turns off the Host-header check; list the host names/IPs clients use")
+    else:
+        bind = f"[{address}]" if address.version == 6 else str(address)
+        entries = [bind, "localhost", "127.0.0.1"]
+    result: list[str] = []
+    for entry in entries:
+        for form in _with_port(entry, port):
+            if form not in result:
+                result.append(form)
+    return result
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = _OneLineParser(
+        prog=PROG,
+        description="Start `mlflow server` (PostgreSQL/SQLite backend, proxied artifacts, explicit bind and allowed hosts).",
+        epilog="Each flag falls back to the CVAE_MLFLOW_* environment variable named in mlflow/README.md.",
+    )
+    parser.add_argument("--backend-store-uri")
+    parser.add_argument("--artifacts-destination")
+    parser.add_argument("--host")
+    parser.add_argument("--port")
+    parser.add_argument("--allowed-hosts")
+    parser.add_argument("--workers")
+    parser.add_argument("--pidfile")
+    parser.add_argument("--stop", action="store_true")
+    parser.add_argument("--dry-run", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _positive_int(value: str, source: str, upper: int | None = None) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise BadInput(f"{source}={value!r} is not an integer") from None
+    if number < 1 or (upper is not None and number > upper):
+        bounds = f"1..{upper}" if upper else ">= 1"
+        raise BadInput(f"{source}={number} is out of range ({bounds})")
+    return number
+
+
+def build_command(args: argparse.Namespace) -> list[str]:
+    backend, _ = _setting(args.backend_store_uri, "--backend-store-uri", "CVAE_MLFLOW_BACKEND_URI")
+    backend = check_backend_uri(backend)
+
+    dest, _ = _setting(args.artifacts_destination, "--artifacts-destination", "CVAE_MLFLOW_ARTIFACTS_DESTINATION")
+
+    port_value, port_source = _setting(args.port, "--port", "CVAE_MLFLOW_PORT", "5000")
+    port = _positive_int(port_value, port_source or "--port", upper=65535)
+
+    workers_value, workers_source = _setting(args.workers, "--workers", "CVAE_MLFLOW_WORKERS", "2")
+    workers = _positive_int(workers_value, workers_source or "--workers")
+
+    host_value, _ = _setting(args.host, "--host", "CVAE_MLFLOW_HOST", "127.0.0.1")
+    host, address = check_host(host_value)
+
+    explicit_hosts, _ = _setting(args.allowed_hosts, "--allowed-hosts", "CVAE_MLFLOW_ALLOWED_HOSTS")
+    exposed = address.is_unspecified or not (address.is_private or address.is_loopback)
+    if exposed and explicit_hosts is None:
+        kind = "every interface" if address.is_unspecified else "a public address"
+        raise BadInput(
+            f"refusing to bind {host} ({kind}) without an explicit --allowed-hosts / CVAE_MLFLOW_ALLOWED_HOSTS; "
+            "bind a private IP instead or list the host names clients use"
+        )
+    allowed = allowed_hosts_list(explicit_hosts, address, port)
+
+    # Validate the destination last: for a local directory it creates the folder.
+    dest = check_artifacts_destination(dest)
+
+    return [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", backend,
+        "--serve-artifacts",
+        "--artifacts-destination", dest,
+        "--host", host,
+        "--port", str(port),
+        "--allowed-hosts", ",".join(allowed),
+        "--workers", str(workers),
+    ]
+
+
+def _running_mlflow(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return b"mlflow" in cmdline
+
+
+def replace_previous(pidfile: Path) -> None:
+    """Stop the server recorded in pidfile (its whole process group), if it is still an mlflow process."""
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return
+    if pid == os.getpid() or not _running_mlflow(pid):
+        return
+    print(f"{PROG}: stopping the server in process group {pid}", file=sys.stderr)
+    for sig, wait_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not _running_mlflow(pid):
+                return
+            time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.stop:
+        if not args.pidfile:
+            fail("--stop needs --pidfile (the file the running server was started with)")
+        replace_previous(Path(args.pidfile).expanduser())
+        return
+    try:
+        command = build_command(args)
+    except BadInput as error:
+        fail(str(error))
+
+    printable = shlex.join(mask_password(part) for part in command)
+    if args.dry_run:
+        print(printable)
+        return
+
+    if args.pidfile:
+        pidfile = Path(args.pidfile).expanduser()
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        replace_previous(pidfile)
+        # Lead our own process group so `kill -- -PID` (or os.killpg) stops the uvicorn workers
+        # too. setsid fails when we already lead a group (a background job in an interactive
+        # shell); then the pgid equals our pid anyway.
+        try:
+            os.setsid()
+        except PermissionError:
+            pass
+        pidfile.write_text(f"{os.getpid()}\n")
+
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    print(f"{PROG}: exec {printable}", file=sys.stderr, flush=True)
+    os.execve(sys.executable, command, env)
+
+
+if __name__ == "__main__":
+    main()
