@@ -32,7 +32,8 @@ def test_vocab_load_rejects_bad_files(tmp_path):
 def test_ptb_splits_and_vocabulary_size():
     corpus = load_corpus(DataConfig(dataset="ptb"))
     assert [len(corpus[s].examples) for s in ("train", "valid", "test")] == [42068, 3370, 3761]
-    assert len(corpus.vocab) == 10000 + 4 - 2  # PTB's 10K words include <unk>; ours adds pad/bos/eos
+    # 9,999 word types incl. <unk> (Mikolov's 10K counts </s>) + pad/bos/eos = the authors' 10,002
+    assert len(corpus.vocab) == 10002
     for split in ("train", "valid", "test"):
         assert corpus[split].md5 == KNOWN_CHECKSUMS[("ptb", split)]
 

@@ -1,0 +1,65 @@
+"""Training throughput of a preset against the plain VAE, measured in one process.
+
+    python bench/bench_train.py --presets vae coupled-vae --steps 40
+
+Runs the presets in alternating rounds on the same PTB batches (paper-size model), prints
+ms/step and tokens/s per preset, the ratio to the first preset, and the projected wall time of
+the `quick` scale (2,000 steps; evaluation not included).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from cvae_core.config import build_config
+from cvae_core.data import BucketBatcher, load_corpus
+from cvae_core.models import build_model
+from cvae_core.objectives import Objective
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["vae", "coupled-vae"])
+    parser.add_argument("--steps", type=int, default=40, help="steps per round and preset")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    configs = {name: build_config(name, "ptb", "quick") for name in args.presets}
+    corpus = load_corpus(configs[args.presets[0]].data, ("train",))
+    batcher = BucketBatcher(corpus["train"].examples, 32, seed=0)
+    order = batcher.order(0)
+    batches = [batcher.batch(order[i]) for i in range(args.steps)]
+    tokens = sum(b.n_tokens for b in batches)
+    setups = {}
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        model = build_model(config, len(corpus.vocab))
+        setups[name] = (model, torch.optim.Adam(model.parameters()), Objective(config))
+    times: dict[str, list[float]] = {name: [] for name in args.presets}
+    for round_index in range(args.rounds + 1):  # round 0 warms up
+        for name, (model, optimizer, objective) in setups.items():
+            start = time.perf_counter()
+            for step, batch in enumerate(batches, 1):
+                loss, _ = objective(model, model(batch), step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 30.0)
+                optimizer.step()
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+    base = statistics.median(times[args.presets[0]])
+    print(f"{args.steps} steps x {args.rounds} rounds, {args.threads} threads, {tokens / args.steps:.0f} tokens/step")
+    print(f"{'preset':<20} {'ms/step':>8} {'tokens/s':>9} {'ratio':>6} {'quick 2K steps':>15}")
+    for name in args.presets:
+        median = statistics.median(times[name])
+        per_step = median / args.steps
+        print(f"{name:<20} {per_step * 1000:8.0f} {tokens / median:9.0f} {median / base:6.2f} "
+              f"{per_step * 2000 / 60:12.1f} min")
+
+
+if __name__ == "__main__":
+    main()
