@@ -85,6 +85,7 @@ class _Progress:
         self.count = self.tokens = 0
         self.window_t0 = self.t0
         self.window_tokens = 0
+        self.eval_seconds = 0.0  # excluded from throughput, included in the ETA
 
     def add(self, parts: dict[str, torch.Tensor], tokens: int, extra: dict[str, float]) -> None:
         for key, value in {**{k: v.item() for k, v in parts.items()}, **extra}.items():
@@ -100,7 +101,8 @@ class _Progress:
         self.sums, self.count = {}, 0
 
     def tokens_per_second(self) -> float:
-        return self.tokens / max(1e-9, time.perf_counter() - self.t0)
+        """Training throughput since this process started, evaluation time excluded."""
+        return self.tokens / max(1e-9, time.perf_counter() - self.t0 - self.eval_seconds)
 
     def line(self, step: int, kl_weight: float, lr: float) -> str:
         now = time.perf_counter()
@@ -189,9 +191,13 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
             metrics = {"step": float(step), "epoch": float(epoch), "kl_weight": kl_weight, "lr": lr,
                        "tokens_per_s": progress.tokens_per_second(), **progress.means()}
             progress.reset()
+            eval_start = time.perf_counter()
             scores = evaluate(model, corpus["valid"], n_samples=config.train.val_samples,
                               mi_samples=config.train.mi_samples, seed=config.train.seed)
             metrics.update({f"val_{k}": float(v) for k, v in scores.items() if v is not None})
+            eval_seconds = time.perf_counter() - eval_start
+            progress.eval_seconds += eval_seconds
+            progress.window_t0 += eval_seconds
             key = selection_metric(config)
             improved = metrics[key] < best_value
             if improved:
