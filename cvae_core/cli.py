@@ -1,4 +1,4 @@
-"""The ``cvae`` command: presets, train, evaluate."""
+"""The ``cvae`` command: presets, train, evaluate, generate."""
 from __future__ import annotations
 
 import argparse
@@ -55,7 +55,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     overrides = {"data_dir": args.data_dir} if args.data_dir else None
     result = evaluate_checkpoint(args.checkpoint, split=args.split, n_samples=args.n_samples,
                                  mi_samples=args.mi_samples, seed=args.seed, device=args.device,
-                                 data_overrides=overrides, limit=args.limit)
+                                 data_overrides=overrides, limit=args.limit, bleu=args.bleu, dist=args.dist,
+                                 grad_norms=args.grad_norms, bleu_samples=args.bleu_samples,
+                                 dist_samples=args.dist_samples, max_steps=args.max_steps)
     if args.json:
         print(json.dumps(_json_safe(result), indent=2))
         return
@@ -63,6 +65,52 @@ def _evaluate(args: argparse.Namespace) -> None:
         if key != "fingerprint":
             print(f"{key:<12} {value if value is None or isinstance(value, int) else f'{value:.3f}'}")
     print("fingerprint  " + json.dumps(result["fingerprint"]))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .data.batching import make_batch
+    from .evaluation import load_for_evaluation
+    from .generate import interpolate, reconstruct, sample_prior, seeded
+    from .train import resolve_device
+
+    if args.n < 1 or args.max_steps < 0 or args.steps < 0:
+        raise CvaeError(f"--n must be >= 1 and --max-steps, --steps >= 0 "
+                        f"(got {args.n}, {args.max_steps}, {args.steps})")
+    if args.mode == "prior":
+        model, config, vocab = load_model(args.checkpoint, resolve_device(args.device))
+        examples: list[list[int]] = []
+    else:
+        overrides = {"data_dir": args.data_dir} if args.data_dir else None
+        limit = 2 * args.n if args.mode == "interpolate" else args.n
+        model, config, vocab, data = load_for_evaluation(args.checkpoint, args.split, args.device, overrides, limit)
+        examples = data.examples
+    if model.kind != "vae":
+        raise CvaeError(f"generate needs a latent-variable model (model.kind=vae), got {model.kind!r}")
+    steps = args.max_steps or config.data.max_len
+    words = lambda ids: " ".join(vocab.decode(ids))  # noqa: E731
+    chunk = 32
+    with seeded(args.seed, next(model.parameters()).device):
+        if args.mode == "prior":
+            for ids in sample_prior(model, args.n, batch_size=chunk, max_steps=steps):
+                print(words(ids))
+        elif args.mode == "reconstruct":
+            for start in range(0, len(examples), chunk):
+                inputs = examples[start : start + chunk]
+                for sentence, decodes in zip(inputs, reconstruct(model, make_batch(inputs), 1, steps)):
+                    print(f"> {words(sentence)}\n< {words(decodes[0])}\n")
+        else:
+            pairs = list(zip(examples[0::2], examples[1::2]))
+            if not pairs:
+                raise CvaeError(f"--mode interpolate needs at least 2 sentences in the {args.split} split")
+            for start in range(0, len(pairs), chunk):
+                firsts, seconds = map(list, zip(*pairs[start : start + chunk]))
+                paths = interpolate(model, make_batch(firsts), make_batch(seconds), args.steps, steps)
+                for a, b, path in zip(firsts, seconds, paths):
+                    print(f"A {words(a)}")
+                    for ids in path:
+                        print(f"  {words(ids)}")
+                    print(f"B {words(b)}\n")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,7 +131,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint (IS-NLL, KL, PPL, ELBO, MI, AU)")
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint (IS-NLL, KL, PPL, ELBO, MI, AU; "
+                                        "optionally BLEU, Dist, gradient norms)")
     p.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/.../checkpoints/best")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
     p.add_argument("--n-samples", type=int, default=100, help="importance samples per sentence (paper: 100)")
@@ -93,7 +142,28 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", help="read the split from this folder instead of the recorded path")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--bleu", action="store_true",
+                   help="add bleu1/bleu2: reconstruction BLEU (100*BP*p_n, corpus level) of greedy decodes")
+    p.add_argument("--bleu-samples", type=int, default=10, help="posterior samples per sentence for --bleu (paper: 10)")
+    p.add_argument("--dist", action="store_true", help="add dist1/dist2 (percent) of greedy prior samples")
+    p.add_argument("--dist-samples", type=int, default=3200, help="prior samples for --dist (paper: 3200)")
+    p.add_argument("--grad-norms", action="store_true",
+                   help="add grad_rec, grad_rec_coupled, grad_total, grad_reg, dh_de (mean squared norms, Table 5)")
+    p.add_argument("--max-steps", type=int, default=0, help="greedy decoding steps (0 = data.max_len, 200)")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("generate", help="print greedy decodes: prior samples, reconstructions, interpolations")
+    p.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/.../checkpoints/best")
+    p.add_argument("--n", type=int, default=10, help="sentences (prior), inputs (reconstruct) or pairs (interpolate)")
+    p.add_argument("--mode", default="prior", choices=("prior", "reconstruct", "interpolate"))
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"),
+                   help="where reconstruct/interpolate read their inputs (the first --n sentences, or pairs)")
+    p.add_argument("--steps", type=int, default=5, help="interior points of an interpolation (paper: 5)")
+    p.add_argument("--max-steps", type=int, default=0, help="greedy decoding steps (0 = data.max_len, 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", help="read the split from this folder instead of the recorded path")
+    p.set_defaults(func=_generate)
     return top
 
 

@@ -12,24 +12,23 @@ from .checkpoint import load_model
 from .data import load_corpus
 from .data.corpus import KNOWN_CHECKSUMS
 from .errors import CvaeError
+from .metrics.dynamics import GRAD_BATCH, encoding_module, gradient_norms
 from .metrics.likelihood import MI_BATCH, evaluate
+from .metrics.text import prior_diversity, reconstruction_bleu
 from .train import resolve_device
 
 RESULT_KEYS = ("nll", "kl", "ppl", "elbo", "mi_loo", "mi_batch", "au", "n_sentences", "n_tokens")
 
 
-def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: int = 100, mi_samples: int = 100,
-                        seed: int = 0, device: str = "auto", data_overrides: dict[str, str] | None = None,
-                        limit: int = 0) -> dict[str, Any]:
-    """Full evaluation of a checkpoint: the RESULT_KEYS plus ``rec`` and a ``fingerprint``.
+def load_for_evaluation(checkpoint: str | Path, split: str = "test", device: str = "auto",
+                        data_overrides: dict[str, str] | None = None, limit: int = 0):
+    """-> (model in eval mode, config, vocab, Split) for a checkpoint and one of its splits.
 
     ``data_overrides`` replaces data paths recorded in the checkpoint (e.g. another data_dir).
-    ``limit`` evaluates the first N sentences only (0 = the whole split).
+    ``limit`` keeps the first N sentences only (0 = the whole split).
     """
     if split not in ("train", "valid", "test"):
         raise CvaeError(f"unknown split {split!r}; choose train, valid or test")
-    if n_samples < 1 or mi_samples < 1:
-        raise CvaeError("--n-samples and --mi-samples must be >= 1")
     torch_device = resolve_device(device)
     model, config, vocab = load_model(checkpoint, torch_device)
     data_config = dataclasses.replace(config.data, train_limit=0, valid_limit=0, **(data_overrides or {}))
@@ -37,9 +36,58 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
     data = corpus[split]
     if limit:
         data = dataclasses.replace(data, examples=data.examples[:limit])
+    return model, config, vocab, data
+
+
+def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: int = 100, mi_samples: int = 100,
+                        seed: int = 0, device: str = "auto", data_overrides: dict[str, str] | None = None,
+                        limit: int = 0, bleu: bool = False, dist: bool = False, grad_norms: bool = False,
+                        bleu_samples: int = 10, dist_samples: int = 3200, max_steps: int = 0) -> dict[str, Any]:
+    """Full evaluation of a checkpoint: the RESULT_KEYS plus ``rec`` and a ``fingerprint``.
+
+    ``data_overrides`` replaces data paths recorded in the checkpoint (e.g. another data_dir).
+    ``limit`` evaluates the first N sentences only (0 = the whole split).
+    Optional metrics (keys added only when asked for; their settings go in the fingerprint):
+      bleu=True        bleu1, bleu2: reconstruction BLEU (percent, 100·BP·p_n) of ``bleu_samples``
+                       greedy decodes of z ~ q(z|x) per sentence of the split;
+      dist=True        dist1, dist2: Dist-n (percent) of ``dist_samples`` greedy prior decodes;
+      grad_norms=True  grad_rec, grad_rec_coupled, grad_total, grad_reg, dh_de: mean SQUARED
+                       gradient norms w.r.t. the encoding (Table 5), train mode, batches of 16.
+    ``max_steps`` bounds greedy decoding (0 = the checkpoint's data.max_len, the authors' 200).
+    """
+    if n_samples < 1 or mi_samples < 1:
+        raise CvaeError("--n-samples and --mi-samples must be >= 1")
+    if bleu and bleu_samples < 1:
+        raise CvaeError(f"--bleu-samples must be >= 1, got {bleu_samples}")
+    if max_steps < 0:
+        raise CvaeError(f"--max-steps must be >= 0 (0 = data.max_len), got {max_steps}")
+    if dist and dist_samples < 1:
+        raise CvaeError(f"--dist-samples must be >= 1, got {dist_samples}")
+    model, config, _, data = load_for_evaluation(checkpoint, split, device, data_overrides, limit)
+    if (bleu or dist) and model.kind != "vae":
+        raise CvaeError(f"--bleu and --dist need a latent-variable model (model.kind=vae), got {model.kind!r}")
+    if grad_norms:
+        encoding_module(model)  # fail before the long likelihood evaluation
+    steps = max_steps or config.data.max_len
     scores = evaluate(model, data, n_samples=n_samples, mi_samples=mi_samples, seed=seed)
     result: dict[str, Any] = {key: scores[key] for key in RESULT_KEYS}
     result["rec"] = scores["rec"]
+    optional: dict[str, Any] = {}
+    if bleu:
+        scored = reconstruction_bleu(model, data, n_samples=bleu_samples, seed=seed, max_steps=steps)
+        result.update(bleu1=scored["bleu1"], bleu2=scored["bleu2"])
+        optional.update(bleu_samples=bleu_samples, bleu_pairs=scored["bleu_pairs"],
+                        bleu_definition="corpus 100*BP*p_n, multi-bleu style, not cumulative")
+    if dist:
+        result.update(prior_diversity(model, n=dist_samples, seed=seed, max_steps=steps))
+        optional.update(dist_samples=dist_samples, dist_definition="100*distinct/total n-grams, pooled")
+    if bleu or dist:
+        optional.update(decoding="greedy, <unk> masked, cut at first <eos>, empty if <eos> first",
+                        max_steps=steps)
+    if grad_norms:
+        result.update(gradient_norms(model, data, batch_size=GRAD_BATCH, seed=seed))
+        optional.update(grad_batch_size=GRAD_BATCH, grad_mode="train (dropout on, z sampled)",
+                        grad_definition="mean squared L2 norms w.r.t. the encoding e")
     expected = KNOWN_CHECKSUMS.get((config.data.dataset, split))
     result["fingerprint"] = {
         "dataset": config.data.dataset,
@@ -58,5 +106,6 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
         "checkpoint": str(Path(checkpoint).resolve()),
         "version": __version__,
         "torch": torch.__version__,
+        **optional,
     }
     return result

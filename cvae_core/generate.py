@@ -1,0 +1,223 @@
+"""Greedy decoding from latent codes: prior samples, reconstructions and interpolations.
+
+Decoding follows the authors (notes section 1): start from <bos>, mask <unk> at every step,
+take the argmax, and cut the output at the first <eos>.  Beam size 1 everywhere.
+
+* Steps: the authors always run 200 steps and cut afterwards.  We stop as soon as every row of
+  the batch has produced <eos>.  Greedy decoding is causal and deterministic, so the tokens
+  before each row's first <eos> are the same either way, only faster.
+* Quirk 12: when the first generated token is <eos>, the authors' ``strip_eos`` keeps it, so
+  the output is the one-token sentence "<eos>".  We return an EMPTY sentence instead
+  (``strip_eos(..., empty_as_eos=True)`` restores their behaviour).  This changes BLEU and
+  Dist a little, and only when a model generates empty sentences.
+
+Works for any latent model that has ``prior``, ``posterior(batch)``, ``signal`` (z -> h) and
+``decoder.greedy(h, bos, max_steps)``.  A coupled model decodes through its stochastic
+``base``, like every evaluation.  Shapes: B sentences, S samples, d latent size, E signal size.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .data import Batch
+from .data.vocab import BOS, EOS, UNK
+from .errors import CvaeError
+from .models.text_vae import latent_model
+from .modules.networks import GRUDecoder
+
+DEFAULT_MAX_STEPS = 200  # the authors' fixed number of decoding steps (= max_len)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the block on its own seeded RNG stream and restore the caller's RNG state afterwards."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """model.eval() (dropout off, BatchNorm running statistics) for the block, then restore."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def generator(model: nn.Module) -> nn.Module:
+    """The latent model that generates: a TextVAE (a coupled model's stochastic ``base``)."""
+    kind = getattr(model, "kind", None)
+    if kind != "vae":
+        raise CvaeError(f"generation needs a latent-variable model (model.kind=vae), got model.kind={kind!r}")
+    return latent_model(model)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def strip_eos(ids: Sequence[int], eos: int = EOS, empty_as_eos: bool = False) -> list[int]:
+    """Token ids cut before the first <eos> (all of them if there is none).
+
+    empty_as_eos=True mimics the authors (quirk 12): an output that starts with <eos> becomes
+    ``[eos]`` instead of ``[]``.
+    """
+    ids = list(ids)
+    if eos in ids:
+        ids = ids[: ids.index(eos)]
+        if not ids and empty_as_eos:
+            return [eos]
+    return ids
+
+
+@torch.no_grad()
+def _gru_greedy_until_eos(decoder: GRUDecoder, h: Tensor, max_steps: int) -> Tensor:
+    """GRUDecoder.greedy step for step, but stopping once every row has produced <eos>.
+
+    Same operations in the same order as ``GRUDecoder.greedy`` (tests/test_generate.py checks
+    the outputs are identical), so it must follow that method if the decoder changes.
+    """
+    _, state = decoder.gru(torch.cat([h, h], dim=-1).unsqueeze(1))  # one step on [h; h] from zeros
+    token = torch.full((h.shape[0], 1), BOS, dtype=torch.long, device=h.device)
+    finished = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+    out = []
+    for _ in range(max_steps):
+        step_in = torch.cat([decoder.embedding(token), h.unsqueeze(1)], dim=-1)
+        output, state = decoder.gru(step_in, state)
+        logits = decoder.output(torch.tanh(decoder.project(output[:, -1])))
+        logits[:, UNK] = float("-inf")
+        token = logits.argmax(-1, keepdim=True)
+        out.append(token)
+        finished |= token.squeeze(1) == EOS
+        if bool(finished.all()):
+            break
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def _greedy_in_stages(decoder: nn.Module, h: Tensor, max_steps: int, first: int = 50) -> Tensor:
+    """Early stopping for any decoder with ``greedy(h, bos, max_steps)`` (e.g. the CNN decoder).
+
+    Decode ``first`` steps; rows without <eos> are decoded again, alone, with 4x the steps, up
+    to ``max_steps``.  Valid because greedy decoding is causal and rows are independent in
+    eval mode: a longer run only appends tokens to a shorter one.  (Re-running a subset of rows
+    changes the batch shape, which may change float rounding; only an exact argmax tie could
+    then flip a token.)
+    """
+    steps = min(first, max_steps)
+    rows = torch.arange(h.shape[0], device=h.device)
+    # Rows that end early are padded with <eos>; tokens after the first <eos> are cut anyway.
+    result = torch.full((h.shape[0], max_steps), EOS, dtype=torch.long, device=h.device)
+    while True:
+        ids = decoder.greedy(h[rows], BOS, steps)
+        result[rows, :steps] = ids
+        still_open = ~(ids == EOS).any(dim=1)
+        if steps >= max_steps or not bool(still_open.any()):
+            return result[:, :steps]
+        rows = rows[still_open]
+        steps = min(4 * steps, max_steps)
+
+
+@torch.no_grad()
+def greedy_ids(decoder: nn.Module, h: Tensor, max_steps: int = DEFAULT_MAX_STEPS,
+               stop_early: bool = True) -> Tensor:
+    """h [B, E] -> greedy token ids [B, T], T <= max_steps (<unk> masked).
+
+    With stop_early (default) decoding ends once every row has an <eos>; the ids up to each
+    row's first <eos> equal those of ``decoder.greedy(h, BOS, max_steps)``.
+    """
+    if h.shape[0] == 0:
+        return torch.zeros((0, 0), dtype=torch.long, device=h.device)
+    if not stop_early:
+        return decoder.greedy(h, BOS, max_steps)
+    if type(decoder) is GRUDecoder and decoder.conditioned:
+        return _gru_greedy_until_eos(decoder, h, max_steps)
+    return _greedy_in_stages(decoder, h, max_steps)
+
+
+@torch.no_grad()
+def decode_signals(decoder: nn.Module, h: Tensor, max_steps: int = DEFAULT_MAX_STEPS,
+                   empty_as_eos: bool = False) -> list[list[int]]:
+    """h [N, E] -> N sentences as token-id lists, cut at the first <eos>."""
+    ids = greedy_ids(decoder, h, max_steps).tolist()
+    return [strip_eos(row, EOS, empty_as_eos) for row in ids]
+
+
+@torch.no_grad()
+def decode_codes(model: nn.Module, z: Tensor, max_steps: int = DEFAULT_MAX_STEPS) -> list[list[int]]:
+    """z [N, d] -> N sentences (token ids): h = signal(z), greedy decode, cut at <eos>.
+
+    The model is put in eval mode for the call.
+    """
+    vae = generator(model)
+    with eval_mode(model):
+        return decode_signals(vae.decoder, vae.signal(z), max_steps)
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, batch: Batch, n_samples: int = 1,
+                max_steps: int = DEFAULT_MAX_STEPS) -> list[list[list[int]]]:
+    """Decode each sentence of ``batch`` from ``n_samples`` codes z ~ q(z|x).
+
+    -> [B][n_samples] token-id lists (sample k of sentence i at ``[i][k]``).  Uses the global
+    torch RNG; wrap in :func:`seeded` for reproducible samples.
+    """
+    if n_samples < 1:
+        raise CvaeError(f"n_samples must be >= 1, got {n_samples}")
+    vae = generator(model)
+    batch = batch.to(model_device(model))
+    with eval_mode(model):
+        z = vae.posterior(batch).rsample_with_log_prob((n_samples,)).z  # [S, B, d]
+        sentences = decode_signals(vae.decoder, vae.signal(z.reshape(-1, z.shape[-1])), max_steps)
+    size = batch.size
+    return [[sentences[k * size + i] for k in range(n_samples)] for i in range(size)]
+
+
+@torch.no_grad()
+def sample_prior(model: nn.Module, n: int, batch_size: int = 32,
+                 max_steps: int = DEFAULT_MAX_STEPS) -> list[list[int]]:
+    """n sentences (token ids) decoded from z ~ p(z), ``batch_size`` codes at a time."""
+    if n < 1 or batch_size < 1:
+        raise CvaeError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
+    vae = generator(model)
+    out: list[list[int]] = []
+    with eval_mode(model):
+        prior = vae.prior
+        for start in range(0, n, batch_size):
+            z = prior.sample((min(batch_size, n - start),))
+            out.extend(decode_signals(vae.decoder, vae.signal(z), max_steps))
+    return out
+
+
+@torch.no_grad()
+def interpolate(model: nn.Module, batch_a: Batch, batch_b: Batch, steps: int = 5,
+                max_steps: int = DEFAULT_MAX_STEPS) -> list[list[list[int]]]:
+    """Decode the straight line between the codes of sentence pairs (a_i, b_i).
+
+    The codes are the posterior's deterministic point code ``coupled_code()``: the posterior
+    mean for the Gaussian (as the authors), the flowed mean for planar flows, mu for vMF.
+    z_k = (1 - k/(steps+1)) z_a + k/(steps+1) z_b for k = 0..steps+1, so the endpoints are
+    included: steps=5 gives 7 decodes.  -> [B][steps + 2] token-id lists.  Deterministic.
+    """
+    if steps < 0:
+        raise CvaeError(f"steps must be >= 0, got {steps}")
+    if batch_a.size != batch_b.size:
+        raise CvaeError(f"interpolate needs batches of equal size, got {batch_a.size} and {batch_b.size}")
+    vae = generator(model)
+    device = model_device(model)
+    with eval_mode(model):
+        z_a = vae.posterior(batch_a.to(device)).coupled_code()  # [B, d]
+        z_b = vae.posterior(batch_b.to(device)).coupled_code()
+        weights = (torch.arange(steps + 2, device=device) / (steps + 1)).view(-1, 1, 1)  # k/(steps+1), [K, 1, 1]
+        z = (1.0 - weights) * z_a + weights * z_b  # [K, B, d]
+        sentences = decode_signals(vae.decoder, vae.signal(z.reshape(-1, z.shape[-1])), max_steps)
+    size, n_points = batch_a.size, steps + 2
+    return [[sentences[k * size + i] for k in range(n_points)] for i in range(size)]
