@@ -24,10 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from .data import Batch
-from .data.vocab import BOS, EOS, UNK
+from .data.vocab import BOS, EOS
 from .errors import CvaeError
 from .models.text_vae import latent_model
-from .modules.networks import GRUDecoder
 
 DEFAULT_MAX_STEPS = 200  # the authors' fixed number of decoding steps (= max_len)
 
@@ -79,54 +78,6 @@ def strip_eos(ids: Sequence[int], eos: int = EOS, empty_as_eos: bool = False) ->
 
 
 @torch.no_grad()
-def _gru_greedy_until_eos(decoder: GRUDecoder, h: Tensor, max_steps: int) -> Tensor:
-    """GRUDecoder.greedy step for step, but stopping once every row has produced <eos>.
-
-    Same operations in the same order as ``GRUDecoder.greedy`` (tests/test_generate.py checks
-    the outputs are identical), so it must follow that method if the decoder changes.
-    """
-    _, state = decoder.gru(torch.cat([h, h], dim=-1).unsqueeze(1))  # one step on [h; h] from zeros
-    token = torch.full((h.shape[0], 1), BOS, dtype=torch.long, device=h.device)
-    finished = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
-    out = []
-    for _ in range(max_steps):
-        step_in = torch.cat([decoder.embedding(token), h.unsqueeze(1)], dim=-1)
-        output, state = decoder.gru(step_in, state)
-        logits = decoder.output(torch.tanh(decoder.project(output[:, -1])))
-        logits[:, UNK] = float("-inf")
-        token = logits.argmax(-1, keepdim=True)
-        out.append(token)
-        finished |= token.squeeze(1) == EOS
-        if bool(finished.all()):
-            break
-    return torch.cat(out, dim=1)
-
-
-@torch.no_grad()
-def _greedy_in_stages(decoder: nn.Module, h: Tensor, max_steps: int, first: int = 50) -> Tensor:
-    """Early stopping for any decoder with ``greedy(h, bos, max_steps)`` (e.g. the CNN decoder).
-
-    Decode ``first`` steps; rows without <eos> are decoded again, alone, with 4x the steps, up
-    to ``max_steps``.  Valid because greedy decoding is causal and rows are independent in
-    eval mode: a longer run only appends tokens to a shorter one.  (Re-running a subset of rows
-    changes the batch shape, which may change float rounding; only an exact argmax tie could
-    then flip a token.)
-    """
-    steps = min(first, max_steps)
-    rows = torch.arange(h.shape[0], device=h.device)
-    # Rows that end early are padded with <eos>; tokens after the first <eos> are cut anyway.
-    result = torch.full((h.shape[0], max_steps), EOS, dtype=torch.long, device=h.device)
-    while True:
-        ids = decoder.greedy(h[rows], BOS, steps)
-        result[rows, :steps] = ids
-        still_open = ~(ids == EOS).any(dim=1)
-        if steps >= max_steps or not bool(still_open.any()):
-            return result[:, :steps]
-        rows = rows[still_open]
-        steps = min(4 * steps, max_steps)
-
-
-@torch.no_grad()
 def greedy_ids(decoder: nn.Module, h: Tensor, max_steps: int = DEFAULT_MAX_STEPS,
                stop_early: bool = True) -> Tensor:
     """h [B, E] -> greedy token ids [B, T], T <= max_steps (<unk> masked).
@@ -136,11 +87,7 @@ def greedy_ids(decoder: nn.Module, h: Tensor, max_steps: int = DEFAULT_MAX_STEPS
     """
     if h.shape[0] == 0:
         return torch.zeros((0, 0), dtype=torch.long, device=h.device)
-    if not stop_early:
-        return decoder.greedy(h, BOS, max_steps)
-    if type(decoder) is GRUDecoder and decoder.conditioned:
-        return _gru_greedy_until_eos(decoder, h, max_steps)
-    return _greedy_in_stages(decoder, h, max_steps)
+    return decoder.greedy(h, BOS, max_steps, eos=EOS if stop_early else None)
 
 
 @torch.no_grad()

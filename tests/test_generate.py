@@ -92,34 +92,6 @@ def test_early_stopping_is_exact_on_random_decoders_that_never_stop():
     assert UNK not in full.tolist()[0]
 
 
-class OpaqueDecoder(nn.Module):
-    """Any decoder with only ``greedy(h, bos, max_steps)`` (as the CNN decoder): the staged path."""
-
-    def __init__(self, inner: GRUDecoder):
-        super().__init__()
-        self.inner = inner
-        self.calls: list[tuple[int, int]] = []
-
-    def greedy(self, h, bos, max_steps):
-        self.calls.append((h.shape[0], max_steps))
-        return self.inner.greedy(h, bos, max_steps)
-
-
-def test_staged_early_stopping_for_other_decoders_matches_the_full_run():
-    decoder = OpaqueDecoder(timer_decoder(clock=0.97))  # a slow clock: rows end between 0 and ~100
-    h = torch.zeros(12, 4)
-    h[:, 0] = torch.linspace(-3.0, 2.0, 12)
-    full = decoder.inner.greedy(h, BOS, 80).tolist()
-    ends = [first_eos(row) for row in full]
-    assert ends[0] is None and ends[-1] == 0  # one row never ends within 80 steps, one is empty
-    assert any(end is not None and 50 <= end < 80 for end in ends)
-    staged = greedy_ids(decoder, h, max_steps=80)
-    assert [strip_eos(r) for r in staged.tolist()] == [strip_eos(r) for r in full]
-    open_after_50 = sum(end is None or end >= 50 for end in ends)
-    assert 0 < open_after_50 < 12
-    assert decoder.calls == [(12, 50), (open_after_50, 80)]  # only unfinished rows are decoded again
-
-
 @pytest.fixture
 def tiny_model(tiny_config):
     config = tiny_config("coupled-vae")
@@ -195,3 +167,20 @@ def test_cli_generate_prints_prior_samples_reconstructions_and_interpolations(ti
     assert main(["generate", ckpt, "--mode", "interpolate", "--n", "1", "--max-steps", "8"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 9 and lines[0].startswith("A ") and lines[-1].startswith("B ")
+
+
+def test_cnn_decoder_early_stopping_matches_the_full_run():
+    from cvae_core.modules.cnn_decoder import CNNDecoder
+
+    h = torch.randn(10, 6, generator=torch.Generator().manual_seed(5)) * 3
+    for eos_bias, expect_all_done in ((1.0, False), (6.0, True)):
+        torch.manual_seed(5)
+        decoder = CNNDecoder(nn.Embedding(12, 6), 8, "small", 0.0).eval()
+        with torch.no_grad():
+            decoder.output.bias[EOS] += eos_bias
+        full, fast = decoder.greedy(h, BOS, 40), greedy_ids(decoder, h, max_steps=40)
+        assert [strip_eos(r) for r in fast.tolist()] == [strip_eos(r) for r in full.tolist()]
+        ends = [first_eos(row) for row in full.tolist()]
+        assert all(e is not None for e in ends) == expect_all_done
+        # decoding stops as soon as every row has ended, and runs to max_steps otherwise
+        assert fast.shape[1] == (max(ends) + 1 if expect_all_done else 40)

@@ -82,10 +82,14 @@ class GRUDecoder(nn.Module):
         return sequence_log_likelihood(self.logits(inputs, h), targets)
 
     @torch.no_grad()
-    def greedy(self, h: Tensor, bos: int, max_steps: int) -> Tensor:
-        """h [B, E] -> greedy ids [B, max_steps] (<unk> masked, as in the authors' code)."""
+    def greedy(self, h: Tensor, bos: int, max_steps: int, eos: int | None = None) -> Tensor:
+        """h [B, E] -> greedy ids [B, T] with <unk> masked, as in the authors' code.
+
+        T = max_steps, or fewer when ``eos`` is given and every row has produced it (the
+        tokens up to each row's first <eos> are the same either way: decoding is causal)."""
         state = self._initial_state(h, h.shape[0])
         token = torch.full((h.shape[0], 1), bos, dtype=torch.long, device=h.device)
+        finished = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
         out = []
         for _ in range(max_steps):
             step_in = torch.cat([self.embedding(token), h.unsqueeze(1)], dim=-1)
@@ -94,4 +98,8 @@ class GRUDecoder(nn.Module):
             logits[:, UNK] = float("-inf")
             token = logits.argmax(-1, keepdim=True)
             out.append(token)
+            if eos is not None:
+                finished |= token.squeeze(1) == eos
+                if bool(finished.all()):
+                    break
         return torch.cat(out, dim=1)
