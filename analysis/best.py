@@ -1,0 +1,307 @@
+"""Best trial -> download its checkpoint -> full evaluation -> log it back -> register it.
+
+1. Rank the study's FINISHED trials by ``best.<metric>`` (the metric at the evaluation whose
+   checkpoint the trial saved); ``--pareto`` lists the val_nll/val_mi_loo front instead.
+2. Download the ``checkpoint/`` artifact (works with a remote server's proxied artifacts,
+   ``mlflow-artifacts:/`` URIs, as with a local SQLite store).
+3. ``cvae_core.evaluation.evaluate_checkpoint`` on the test split: IS-NLL with N importance samples,
+   KL, PPL, ELBO, both MI estimators, AU, and BLEU/Dist/gradient norms when the core offers them
+   (checked with ``inspect.signature``) and the model supports them.
+4. Log an evaluation run (``cvae.role=evaluation``, nested under the source trial run, tag
+   ``cvae.source_run_id``) with ``test_*`` metrics and ``evaluation.json``.
+5. Register the checkpoint as a model version (source ``<artifact_uri>/checkpoint``: a plain
+   artifact directory cannot go through ``register_model("runs:/...")`` in MLflow 3) and point the
+   alias ``champion`` at it.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from .runs import AnalysisError, Study, connect, dumps, fetch_study, json_safe, run_label
+from .stats import pareto_mask
+
+MAX_IS_BETTER = ("mi_loo", "mi_batch", "au", "bleu1", "bleu2", "dist1", "dist2", "elbo")
+Progress = Callable[[str], None]
+
+
+def default_mode(metric: str) -> str:
+    bare = metric.split("_", 1)[1] if metric.startswith(("val_", "train_", "test_")) else metric
+    return "max" if bare in MAX_IS_BETTER else "min"
+
+
+def resolve_metric(runs: pd.DataFrame, metric: str) -> str:
+    """``nll`` -> ``val_nll`` when only the prefixed one was logged; a clear error if neither was."""
+    for name in (metric, f"val_{metric}"):
+        if f"best.{name}" in runs.columns and runs[f"best.{name}"].notna().any():
+            return name
+    logged = sorted(c[len("best."):] for c in runs.columns if c.startswith("best.") and runs[c].notna().any())
+    raise AnalysisError(f"no run logged metric {metric!r}; logged: {', '.join(logged) or 'none'}")
+
+
+def rank_runs(runs: pd.DataFrame, metric: str = "val_nll", mode: str | None = None,
+              statuses: tuple[str, ...] | None = ("FINISHED",)) -> pd.DataFrame:
+    """Runs (FINISHED ones unless ``statuses`` is None) with a value of ``best.<metric>``, best first."""
+    metric = resolve_metric(runs, metric)
+    mode = mode or default_mode(metric)
+    column = f"best.{metric}"
+    keep = runs["status"].isin(list(statuses)) if statuses is not None else pd.Series(True, index=runs.index)
+    candidates = runs[keep & runs[column].notna()]
+    if not len(candidates):
+        raise AnalysisError(f"no {'/'.join(statuses or ('',))} run has a value of {metric}")
+    return candidates.sort_values(column, ascending=(mode == "min"), kind="stable")
+
+
+def pareto_front(runs: pd.DataFrame, objectives: tuple[tuple[str, str], ...] = (("val_nll", "min"),
+                                                                                   ("val_mi_loo", "max"))
+                 ) -> pd.DataFrame:
+    """FINISHED runs on the Pareto front of ``objectives`` (per dataset: NLLs of datasets differ)."""
+    columns = [f"best.{resolve_metric(runs, m)}" for m, _ in objectives]
+    data = runs[(runs["status"] == "FINISHED")].dropna(subset=columns)
+    fronts = []
+    for _, group in data.groupby("dataset", sort=True):
+        mask = pareto_mask(group[columns].to_numpy().tolist(), [d for _, d in objectives])
+        fronts.append(group[mask].sort_values(columns[0]))
+    if not fronts:
+        raise AnalysisError("no FINISHED run has all of " + ", ".join(m for m, _ in objectives))
+    return pd.concat(fronts)
+
+
+def has_checkpoint(client, run_id: str) -> bool:
+    names = {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoint")}
+    return "manifest.json" in names and "weights.pt" in names
+
+
+def download_checkpoint(tracking_uri: str, run_id: str, dst: str | Path) -> Path:
+    """The run's ``checkpoint/`` artifact as a local directory under ``dst``."""
+    import mlflow
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(dst),
+                                               tracking_uri=tracking_uri)
+    return Path(path)
+
+
+def evaluation_options(checkpoint: Path, wanted: dict[str, Any], note: Progress) -> dict[str, Any]:
+    """The optional evaluate_checkpoint keywords this core offers and this model supports."""
+    from cvae_core.evaluation import evaluate_checkpoint
+
+    accepted = inspect.signature(evaluate_checkpoint).parameters
+    options = {k: v for k, v in wanted.items() if k in accepted}
+    for flag in ("bleu", "dist", "grad_norms"):
+        if wanted.get(flag) and flag not in accepted:
+            note(f"{flag}: not offered by this cvae_core (evaluate_checkpoint has no {flag!r} argument); skipped")
+    config = json.loads((checkpoint / "config.json").read_text())
+    kind = config.get("model", {}).get("kind")
+    if kind != "vae":
+        for flag in ("bleu", "dist"):
+            if options.get(flag):
+                note(f"{flag}: needs a latent-variable model, this checkpoint has model.kind={kind!r}; skipped")
+                options[flag] = False
+    if options.get("grad_norms"):
+        try:
+            from cvae_core.checkpoint import load_model
+            from cvae_core.errors import CvaeError
+            from cvae_core.metrics.dynamics import encoding_module
+
+            model, _, _ = load_model(checkpoint)
+            encoding_module(model)
+        except ImportError:
+            pass  # evaluate_checkpoint will say what it lacks
+        except CvaeError as exc:
+            note(f"grad_norms: skipped ({exc})")
+            options["grad_norms"] = False
+    return options
+
+
+class Heartbeat:
+    """Prints 'still running' with the elapsed time every ``every`` seconds until stopped."""
+
+    def __init__(self, what: str, progress: Progress, every: float = 30.0):
+        self.what, self.progress, self.every = what, progress, every
+        self.stop = threading.Event()
+        self.t0 = time.monotonic()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.progress(f"{self.what}: still running ({_duration(time.monotonic() - self.t0)})")
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def evaluate(checkpoint: Path, *, split: str, n_samples: int, mi_samples: int, seed: int, device: str,
+             data_dir: str | None, limit: int, options: dict[str, Any], progress: Progress) -> dict[str, Any]:
+    from cvae_core.evaluation import evaluate_checkpoint
+
+    extras = [k for k in ("bleu", "dist", "grad_norms") if options.get(k)]
+    what = f"evaluating on {split}" + (f" (first {limit} sentences)" if limit else "")
+    progress(f"{what}: IS-NLL/KL/PPL with N={n_samples}, MI with {mi_samples} samples, AU"
+             + (f", {', '.join(extras)}" if extras else "") + " (minutes on a CPU for a full split)")
+    with Heartbeat(what, progress) as beat:
+        result = evaluate_checkpoint(checkpoint, split=split, n_samples=n_samples, mi_samples=mi_samples, seed=seed,
+                                     device=device, data_overrides={"data_dir": data_dir} if data_dir else None,
+                                     limit=limit, **options)
+    progress(f"evaluation done in {_duration(beat.elapsed)}")
+    return result
+
+
+def log_evaluation(client, experiment_id: str, source: pd.Series, study: str, result: dict[str, Any],
+                   params: dict[str, Any]) -> str:
+    """An evaluation run nested under the source trial run: ``<split>_*`` metrics + evaluation.json."""
+    from mlflow.entities import Metric, Param
+
+    fingerprint = result.get("fingerprint", {})
+    split = fingerprint.get("split", params.get("split", "test"))
+    tags = {"mlflow.parentRunId": source["run_id"], "cvae.role": "evaluation", "cvae.study": study,
+            "cvae.source_run_id": source["run_id"], "cvae.preset": str(source["preset"]),
+            "cvae.dataset": str(source["dataset"]), "cvae.seed": str(source["seed"]), "cvae.split": split,
+            "cvae.data_md5": str(fingerprint.get("md5", "")),
+            "mlflow.note.content": f"Evaluation of {source['run_name']} ({source['run_id']}) on {split}."}
+    run = client.create_run(experiment_id, run_name=f"eval-{source['run_name']}-{split}", tags=tags)
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{split}_{k}", float(v), now, 0) for k, v in result.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_text(run.info.run_id, dumps(result), "evaluation.json")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def register(client, name: str, source: pd.Series, alias: str, evaluation_run_id: str | None,
+             result: dict[str, Any]) -> tuple[int, int | None]:
+    """Register the source run's checkpoint (reusing a version already made from that run) and point
+    ``alias`` at it.  -> (version, previous version under the alias or None)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="Coupled-VAE checkpoints (cvae_core checkpoint "
+                                                         "directories) chosen by `python -m analysis best`")
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+            raise
+    previous = None
+    try:
+        previous = int(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        pass
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{source['run_id']}'")
+    if existing:
+        version = int(max(existing, key=lambda v: int(v.version)).version)
+    else:
+        version = int(client.create_model_version(
+            name, source=f"{source['artifact_uri']}/checkpoint", run_id=source["run_id"],
+            description=f"{run_label(source)} on {source['dataset']}, study {source['study']}").version)
+    split = result.get("fingerprint", {}).get("split", "test")
+    tags = {f"{split}_{k}": f"{result[k]:.4f}" for k in ("nll", "kl", "ppl", "mi_loo", "au")
+            if isinstance(result.get(k), (int, float))}
+    tags.update({"cvae.preset": str(source["preset"]), "cvae.dataset": str(source["dataset"]),
+                 "cvae.study": str(source["study"])})
+    if evaluation_run_id:
+        tags["cvae.evaluation_run_id"] = evaluation_run_id
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    client.set_registered_model_alias(name, alias, str(version))
+    return version, previous
+
+
+def format_result(result: dict[str, Any]) -> str:
+    lines = []
+    for key, value in result.items():
+        if key == "fingerprint":
+            continue
+        text = "–" if value is None else (f"{value}" if isinstance(value, int) else f"{value:.3f}")
+        lines.append(f"  {key:<18} {text}")
+    fp = result.get("fingerprint", {})
+    lines.append(f"  fingerprint        {fp.get('dataset')}/{fp.get('split')} md5 {fp.get('md5')} "
+                 f"({fp.get('n_sentences')} sentences), {fp.get('nll_estimator')} N={fp.get('n_samples')}, "
+                 f"seed {fp.get('seed')}")
+    return "\n".join(lines)
+
+
+def run_best(args, progress: Progress) -> dict[str, Any] | None:
+    say = progress if args.json else print
+    study: Study = fetch_study(args.experiment, args.study, args.tracking_uri, progress=progress)
+    runs = study.runs
+    if args.pareto:
+        front = pareto_front(runs)
+        print(f"Pareto front of study {study.name!r} (validation, each run's best evaluation): "
+              "val_nll lower, val_mi_loo higher")
+        for _, row in front.iterrows():
+            print(f"  {row['run_id']}  {row['dataset']:<8} {run_label(row):<40} val_nll {row['best.val_nll']:.2f}  "
+                  f"val_mi_loo {row['best.val_mi_loo']:.3f}  val_kl {row.get('best.val_kl', float('nan')):.3f}")
+        return None
+    client, uri = connect(study.tracking_uri)
+    if args.run_id:
+        chosen = runs[runs["run_id"] == args.run_id]
+        if not len(chosen):
+            raise AnalysisError(f"run {args.run_id} is not a trial of study {study.name!r}")
+        source, metric = chosen.iloc[0], resolve_metric(runs, args.metric)
+    else:
+        ranked = rank_runs(runs, args.metric, args.mode, None if args.all_runs else ("FINISHED",))
+        metric = resolve_metric(runs, args.metric)
+        source = None
+        for _, row in ranked.iterrows():
+            if has_checkpoint(client, row["run_id"]):
+                source = row
+                break
+            progress(f"run {row['run_id']} ({run_label(row)}) has no checkpoint/ artifact; trying the next")
+        if source is None:
+            raise AnalysisError(f"none of the {len(ranked)} ranked runs has a checkpoint/ artifact")
+    say(f"best run by {metric} ({args.mode or default_mode(metric)}): {source['run_id']} {run_label(source)} on "
+        f"{source['dataset']}: {metric} {source[f'best.{metric}']:.3f} at step {source['best_step']}")
+    progress(f"downloading checkpoint/ of run {source['run_id']} from {uri}")
+    started = time.monotonic()
+    checkpoint = download_checkpoint(uri, source["run_id"], args.out or Path("best-checkpoints") / source["run_id"])
+    files = [f for f in checkpoint.iterdir() if f.is_file()]
+    progress(f"downloaded {len(files)} files ({sum(f.stat().st_size for f in files) / 1e6:.1f} MB) in "
+             f"{time.monotonic() - started:.1f} s to {checkpoint}")
+    wanted = {"bleu": args.bleu, "dist": args.dist, "grad_norms": args.grad_norms,
+              "bleu_samples": args.bleu_samples, "dist_samples": args.dist_samples, "max_steps": args.max_steps}
+    options = evaluation_options(checkpoint, wanted, progress)
+    result = evaluate(checkpoint, split=args.split, n_samples=args.n_samples, mi_samples=args.mi_samples,
+                      seed=args.seed, device=args.device, data_dir=args.data_dir, limit=args.limit, options=options,
+                      progress=progress)
+    if args.json:
+        print(json.dumps(json_safe(result), indent=2))
+    else:
+        print(f"{args.split} evaluation of {checkpoint}:")
+        print(format_result(result))
+    eval_run = None
+    if not args.no_log:
+        params = {"split": args.split, "n_samples": args.n_samples, "mi_samples": args.mi_samples,
+                  "seed": args.seed, "limit": args.limit, "source_run_id": source["run_id"],
+                  "selection_metric": metric, "checkpoint_uri": f"{source['artifact_uri']}/checkpoint",
+                  **{k: v for k, v in options.items()}}
+        eval_run = log_evaluation(client, study.experiment.experiment_id, source, study.name, result, params)
+        link = (f": {uri.rstrip('/')}/#/experiments/{study.experiment.experiment_id}/runs/{eval_run}"
+                if uri.startswith(("http://", "https://")) else "")
+        say(f"logged evaluation run {eval_run} (nested under trial run {source['run_id']}){link}")
+    if not args.no_register:
+        version, previous = register(client, args.model_name, source, args.alias, eval_run, result)
+        moved = "" if previous in (None, version) else f" (was version {previous})"
+        say(f"registered {args.model_name} version {version}; alias @{args.alias} -> version {version}{moved}; "
+            f"load with models:/{args.model_name}@{args.alias}")
+    return result

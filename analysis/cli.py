@@ -1,0 +1,215 @@
+"""``python -m analysis``: export, table, reproduce, plots, best.
+
+Every subcommand reads one study of one MLflow experiment:
+  --tracking-uri  default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+  --experiment    default: coupled-vae-studies
+  --study         default: the latest study (parent run tagged cvae.role=study) in the experiment
+Errors a user can cause print one line ``analysis: error: ...`` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .runs import DEFAULT_EXPERIMENT, AnalysisError
+
+
+def _quiet() -> None:
+    """MLflow and alembic log INFO lines on every store open; keep stdout/stderr for our output."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is ours (e.g. --json)
+    for name in ("mlflow", "alembic", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*experimental.*")
+
+
+def _progress(text: str) -> None:
+    print(f"[analysis] {text}", file=sys.stderr, flush=True)
+
+
+def _study(args):
+    from .runs import fetch_study, stopped_early
+
+    study = fetch_study(args.experiment, args.study, args.tracking_uri, progress=_progress)
+    early = stopped_early(study.runs)
+    early_finished = int((early & (study.runs["status"] == "FINISHED")).sum())
+    _progress(f"study {study.name!r}: {len(study.runs)} trial runs "
+              f"({', '.join(f'{n} {s}' for s, n in study.runs['status'].value_counts().items())}"
+              + (f"; {early_finished} of the FINISHED stopped before train.steps" if early_finished else "") + ")")
+    if getattr(args, "complete_only", False) and early.any():
+        study.runs = study.runs[~early].reset_index(drop=True)
+        _progress(f"--complete-only: left out {int(early.sum())} early-stopped runs")
+    return study
+
+
+def _statuses(args):
+    return None if args.all_runs else ("FINISHED",)
+
+
+def _export(args) -> None:
+    from .runs import read_parquet, write_parquet
+
+    study = _study(args)
+    meta = {"experiment": args.experiment, "study": study.name, "parent_run_id": study.parent_run_id,
+            "tracking_uri": study.tracking_uri}
+    path = write_parquet(study.runs, args.out, meta)
+    back = read_parquet(path)
+    if not back.equals(study.runs) or list(back.dtypes) != list(study.runs.dtypes):
+        raise AnalysisError(f"{path} does not read back identically (please report this)")
+    print(f"wrote {path}: {len(study.runs)} runs x {study.runs.shape[1]} columns (read back identically)")
+    if args.history:
+        hpath = write_parquet(study.history, args.history, {**meta, "frame": "history"})
+        print(f"wrote {hpath}: {len(study.history)} metric values (long format)")
+
+
+def _table(args) -> None:
+    from .tables import build_table, render
+
+    study = _study(args)
+    options = {}
+    if args.layout == "table3":
+        options = {"family": args.family, "ref_lambda_m": args.ref_lambda_m, "ref_lambda_r": args.ref_lambda_r}
+    elif args.layout == "table4":
+        options = {"ref_lambda_m": args.ref_lambda_m}
+    table = build_table(study.runs, args.layout, at=args.at, study=study.name, statuses=_statuses(args), **options)
+    print(render(table, args.format), end="")
+
+
+def _reproduce(args) -> None:
+    from .reproduce import report
+
+    study = _study(args)
+    text = report(study.runs, study.name, args.at, statuses=_statuses(args))
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
+        _progress(f"wrote {args.out}")
+
+
+def _plots(args) -> None:
+    from .plots import make_plots
+
+    study = _study(args)
+    runs = study.runs if args.all_runs else study.runs[study.runs["status"] == "FINISHED"]
+    out = Path(args.out or f"analysis-plots/{study.name}")
+    paths = make_plots(runs, study.history, study.parent.data.tags, out, at=args.at, top_k=args.top_k,
+                       note=lambda text: _progress(text))
+    for path in paths:
+        print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    if paths and not args.no_log:
+        from .runs import connect
+
+        client, _ = connect(study.tracking_uri)
+        for path in paths:
+            client.log_artifact(study.parent_run_id, str(path), artifact_path="analysis/plots")
+        print(f"logged {len(paths)} plots to the study run {study.parent_run_id} under analysis/plots/")
+
+
+def _best(args) -> None:
+    from .best import run_best
+
+    run_best(args, progress=_progress)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m analysis",
+                                  description="From the MLflow runs of a Coupled-VAE study to tables, plots and "
+                                              "an evaluated best checkpoint.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default %(default)s)")
+    common.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
+    common.add_argument("--study", help="study name (parent run); default: the latest study in the experiment")
+    common.add_argument("--all-runs", action="store_true",
+                        help="include FAILED/KILLED/RUNNING trials (default: FINISHED only)")
+    common.add_argument("--complete-only", action="store_true",
+                        help="leave out trials stopped before config train.steps (ASHA-stopped trials are FINISHED)")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", parents=[common], help="runs -> Parquet (one row per trial)")
+    p.add_argument("--out", required=True, help="Parquet file for the runs frame")
+    p.add_argument("--history", help="also write the long metric-history frame to this Parquet file")
+    p.set_defaults(func=_export)
+
+    at_help = "best: each run's lowest-val_nll evaluation (its checkpoint); final: its last evaluation"
+    p = sub.add_parser("table", parents=[common], help="a paper-format table (Markdown or LaTeX)")
+    p.add_argument("--layout", default="table3", choices=("table1", "table2", "table3", "table4", "table8"))
+    p.add_argument("--format", default="markdown", choices=("markdown", "latex"))
+    p.add_argument("--at", default="best", choices=("best", "final"), help=at_help)
+    p.add_argument("--family", help="table3: base preset whose coupled twin is analysed (default vae)")
+    p.add_argument("--ref-lambda-m", type=float, default=0.1, help="table3: λ_m of the λ_r block (paper 0.1)")
+    p.add_argument("--ref-lambda-r", type=float, default=1.0, help="table3: λ_r of the λ_m blocks (paper 1.0)")
+    p.set_defaults(func=_table)
+
+    p = sub.add_parser("reproduce", parents=[common], help="our numbers beside the paper's, effect directions")
+    p.add_argument("--at", default="best", choices=("best", "final"), help=at_help)
+    p.add_argument("--out", help="also write the Markdown report to this file")
+    p.set_defaults(func=_reproduce)
+
+    p = sub.add_parser("plots", parents=[common], help="PNG figures, logged to the study run")
+    p.add_argument("--out", help="folder for the PNGs (default analysis-plots/<study>)")
+    p.add_argument("--at", default="best", choices=("best", "final"), help=at_help)
+    p.add_argument("--top-k", type=int, default=5, help="trials in the validation-curve plot")
+    p.add_argument("--no-log", action="store_true", help="do not log the PNGs to the MLflow study run")
+    p.set_defaults(func=_plots)
+
+    p = sub.add_parser("best", parents=[common],
+                       help="download the best trial's checkpoint, evaluate it on test, log it, register it")
+    p.add_argument("--metric", default="val_nll", help="selection metric at each run's best evaluation")
+    p.add_argument("--mode", choices=("min", "max"), help="default: max for MI/AU/BLEU/Dist/ELBO, else min")
+    p.add_argument("--pareto", action="store_true", help="only list the Pareto front (val_nll down, val_mi_loo up)")
+    p.add_argument("--run-id", help="evaluate this trial run instead of the best one")
+    p.add_argument("--out", help="download folder (default best-checkpoints/<run id>)")
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--n-samples", type=int, default=100, help="importance samples per sentence (paper: 100)")
+    p.add_argument("--mi-samples", type=int, default=100, help="z samples per sentence for MI (paper: 100)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N sentences only (0 = all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", help="read the split from this folder instead of the recorded path")
+    p.add_argument("--bleu", action=argparse.BooleanOptionalAction, default=True,
+                   help="reconstruction BLEU-1/2 when the core supports it (default on)")
+    p.add_argument("--dist", action=argparse.BooleanOptionalAction, default=True,
+                   help="Dist-1/2 of prior samples when the core supports it (default on)")
+    p.add_argument("--grad-norms", action=argparse.BooleanOptionalAction, default=True,
+                   help="gradient norms (Table 5) when the core supports them for this model (default on)")
+    p.add_argument("--bleu-samples", type=int, default=10, help="posterior samples per sentence for BLEU (paper 10)")
+    p.add_argument("--dist-samples", type=int, default=3200, help="prior samples for Dist-n (paper 3200)")
+    p.add_argument("--max-steps", type=int, default=0, help="greedy decoding length for BLEU/Dist (0 = data.max_len)")
+    p.add_argument("--json", action="store_true", help="print the evaluation as one JSON object")
+    p.add_argument("--no-log", action="store_true", help="do not log an evaluation run to MLflow")
+    p.add_argument("--no-register", action="store_true", help="do not register the model version")
+    p.add_argument("--model-name", default="coupled-vae", help="registered model name (default %(default)s)")
+    p.add_argument("--alias", default="champion", help="alias set on the registered version (default %(default)s)")
+    p.set_defaults(func=_best)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _quiet()
+    try:
+        args.func(args)
+    except AnalysisError as exc:
+        print(f"analysis: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("analysis: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from cvae_core.errors import CvaeError
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(exc, CvaeError):
+            print(f"analysis: error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, MlflowException):
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"analysis: error: MLflow: {message}", file=sys.stderr)
+            return 2
+        raise
+    return 0

@@ -1,0 +1,327 @@
+"""PNG figures of a study (matplotlib, Agg backend).
+
+Each ``plot_*`` function writes one or more PNG files into ``out_dir`` and returns their paths;
+it returns ``[]`` and reports why through ``note`` when the study lacks what the figure needs
+(e.g. no gradient-norm metrics).  :func:`make_plots` runs them all.
+
+  lambda_m_<dataset>.png    validation NLL, KL and MI against λ_m, one line per matching distance
+  pareto_nll_mi.png         every trial's validation NLL vs MI, the Pareto front highlighted
+  grad_norms.png            gradient norms over training (paper Figure 2), when runs logged them
+  importances.png           Optuna parameter importances: PED-ANOVA and fANOVA
+  parallel_coordinates.png  Optuna's parallel-coordinates plot of the persisted study
+  top_k_curves.png          validation curves of the k best trials
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .paper import DATASET_LABELS  # noqa: E402
+from .runs import run_label  # noqa: E402
+from .stats import pareto_mask  # noqa: E402
+from .tables import _family, _family_label, _ordered, cfg, metric_column  # noqa: E402
+
+DPI = 130
+DISTANCE_STYLE = {"rq": ("tab:blue", "o", "RQ kernel"), "eucl": ("tab:orange", "s", "Euclidean")}
+GRAD_KEYS = ("grad_rec", "grad_rec_coupled", "grad_total", "grad_reg", "dh_de")
+GRAD_TITLES = {
+    "grad_rec": r"$\|\partial L_{rec}/\partial e\|^2$",
+    "grad_rec_coupled": r"$\|\partial L^c_{rec}/\partial e\|^2$",
+    "grad_total": r"$\|\partial (L_{rec}+L^c_{rec})/\partial e\|^2$",
+    "grad_reg": r"$\|\partial L_{reg}/\partial e\|^2$",
+    "dh_de": r"$\|\partial h/\partial e\|_F^2 / \|h\|^2$",
+}
+Note = Callable[[str], None]
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _dataset_name(dataset: str) -> str:
+    return DATASET_LABELS.get(dataset, dataset)
+
+
+def _x_scale(ax, values: np.ndarray) -> None:
+    positive = values[values > 0]
+    if not len(positive):
+        return
+    if (values == 0).any():
+        ax.set_xscale("symlog", linthresh=float(positive.min()))
+    elif positive.max() / positive.min() >= 10:
+        ax.set_xscale("log")
+    ticks = sorted(set(values.tolist()))
+    if len(ticks) <= 8:
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+
+
+def plot_lambda_m(runs: pd.DataFrame, out_dir: Path, at: str = "best", ref_lambda_r: float = 1.0,
+                  note: Note = print) -> list[Path]:
+    """Per dataset: val NLL, KL and MI against λ_m, one line per matching distance (mean ± std over
+    seeds, individual runs as faint points), the uncoupled base model as a dashed line."""
+    coupled = runs[cfg(runs, "coupling.enabled").fillna(False).astype(bool)]
+    if not len(coupled) or cfg(coupled, "coupling.lambda_m").astype(float).nunique() < 2:
+        note("λ_m plot skipped: the study has fewer than two λ_m values")
+        return []
+    lr = cfg(coupled, "coupling.lambda_r").astype(float)
+    restricted = coupled[np.isclose(lr, ref_lambda_r)]
+    subset, lr_text = ((restricted, rf"$\lambda_r$ = {ref_lambda_r:g}") if len(restricted)
+                       else (coupled, r"all $\lambda_r$"))
+    metrics = [("nll", "NLL (nats/sentence)"), ("kl", "KL (nats)"), ("mi_loo", "MI (nats)")]
+    paths = []
+    for dataset in _ordered(subset["dataset"]):
+        mine = subset[subset["dataset"] == dataset]
+        if cfg(mine, "coupling.lambda_m").astype(float).nunique() < 2:
+            note(f"λ_m plot for {_dataset_name(dataset)} skipped: one λ_m value only")
+            continue
+        families = sorted({_family(p) for p in mine["preset"]})
+        base = runs[(runs["dataset"] == dataset) & runs["preset"].isin(families)]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4), constrained_layout=True)
+        lms = cfg(mine, "coupling.lambda_m").astype(float).to_numpy()
+        for ax, (metric, ylabel) in zip(axes, metrics):
+            column = metric_column(metric, at)
+            if column not in mine.columns:
+                ax.text(0.5, 0.5, f"val_{metric} not logged", ha="center", va="center", transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
+            for distance in sorted(set(cfg(mine, "coupling.distance").dropna()), key=lambda d: (d != "rq", d)):
+                color, marker, name = DISTANCE_STYLE.get(distance, ("tab:green", "^", distance))
+                these = mine[cfg(mine, "coupling.distance") == distance]
+                x = cfg(these, "coupling.lambda_m").astype(float)
+                ax.scatter(x, these[column], color=color, alpha=0.3, s=18, marker=marker)
+                grouped = these.groupby(x.to_numpy())[column].agg(["mean", "std", "count"]).sort_index()
+                ax.errorbar(grouped.index, grouped["mean"], yerr=grouped["std"].fillna(0), color=color,
+                            marker=marker, capsize=3, label=f"{name} (mean ± std)")
+            if len(base) and column in base.columns:
+                value = base[column].mean()
+                if np.isfinite(value):
+                    ax.axhline(value, color="0.4", linestyle="--", linewidth=1,
+                               label=f"{_family_label(families[0], False)} (no coupling)")
+            _x_scale(ax, lms)
+            ax.set_xlabel(r"$\lambda_m$ (signal-matching weight)")
+            ax.set_ylabel(f"validation {ylabel}")
+            ax.set_title(rf"{METRIC_TITLES[metric]} vs $\lambda_m$")
+            ax.grid(alpha=0.3)
+        handles, labels = axes[0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), frameon=False)
+        fig.suptitle(rf"{_dataset_name(dataset)}: validation metrics against $\lambda_m$ ({lr_text}, "
+                     f"{'best' if at == 'best' else 'last'} evaluation of each run)")
+        paths.append(_save(fig, out_dir / f"lambda_m_{dataset}.png"))
+    return paths
+
+
+METRIC_TITLES = {"nll": "NLL", "kl": "KL", "mi_loo": "MI", "ppl": "PPL"}
+
+
+def plot_pareto(runs: pd.DataFrame, out_dir: Path, at: str = "best", note: Note = print) -> list[Path]:
+    """Validation NLL (lower is better) against MI (higher is better) per dataset; Pareto front marked."""
+    x_col, y_col = metric_column("nll", at), metric_column("mi_loo", at)
+    if x_col not in runs.columns or y_col not in runs.columns:
+        note("Pareto plot skipped: the runs lack val_nll or val_mi_loo")
+        return []
+    data = runs[runs[x_col].notna() & runs[y_col].notna()]
+    if not len(data):
+        note("Pareto plot skipped: no run has both val_nll and val_mi_loo")
+        return []
+    datasets = _ordered(data["dataset"])
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 5), constrained_layout=True,
+                             squeeze=False)
+    presets = sorted(set(data["preset"]))
+    colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(presets)}
+    for ax, dataset in zip(axes[0], datasets):
+        mine = data[data["dataset"] == dataset]
+        front = np.array(pareto_mask(list(zip(mine[x_col], mine[y_col])), ["min", "max"]))
+        for preset in presets:
+            these = mine[mine["preset"] == preset]
+            if len(these):
+                ax.scatter(these[x_col], these[y_col], color=colors[preset], s=30, alpha=0.75, label=preset)
+        best = mine[front].sort_values(x_col)
+        ax.step(best[x_col], best[y_col], where="post", color="black", linewidth=1.2, label="Pareto front")
+        ax.scatter(best[x_col], best[y_col], facecolors="none", edgecolors="black", s=90, linewidths=1.4)
+        middle = (mine[x_col].min() + mine[x_col].max()) / 2
+        for _, row in best.head(8).iterrows():
+            right = row[x_col] > middle  # label towards the middle so it stays inside the axes
+            ax.annotate(run_label(row), (row[x_col], row[y_col]), textcoords="offset points",
+                        xytext=(-7 if right else 7, 4), ha="right" if right else "left", fontsize=7)
+        ax.margins(x=0.08, y=0.1)
+        ax.set_xlabel("validation NLL (nats/sentence, lower is better)")
+        ax.set_ylabel("validation MI (nats, higher is better)")
+        ax.set_title(f"{_dataset_name(dataset)}: {int(front.sum())} of {len(mine)} trials on the front")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle("Trade-off between likelihood and latent information (each point: one trial)")
+    return [_save(fig, out_dir / "pareto_nll_mi.png")]
+
+
+def grad_metrics(history: pd.DataFrame) -> list[str]:
+    """Logged metric names that are gradient norms (``grad_rec``, ``val_grad_reg``, ...)."""
+    names = []
+    for name in sorted(set(history["metric"])):
+        bare = name.split("_", 1)[1] if name.startswith(("val_", "train_", "test_")) else name
+        if bare in GRAD_KEYS:
+            names.append(name)
+    return names
+
+
+def plot_grad_norms(runs: pd.DataFrame, history: pd.DataFrame, out_dir: Path, note: Note = print) -> list[Path]:
+    """Figure 2: each gradient-norm metric over training steps, one line per preset (mean over runs)."""
+    names = grad_metrics(history)
+    if not names:
+        note("gradient-norm plot skipped: no run logged grad_* / dh_de metrics")
+        return []
+    preset_of = dict(zip(runs["run_id"], runs["preset"]))
+    data = history[history["metric"].isin(names)].assign(preset=lambda f: f["run_id"].map(preset_of))
+    presets = sorted(set(data["preset"].dropna()))
+    styles = dict(zip(presets, ["o", "s", "^", "D", "v", "P", "X"] * 3))
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4), constrained_layout=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        bare = name.split("_", 1)[1] if name.startswith(("val_", "train_", "test_")) else name
+        for preset in presets:
+            curve = data[(data["metric"] == name) & (data["preset"] == preset)].groupby("step")["value"].mean()
+            if len(curve):
+                ax.plot(curve.index, curve.to_numpy(), marker=styles[preset], markersize=4, label=preset)
+        ax.set_title(GRAD_TITLES.get(bare, bare) + ("" if bare == name else f"  ({name.split('_')[0]})"))
+        ax.set_xlabel("training step")
+        ax.set_ylabel("squared norm (mean over sentences)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Gradient norms w.r.t. the encoding e during training (paper Figure 2)")
+    return [_save(fig, out_dir / "grad_norms.png")]
+
+
+def load_optuna_study(parent_tags: dict[str, str], note: Note = print):
+    """The persisted Optuna study named in the parent run's tags, or None (with a note why)."""
+    import optuna
+
+    storage, name = parent_tags.get("optuna.storage"), parent_tags.get("optuna.study_name")
+    if not storage or not name:
+        note("Optuna plots skipped: the study run has no optuna.storage / optuna.study_name tags")
+        return None
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
+        note(f"Optuna plots skipped: the Optuna storage {storage} is not on this machine")
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except Exception as exc:  # a missing study or an unreachable database: report it, draw the rest
+        note(f"Optuna plots skipped: cannot load study {name!r} from {storage}: {type(exc).__name__}: {exc}")
+        return None
+
+
+def _target(study):
+    names = getattr(study, "metric_names", None)
+    if len(study.directions) == 1:
+        return None, (names[0] if names else "objective")
+    return (lambda t: t.values[0]), (names[0] if names else "objective 0")
+
+
+def plot_optuna(parent_tags: dict[str, str], out_dir: Path, note: Note = print) -> list[Path]:
+    """Parameter importances (PED-ANOVA and fANOVA) and parallel coordinates of the Optuna study."""
+    import optuna
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+
+    study = load_optuna_study(parent_tags, note)
+    if study is None:
+        return []
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 2:
+        note(f"Optuna plots skipped: {len(complete)} complete trial(s) in {study.study_name!r}")
+        return []
+    target, target_name = _target(study)
+    paths = []
+    results = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, evaluator in (("PED-ANOVA", PedAnovaImportanceEvaluator()),
+                                ("fANOVA", FanovaImportanceEvaluator(seed=0))):
+            try:
+                results[name] = optuna.importance.get_param_importances(study, evaluator=evaluator, target=target)
+            except Exception as exc:  # e.g. parameters that vary in no trial
+                note(f"{name} importance skipped: {type(exc).__name__}: {exc}")
+    results = {k: v for k, v in results.items() if v}
+    if results:
+        params = sorted({p for r in results.values() for p in r},
+                        key=lambda p: -max(r.get(p, 0.0) for r in results.values()))
+        fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 0.5 * len(params) + 2),
+                                 constrained_layout=True, squeeze=False)
+        for ax, (name, importances) in zip(axes[0], results.items()):
+            values = [importances.get(p, 0.0) for p in params][::-1]
+            bars = ax.barh(params[::-1], values, color="tab:blue")
+            ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=3, fontsize=8)
+            ax.set_xlim(0, max(1.0, max(values) * 1.15))
+            ax.set_xlabel(f"importance for {target_name} (normalised)")
+            ax.set_title(name)
+            ax.grid(axis="x", alpha=0.3)
+        fig.suptitle(f"Hyperparameter importances, Optuna study {study.study_name!r} ({len(complete)} trials)")
+        paths.append(_save(fig, out_dir / "importances.png"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ax = optuna.visualization.matplotlib.plot_parallel_coordinate(study, target=target,
+                                                                         target_name=target_name)
+            fig = ax.figure
+            fig.set_size_inches(max(8, 2.0 * (len(study.best_trials[0].params) + 1)), 6)
+            ax.set_title(f"Parallel coordinates, Optuna study {study.study_name!r} ({len(complete)} trials)")
+            fig.tight_layout()
+            paths.append(_save(fig, out_dir / "parallel_coordinates.png"))
+        except Exception as exc:
+            plt.close("all")
+            note(f"parallel-coordinates plot skipped: {type(exc).__name__}: {exc}")
+    return paths
+
+
+def plot_top_k(runs: pd.DataFrame, history: pd.DataFrame, out_dir: Path, k: int = 5, metric: str = "val_nll",
+               note: Note = print) -> list[Path]:
+    """Validation curves (NLL, KL, MI) of the k trials with the lowest best ``metric``."""
+    column = "best." + metric
+    if column not in runs.columns or runs[column].notna().sum() == 0:
+        note(f"top-k curves skipped: no run logged {metric}")
+        return []
+    top = runs[runs[column].notna()].sort_values(column).head(k)
+    panels = [m for m in ("val_nll", "val_kl", "val_mi_loo") if (history["metric"] == m).any()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), constrained_layout=True, squeeze=False)
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(top)))
+    for ax, name in zip(axes[0], panels):
+        for color, (_, row) in zip(colors, top.iterrows()):
+            curve = history[(history["run_id"] == row["run_id"]) & (history["metric"] == name)]
+            curve = curve.drop_duplicates("step", keep="last").sort_values("step")
+            label = f"{run_label(row)} ({_dataset_name(row['dataset'])})"
+            ax.plot(curve["step"], curve["value"], color=color, marker="o", markersize=3, label=label)
+            best = curve[curve["step"] == row["best_step"]]
+            ax.scatter(best["step"], best["value"], color=color, marker="*", s=120, zorder=3, edgecolors="black")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"{name} ({'nats/sentence' if name == 'val_nll' else 'nats'})")
+        ax.set_title(name.replace("val_", "validation ").replace("mi_loo", "MI").replace("nll", "NLL")
+                     .replace("kl", "KL"))
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(handles)), fontsize=8, frameon=False)
+    fig.suptitle(f"Validation curves of the {len(top)} best trials by {metric} (★ = best evaluation)")
+    return [_save(fig, out_dir / "top_k_curves.png")]
+
+
+def make_plots(runs: pd.DataFrame, history: pd.DataFrame, parent_tags: dict[str, str], out_dir: str | Path,
+               at: str = "best", top_k: int = 5, note: Note = print) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    paths += plot_lambda_m(runs, out_dir, at, note=note)
+    paths += plot_pareto(runs, out_dir, at, note=note)
+    paths += plot_grad_norms(runs, history, out_dir, note=note)
+    paths += plot_optuna(parent_tags, out_dir, note=note)
+    paths += plot_top_k(runs, history, out_dir, top_k, note=note)
+    return paths

@@ -1,0 +1,227 @@
+"""`python -m analysis best` on real tiny checkpoints: the study layout is written by a training
+callback (as the study service does: every evaluation's metrics to the trial's MLflow run, the
+best checkpoint as the ``checkpoint/`` artifact), into a SQLite store and through a real
+``mlflow server`` with proxied artifacts."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+from test_analysis import EXPERIMENT, config_id, log_study, run_cli
+
+from cvae_core.config import build_config
+from cvae_core.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = "best_sweep-20261124-090000"
+# --limit/--n-samples keep the evaluation to seconds; BLEU/Dist/gradient norms on, kept tiny
+EVAL_ARGS = ("--split", "test", "--n-samples", "4", "--mi-samples", "4", "--limit", "24", "--seed", "3")
+EXTRA_ARGS = ("--bleu-samples", "1", "--dist-samples", "16", "--max-steps", "12")
+
+
+def train_trial(client, experiment_id: str, parent_id: str, preset: str, seed: int, out: Path, data_dir: Path,
+                **overrides) -> dict:
+    """Train a tiny model; a callback logs each evaluation to the trial's run; log the best checkpoint."""
+    from mlflow.entities import Metric, Param
+
+    config = build_config(preset, "text", "quick", {**TINY, "data.data_dir": str(data_dir), "train.seed": seed,
+                                                    **overrides})
+    params = {k: str(v) for k, v in config.flat().items()}
+    tags = {"mlflow.parentRunId": parent_id, "cvae.role": "trial", "cvae.study": STUDY,
+            "ray_trial_id": f"{preset}_{seed}", "cvae.preset": preset, "cvae.dataset": "text",
+            "cvae.seed": str(seed), "cvae.code_version": "0.1.0", "cvae.config_id": config_id(params)}
+    run_id = client.create_run(experiment_id, run_name=f"{preset}-seed{seed}", tags=tags).info.run_id
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+
+    def log_evaluation(metrics: dict[str, float], checkpoint: Path) -> None:
+        step = int(metrics["step"])
+        client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), step)
+                                          for k, v in metrics.items() if v is not None and math.isfinite(v)])
+
+    result = train(config, out, callbacks=[log_evaluation], log=lambda _: None)
+    client.log_artifacts(run_id, str(result.best_checkpoint), artifact_path="checkpoint")
+    client.set_terminated(run_id)
+    return {"run_id": run_id, "checkpoint": result.best_checkpoint,
+            "best_val_nll": min(m["val_nll"] for m in result.history)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data_dir):
+    """Three tiny trials (vae, coupled-vae at two λ_m) in a SQLite store; the best is known from training."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("best_store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
+    parent = log_study(client, experiment_id, name=STUDY)
+    trials = [train_trial(client, experiment_id, parent, "vae", 0, root / "vae", tiny_data_dir),
+              train_trial(client, experiment_id, parent, "coupled-vae", 0, root / "cvae1", tiny_data_dir,
+                          **{"coupling.lambda_m": 0.1}),
+              train_trial(client, experiment_id, parent, "coupled-vae", 0, root / "cvae2", tiny_data_dir,
+                          **{"coupling.lambda_m": 1.0})]
+    return {"uri": uri, "root": root, "client": client, "experiment_id": experiment_id, "trials": trials}
+
+
+def _manifest(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / "manifest.json").read_text())
+
+
+def _cvae_evaluate(checkpoint: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "cvae_core.cli", "evaluate", str(checkpoint), *EVAL_ARGS,
+                             "--bleu", "--dist", "--grad-norms", *EXTRA_ARGS, "--json"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_best_evaluates_the_right_checkpoint_logs_it_and_registers_it(trained, tmp_path):
+    best = min(trained["trials"], key=lambda t: t["best_val_nll"])
+    result = run_cli("best", "--tracking-uri", trained["uri"], "--metric", "val_nll", *EVAL_ARGS, *EXTRA_ARGS,
+                     "--out", str(tmp_path / "download"), "--json")
+    assert result.returncode == 0, result.stderr
+    evaluation = json.loads(result.stdout)
+    downloaded = tmp_path / "download" / "checkpoint"
+    assert _manifest(downloaded) == _manifest(best["checkpoint"])  # the right run's checkpoint, byte for byte
+    assert f"best run by val_nll (min): {best['run_id']}" in result.stderr
+    assert "evaluating on test (first 24 sentences)" in result.stderr and "evaluation done in" in result.stderr
+
+    # the same numbers as `cvae evaluate` on the same checkpoint with the same settings
+    assert evaluation == _cvae_evaluate(downloaded)
+    assert {"nll", "kl", "ppl", "mi_loo", "mi_batch", "au", "bleu1", "bleu2", "dist1", "dist2", "grad_rec",
+            "dh_de"} <= set(evaluation)
+    assert evaluation["fingerprint"]["n_samples"] == 4 and evaluation["fingerprint"]["split"] == "test"
+
+    client = trained["client"]
+    logged = client.search_runs([trained["experiment_id"]], "tags.`cvae.role` = 'evaluation'")
+    assert len(logged) == 1
+    run = logged[0]
+    assert run.data.tags["cvae.source_run_id"] == best["run_id"]
+    assert run.data.tags["mlflow.parentRunId"] == best["run_id"]
+    assert run.data.metrics["test_nll"] == pytest.approx(evaluation["nll"])
+    assert run.data.metrics["test_bleu1"] == pytest.approx(evaluation["bleu1"])
+    assert run.data.params["n_samples"] == "4"
+    stored = json.loads(Path(client.download_artifacts(run.info.run_id, "evaluation.json", str(tmp_path))).read_text())
+    assert stored == evaluation
+
+    version = client.get_model_version_by_alias("coupled-vae", "champion")
+    assert version.run_id == best["run_id"] and version.source.endswith("/checkpoint")
+    assert version.tags["test_nll"] == f"{evaluation['nll']:.4f}"
+    assert version.tags["cvae.evaluation_run_id"] == run.info.run_id
+
+
+def test_best_by_another_metric_and_the_pareto_listing(trained, tmp_path):
+    by_mi = run_cli("best", "--tracking-uri", trained["uri"], "--metric", "mi_loo", *EVAL_ARGS, "--no-bleu",
+                    "--no-dist", "--no-grad-norms", "--no-log", "--no-register", "--out", str(tmp_path))
+    assert by_mi.returncode == 0, by_mi.stderr
+    runs = {t["run_id"]: t for t in trained["trials"]}
+    from analysis.runs import load_study
+
+    frame = load_study(EXPERIMENT, tracking_uri=trained["uri"])
+    expected = frame.loc[frame["best.val_mi_loo"].idxmax(), "run_id"]
+    assert f"best run by val_mi_loo (max): {expected}" in by_mi.stdout
+    assert "bleu1" not in by_mi.stdout and "nll " in by_mi.stdout
+
+    pareto = run_cli("best", "--tracking-uri", trained["uri"], "--pareto")
+    assert pareto.returncode == 0, pareto.stderr
+    listed = [line.split()[0] for line in pareto.stdout.splitlines()[1:]]
+    assert listed and set(listed) <= set(runs)
+    assert min(runs, key=lambda r: runs[r]["best_val_nll"]) in listed  # the lowest NLL is always on the front
+
+
+# --------------------------------------------------------------------------------------------
+# A real tracking server with proxied artifacts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis_server")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVAE_MLFLOW_", "MLFLOW_"))}
+    env.update(CVAE_MLFLOW_BACKEND_URI=f"sqlite:///{root / 'server.db'}",
+               CVAE_MLFLOW_ARTIFACTS_DESTINATION=str(root / "artifacts"))
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "mlflow" / "server.py"), "--host", "127.0.0.1", "--port",
+                             str(port), "--workers", "1"], env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield {"url": url, "artifacts": root / "artifacts"}
+    finally:
+        for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
+
+
+@pytest.mark.slow
+def test_best_works_against_a_remote_server_with_proxied_artifacts(server, trained, tmp_path):
+    """The trials' checkpoints go up through the server's artifact proxy; `best` pulls one back."""
+    from mlflow.entities import Metric, Param
+
+    import mlflow
+
+    local = trained["client"]
+    client = mlflow.MlflowClient(tracking_uri=server["url"])
+    experiment_id = client.create_experiment(EXPERIMENT)
+    parent = log_study(client, experiment_id, name=STUDY)
+    copies = {}
+    for trial in trained["trials"]:  # replay each trial's run onto the server, checkpoint included
+        source = local.get_run(trial["run_id"])
+        run_id = client.create_run(experiment_id, run_name=source.info.run_name,
+                                   tags={**source.data.tags, "mlflow.parentRunId": parent}).info.run_id
+        metrics = [Metric(m.key, m.value, m.timestamp, m.step) for key in source.data.metrics
+                   for m in local.get_metric_history(trial["run_id"], key)]
+        client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in source.data.params.items()])
+        client.log_artifacts(run_id, str(trial["checkpoint"]), artifact_path="checkpoint")
+        client.set_terminated(run_id)
+        assert client.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+        copies[run_id] = trial
+    best_remote = min(copies, key=lambda r: copies[r]["best_val_nll"])
+
+    result = run_cli("best", "--tracking-uri", server["url"], *EVAL_ARGS, "--no-bleu", "--no-dist",
+                     "--out", str(tmp_path / "download"), "--json")
+    assert result.returncode == 0, result.stderr
+    evaluation = json.loads(result.stdout)
+    assert _manifest(tmp_path / "download" / "checkpoint") == _manifest(copies[best_remote]["checkpoint"])
+    assert evaluation["nll"] > 0 and "grad_rec" in evaluation
+    version = client.get_model_version_by_alias("coupled-vae", "champion")
+    assert version.run_id == best_remote and version.source.startswith("mlflow-artifacts:")
+    evaluations = client.search_runs([experiment_id], "tags.`cvae.role` = 'evaluation'")
+    assert [r.data.tags["cvae.source_run_id"] for r in evaluations] == [best_remote]
