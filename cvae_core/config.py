@@ -20,6 +20,7 @@ DECODERS = ("gru", "cnn")
 REGULARIZERS = ("kl", "free_bits", "mmd")
 SCHEDULES = ("linear", "cyclic")
 DISTANCES = ("rq", "eucl")
+VMF_SAMPLERS = ("exact", "authors")
 SCALES = ("quick", "paper")
 
 
@@ -49,6 +50,8 @@ class ModelConfig:
     n_flows: int = 3
     cnn_dilations: str = "medium"  # small | medium | large
     cnn_filters: int = 256
+    # Wood's envelope parameter b of the vMF sampler: exact, or the authors' blend (biased for d=32)
+    vmf_sampler: str = "exact"
 
 
 @dataclass
@@ -89,6 +92,18 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # bfloat16 autocast on CUDA
     keep_last: int = 1  # step checkpoints kept besides the best
+    # Lagging-VAE (He et al. 2019): aggressive inference-network updates until validation MI
+    # (mi_batch) stops rising. Per training step: encoder-only updates on fresh batches, at most
+    # aggressive_max_inner, stopped when the per-token loss of a window of aggressive_window inner
+    # steps is higher than the previous window's; then one decoder-side update.
+    aggressive: bool = False
+    aggressive_max_inner: int = 100
+    aggressive_window: int = 15
+    # PreFB (Li et al. 2019): initialise the embedding, the encoder GRU and the posterior mean head
+    # from a DAE. init_from names a DAE checkpoint; otherwise pretrain_steps > 0 first trains a DAE
+    # for that many steps into <output_dir>/pretrain (reused if already finished).
+    pretrain_steps: int = 0
+    init_from: str = ""
 
 
 @dataclass
@@ -226,6 +241,7 @@ def validate(config: Config) -> None:
     _check_choice("regularizer.kind", config.regularizer.kind, REGULARIZERS)
     _check_choice("regularizer.schedule", config.regularizer.schedule, SCHEDULES)
     _check_choice("coupling.distance", config.coupling.distance, DISTANCES)
+    _check_choice("model.vmf_sampler", config.model.vmf_sampler, VMF_SAMPLERS)
     non_negative = {
         "coupling.lambda_r": config.coupling.lambda_r,
         "coupling.lambda_m": config.coupling.lambda_m,
@@ -239,6 +255,7 @@ def validate(config: Config) -> None:
         "data.train_limit": config.data.train_limit,
         "data.valid_limit": config.data.valid_limit,
         "train.keep_last": config.train.keep_last,
+        "train.pretrain_steps": config.train.pretrain_steps,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -259,6 +276,8 @@ def validate(config: Config) -> None:
         "train.lr_decay_every": config.train.lr_decay_every,
         "regularizer.anneal_steps": config.regularizer.anneal_steps,
         "regularizer.cycles": config.regularizer.cycles,
+        "train.aggressive_max_inner": config.train.aggressive_max_inner,
+        "train.aggressive_window": config.train.aggressive_window,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -267,17 +286,37 @@ def validate(config: Config) -> None:
         raise CvaeError(f"regularizer.cycle_ratio must be in (0, 1], got {config.regularizer.cycle_ratio}")
     if config.model.dropout >= 1:
         raise CvaeError(f"model.dropout must be < 1, got {config.model.dropout}")
-    if config.coupling.enabled and config.model.kind != "vae":
-        raise CvaeError(f"coupling needs model.kind=vae, got {config.model.kind!r}")
-    if config.regularizer.kind == "free_bits" and config.model.posterior != "gaussian":
-        raise CvaeError("regularizer.kind=free_bits needs model.posterior=gaussian (per-dimension KL)")
-    if config.model.posterior in ("vmf", "power_spherical") and config.regularizer.kind == "mmd":
-        raise CvaeError("regularizer.kind=mmd is defined for Gaussian-prior posteriors (gaussian, nf)")
+    _validate_combinations(config)
     if config.data.dataset in ("yelp13", "yahoo", "text") and not (config.data.data_dir or config.data.train_path):
         raise CvaeError(
             f"data.dataset={config.data.dataset} needs data.data_dir=DIR (with train.txt, valid.txt, test.txt)"
             " or data.train_path/valid_path/test_path"
         )
+
+
+def _validate_combinations(config: Config) -> None:
+    """Combinations of individually valid values that do not make a model (one-line errors, so a
+    study searching model.posterior x regularizer.kind can prune them)."""
+    model, reg, train = config.model, config.regularizer, config.train
+    latent = model.kind == "vae"
+    if config.coupling.enabled and not latent:
+        raise CvaeError(f"coupling needs model.kind=vae, got {model.kind!r}")
+    if latent and reg.kind == "free_bits" and model.posterior != "gaussian":
+        raise CvaeError(f"regularizer.kind=free_bits needs model.posterior=gaussian (a per-dimension KL), "
+                        f"got model.posterior={model.posterior}")
+    if latent and reg.kind == "mmd" and model.posterior not in ("gaussian", "nf"):
+        raise CvaeError(f"regularizer.kind=mmd needs a Gaussian prior (model.posterior=gaussian or nf), "
+                        f"got model.posterior={model.posterior}")
+    if latent and model.posterior in ("vmf", "power_spherical") and model.latent_dim < 2:
+        raise CvaeError(f"model.posterior={model.posterior} needs model.latent_dim >= 2, got {model.latent_dim}")
+    if model.kind == "lm" and model.decoder != "gru":
+        raise CvaeError(f"model.kind=lm has a GRU decoder only, got model.decoder={model.decoder}")
+    if train.aggressive and not latent:
+        raise CvaeError(f"train.aggressive (Lagging-VAE) needs model.kind=vae, got {model.kind!r}")
+    if (train.pretrain_steps or train.init_from) and not (latent and model.posterior == "gaussian"):
+        raise CvaeError("train.pretrain_steps / train.init_from (PreFB encoder pretraining) need model.kind=vae"
+                        f" with model.posterior=gaussian, got model.kind={model.kind},"
+                        f" model.posterior={model.posterior}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +351,7 @@ SCALE_SETTERS: dict[str, Callable[[Config], None]] = {"paper": paper_scale, "qui
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets: one per row of the paper's Table 1 (and its coupled twin).
+# Presets: one per row of the paper's Table 1 (and its coupled twin), in the table's order.
 
 @dataclass(frozen=True)
 class Preset:
@@ -320,11 +359,14 @@ class Preset:
     group: str  # the Table 1 block it belongs to
     description: str
     settings: dict[str, Any]
-    # dataset -> settings applied on top (notes section 8); anneal_start is in paper steps
+    # dataset -> settings applied on top (notes section 8); step counts are in paper steps
     per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {}
+PAPER_DATASETS = ("ptb", "yelp13", "yahoo")
+# Keys given in paper steps by presets; the quick scale divides them by QUICK_FACTOR.
+PAPER_STEP_KEYS = ("regularizer.anneal_start", "train.pretrain_steps")
 
 
 def register_preset(preset: Preset) -> Preset:
@@ -334,33 +376,81 @@ def register_preset(preset: Preset) -> Preset:
     return preset
 
 
-def register_pair(name: str, group: str, description: str, settings: dict[str, Any],
-                  per_dataset: dict[str, dict[str, Any]], coupled_lambda_m: dict[str, float],
+def register_pair(name: str, group: str, description: str, settings: dict[str, Any] | None = None,
+                  per_dataset: dict[str, dict[str, Any]] | None = None,
+                  lambda_m: tuple[float, float, float] = (0.1, 0.1, 0.1),
                   coupled_extra: dict[str, Any] | None = None) -> None:
-    """Register a base preset and its ``coupled-`` twin (lambda_m per dataset, notes section 8)."""
+    """Register a base preset and its ``coupled-`` twin.
+
+    ``lambda_m`` is the twin's matching weight for PTB / Yelp-13 / Yahoo (notes section 8); the
+    twin always uses lambda_r = 1 and the RQ distance, as the authors' coupled models do.
+    """
+    settings, per_dataset = settings or {}, per_dataset or {}
     register_preset(Preset(name, group, description, settings, per_dataset))
-    coupled_per_dataset = {
-        ds: {**per_dataset.get(ds, {}), "coupling.lambda_m": lm} for ds, lm in coupled_lambda_m.items()
-    }
+    coupled_per_dataset = {ds: {**per_dataset.get(ds, {}), "coupling.lambda_m": lm}
+                           for ds, lm in zip(PAPER_DATASETS, lambda_m)}
+    shown = "/".join(f"{lm:g}" for lm in lambda_m)
     register_preset(Preset(
-        f"coupled-{name}", group, f"{description}, coupled with a deterministic twin",
-        {**settings, "coupling.enabled": True, **(coupled_extra or {})}, coupled_per_dataset,
+        f"coupled-{name}", group,
+        f"{name} + deterministic coupled twin (lambda_r 1, RQ, lambda_m {shown} on PTB/Yelp/Yahoo)",
+        {**settings, "coupling.enabled": True, "coupling.lambda_r": 1.0, "coupling.distance": "rq",
+         **(coupled_extra or {})},
+        coupled_per_dataset,
     ))
 
 
+def _per_dataset(ptb: dict[str, Any], yelp13: dict[str, Any], yahoo: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {"ptb": ptb, "yelp13": yelp13, "yahoo": yahoo}
+
+
 def _starts(ptb: int, yelp: int, yahoo: int) -> dict[str, dict[str, Any]]:
-    return {"ptb": {"regularizer.anneal_start": ptb}, "yelp13": {"regularizer.anneal_start": yelp},
-            "yahoo": {"regularizer.anneal_start": yahoo}}
+    """KL annealing start s0 per dataset, in paper steps (notes section 8)."""
+    return _per_dataset(*({"regularizer.anneal_start": s} for s in (ptb, yelp, yahoo)))
 
 
 register_preset(Preset("lm", "baselines", "GRU language model (exact NLL)", {"model.kind": "lm"}))
-register_preset(Preset("dae", "baselines", "deterministic autoencoder (reconstruction only)", {"model.kind": "dae"}))
-register_pair("vae", "VAE", "Gaussian VAE, linear KL annealing", {}, _starts(2000, 1000, 1000),
-              {"ptb": 0.1, "yelp13": 0.1, "yahoo": 0.1})
+register_preset(Preset("dae", "baselines", "deterministic autoencoder (reconstruction only; selected by val_rec)",
+                       {"model.kind": "dae"}))
+register_pair("vae", "VAE", "Gaussian VAE, linear KL annealing", {}, _starts(2000, 1000, 1000))
 register_pair("beta-vae", "beta(0.8)-VAE", "beta-VAE, KL annealing capped at beta=0.8",
-              {"regularizer.kl_cap": 0.8}, _starts(2000, 1000, 1000), {"ptb": 0.1, "yelp13": 0.1, "yahoo": 0.1})
+              {"regularizer.kl_cap": 0.8}, _starts(2000, 1000, 1000))
 register_pair("beta1.2-vae", "beta(1.2)-VAE", "beta-VAE, KL annealing capped at beta=1.2",
-              {"regularizer.kl_cap": 1.2}, _starts(2000, 1000, 1000), {"ptb": 0.1, "yelp13": 0.1, "yahoo": 0.1})
+              {"regularizer.kl_cap": 1.2}, _starts(2000, 1000, 1000))
+register_pair("vmf-vae", "vMF-VAE",
+              "von Mises-Fisher posterior, uniform prior, learnt kappa (exact Wood sampler; "
+              "model.vmf_sampler=authors for the authors' biased b-blend)",
+              {"model.posterior": "vmf"}, _starts(2000, 2000, 2000), lambda_m=(7.5, 7.0, 5.0))
+register_pair("cnn-vae", "CNN-VAE",
+              "Gaussian VAE with a dilated causal CNN decoder (PTB medium F=256, Yelp/Yahoo large F=128/256)",
+              {"model.decoder": "cnn"},
+              _per_dataset(
+                  {"regularizer.anneal_start": 2000, "model.cnn_dilations": "medium", "model.cnn_filters": 256},
+                  {"regularizer.anneal_start": 2000, "model.cnn_dilations": "large", "model.cnn_filters": 128},
+                  {"regularizer.anneal_start": 2000, "model.cnn_dilations": "large", "model.cnn_filters": 256}),
+              lambda_m=(0.0, 0.1, 0.1))
+register_pair("wae", "WAE", "Wasserstein AE: 10 x IMQ-MMD to the prior + KL annealed to a cap of 0.8",
+              {"regularizer.kind": "mmd", "regularizer.mmd_weight": 10.0, "regularizer.kl_cap": 0.8},
+              _starts(2000, 2000, 2000))
+register_pair("vae-nf", "VAE-NF", "Gaussian (Linear+BatchNorm) base and 3 global planar flows",
+              {"model.posterior": "nf", "model.n_flows": 3}, _starts(2000, 2000, 2000))
+register_pair("wae-nf", "WAE-NF", "WAE (10 x IMQ-MMD, KL cap 0.8) with the VAE-NF posterior",
+              {"model.posterior": "nf", "model.n_flows": 3, "regularizer.kind": "mmd",
+               "regularizer.mmd_weight": 10.0, "regularizer.kl_cap": 0.8}, _starts(2000, 2000, 2000))
+register_pair("cycann-vae", "CycAnn-VAE", "Gaussian VAE, cyclic KL annealing (M=4 cycles, R=0.5)",
+              {"regularizer.schedule": "cyclic", "regularizer.cycles": 4, "regularizer.cycle_ratio": 0.5},
+              _starts(2000, 1000, 1000), lambda_m=(0.1, 1.0, 1.0))
+register_pair("prefb-vae", "PreFB-VAE",
+              "DAE-pretrained encoder (a DAE stage as long as the VAE run, in <out>/pretrain) + "
+              "free bits 6 nats (0.1875/dim, per example)",
+              {"regularizer.kind": "free_bits", "regularizer.free_bits": 6.0, "train.pretrain_steps": 60000},
+              _starts(2000, 1000, 1000))
+register_pair("lagging-vae", "Lagging-VAE",
+              "Gaussian VAE with aggressive encoder updates until val MI stops rising (He et al. 2019; "
+              "the paper's GRU setup, not He et al.'s LSTM/SGD)",
+              {"train.aggressive": True}, _starts(2000, 1000, 1000))
+register_pair("power-spherical-vae", "beyond the paper: Power Spherical-VAE",
+              "Power Spherical posterior (De Cao & Aziz 2020), uniform prior; vMF's lambda_m",
+              {"model.posterior": "power_spherical"}, _starts(2000, 2000, 2000), lambda_m=(7.5, 7.0, 5.0))
 
 
 DATASET_SIZES = {  # hidden size per direction (notes section 8)
@@ -371,9 +461,19 @@ DATASET_SIZES = {  # hidden size per direction (notes section 8)
 }
 
 
+def _in_scale(settings: dict[str, Any], scale: str) -> dict[str, Any]:
+    """Preset step counts are paper steps; the quick scale compresses them like the schedule."""
+    if scale != "quick":
+        return dict(settings)
+    return {key: round(value / QUICK_FACTOR) if key in PAPER_STEP_KEYS else value for key, value in settings.items()}
+
+
 def build_config(preset: str = "vae", dataset: str = "ptb", scale: str = "quick",
                  overrides: dict[str, Any] | None = None) -> Config:
-    """scale defaults -> preset -> per-dataset settings -> overrides, validated."""
+    """scale defaults -> preset -> per-dataset settings -> overrides, validated.
+
+    A dataset without its own preset settings (``text``) takes PTB's.
+    """
     if preset not in PRESETS:
         raise CvaeError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
     if scale not in SCALE_SETTERS:
@@ -385,11 +485,8 @@ def build_config(preset: str = "vae", dataset: str = "ptb", scale: str = "quick"
     SCALE_SETTERS[scale](config)
     spec = PRESETS[preset]
     apply_overrides(config, DATASET_SIZES[dataset])
-    apply_overrides(config, spec.settings)
-    dataset_settings = dict(spec.per_dataset.get(dataset, spec.per_dataset.get("ptb", {})))
-    if "regularizer.anneal_start" in dataset_settings and scale == "quick":
-        dataset_settings["regularizer.anneal_start"] = round(dataset_settings["regularizer.anneal_start"] / QUICK_FACTOR)
-    apply_overrides(config, dataset_settings)
+    apply_overrides(config, _in_scale(spec.settings, scale))
+    apply_overrides(config, _in_scale(spec.per_dataset.get(dataset, spec.per_dataset.get("ptb", {})), scale))
     apply_overrides(config, overrides or {})
     validate(config)
     return config

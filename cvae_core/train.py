@@ -3,10 +3,21 @@
 ``train(config, output_dir, callbacks=...)`` calls every callback at each evaluation with a flat
 ``dict[str, float]`` of metrics and the path of the checkpoint just written; the study service
 plugs in there.  A callback may raise :class:`StopTraining` to end the run cleanly.
+
+Two Table 1 baselines change the loop, each behind a config field:
+
+* Lagging-VAE (``train.aggressive``): before each step, encoder-only updates on fresh batches
+  (:func:`aggressive_encoder_updates`), then a decoder-side-only step; the phase ends at the first
+  evaluation where ``val_mi_batch`` does not rise.  One Adam with two parameter groups
+  (inference network, the rest), so the checkpoint format is unchanged.
+* PreFB (``train.pretrain_steps`` or ``train.init_from``): a DAE stage trained (resumed, or
+  reused when finished) in ``<output_dir>/pretrain`` initialises the embedding, the encoder GRU
+  and the posterior mean head; then the VAE trains from step 1.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import shutil
 import sys
@@ -25,6 +36,7 @@ from .data import BucketBatcher, Corpus, load_corpus
 from .errors import CvaeError
 from .metrics import evaluate
 from .models import build_model
+from .models.text_vae import latent_model
 from .objectives import Objective
 
 Callback = Callable[[dict[str, float], Path], None]
@@ -129,18 +141,24 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
     output_dir = Path(output_dir).absolute()
     ckpt_root = output_dir / "checkpoints"
     device = resolve_device(config.train.device)
-    torch.manual_seed(config.train.seed)
     if corpus is None:
         log(f"loading {config.data.dataset} ...")
         corpus = load_corpus(config.data, ("train", "valid"))
+    latest = ckpt_root / "latest"
+    resuming = resume and latest.exists()
+    dae_checkpoint = None if resuming else _prefb_dae(config, output_dir, corpus, log)
+    torch.manual_seed(config.train.seed)  # after any pretraining stage, so the run is the same either way
     model = build_model(config, len(corpus.vocab)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr, betas=(0.9, 0.999))
+    if dae_checkpoint is not None:
+        _init_from_dae(model, dae_checkpoint, corpus.vocab, log)
+    optimizer = torch.optim.Adam(_parameter_groups(model, config), lr=config.train.lr, betas=(0.9, 0.999))
     objective = Objective(config)
     batcher = BucketBatcher(corpus["train"].examples, config.train.batch_size, config.train.seed)
     step = epoch = index = 0
     best_value, best_step, history = math.inf, 0, []
-    latest = ckpt_root / "latest"
-    if resume and latest.exists():
+    # Lagging-VAE: aggressive phase on until validation MI stops rising
+    aggressive, previous_mi = config.train.aggressive, None
+    if resuming:
         data = load_checkpoint(latest, map_location=device)
         _check_resumable(data.config, config, latest)
         model.load_state_dict(data.weights)
@@ -149,6 +167,7 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
         step, epoch, index = data.state["step"], data.state["epoch"], data.state["batch_index"]
         best_value, best_step = data.state["best_value"], data.state["best_step"]
         history = data.state.get("history", [])
+        aggressive, previous_mi = data.state.get("aggressive", aggressive), data.state.get("previous_mi")
         log(f"resumed from {latest.resolve().name} at step {step} (best {selection_metric(config)} "
             f"{best_value:.3f} at step {best_step})")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -162,6 +181,10 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
     progress = _Progress(config.train.steps, step, log)
     order = batcher.order(epoch)
     last_metrics: dict[str, float] = {}
+
+    def fresh_batch():  # Lagging-VAE's inner loop: a random batch of the current epoch
+        return batcher.batch(order[int(torch.randint(len(order), ()))]).to(device)
+
     while step < config.train.steps:
         if index >= len(order):
             epoch, index = epoch + 1, 0
@@ -173,18 +196,22 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        with autocast:
-            output = model(batch)
-            loss, parts = objective(model, output, step)
-        if not torch.isfinite(loss):
-            raise CvaeError(f"training diverged: loss is {loss.item()} at step {step} ({config.preset}); "
-                            "lower train.lr or check the posterior's numerics")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        extra = {}
+        if config.train.aggressive:
+            extra["inner_steps"] = (aggressive_encoder_updates(model, objective, optimizer, batch, fresh_batch,
+                                                               step, config, autocast) if aggressive else 0)
+        # in the aggressive phase the step itself updates the decoder side only
+        with _frozen(optimizer.param_groups[0]["params"] if aggressive else ()):
+            with autocast:
+                output = model(batch)
+                loss, parts = objective(model, output, step)
+            _check_finite(loss, step, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.train.clip_norm)
         optimizer.step()
         kl_weight = objective.kl_weight(step)
-        progress.add(parts, batch.n_tokens, {"grad_norm": grad_norm.item()})
+        progress.add(parts, batch.n_tokens, {"grad_norm": grad_norm.item(), **extra})
         if step % config.train.log_every == 0:
             log(progress.line(step, kl_weight, lr))
         if step % config.train.eval_every == 0 or step == config.train.steps:
@@ -195,6 +222,9 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
             scores = evaluate(model, corpus["valid"], n_samples=config.train.val_samples,
                               mi_samples=config.train.mi_samples, seed=config.train.seed)
             metrics.update({f"val_{k}": float(v) for k, v in scores.items() if v is not None})
+            if config.train.aggressive:
+                aggressive, previous_mi = _lagging_switch(aggressive, previous_mi, metrics["val_mi_batch"], step, log)
+                metrics["aggressive"] = float(aggressive)  # still on after this evaluation
             eval_seconds = time.perf_counter() - eval_start
             progress.eval_seconds += eval_seconds
             progress.window_t0 += eval_seconds
@@ -206,6 +236,8 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
             history.append(metrics)
             state = {"step": step, "epoch": epoch, "batch_index": index, "best_value": best_value,
                      "best_step": best_step, "metrics": metrics, "history": history, "version": __version__}
+            if config.train.aggressive:
+                state.update(aggressive=aggressive, previous_mi=previous_mi)
             ckpt = save_checkpoint(ckpt_root / f"step-{step:07d}", model=model, optimizer=optimizer,
                                    state=state, config=config, vocab=corpus.vocab)
             point_link(latest, ckpt)
@@ -227,6 +259,123 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
     best_metrics = next((m for m in history if m["step"] == best_step), {})
     return TrainResult(output_dir, best_dir, best_metrics, last_metrics or (history[-1] if history else {}),
                        step, history)
+
+
+def _check_finite(loss: torch.Tensor, step: int, config: Config) -> None:
+    if not torch.isfinite(loss):
+        raise CvaeError(f"training diverged: loss is {loss.item()} at step {step} ({config.preset}); "
+                        "lower train.lr or check the posterior's numerics")
+
+
+# ---------------------------------------------------------------------------------------------
+# Lagging-VAE (He et al. 2019): aggressive inference-network updates.
+
+def _parameter_groups(model: nn.Module, config: Config):
+    """All parameters in one Adam group; for Lagging-VAE two groups, [inference network, rest],
+    so either side can be stepped alone. Each parameter appears once either way."""
+    if not config.train.aggressive:
+        return model.parameters()
+    inference = model.inference_parameters()
+    ids = {id(p) for p in inference}
+    return [{"params": inference}, {"params": [p for p in model.parameters() if id(p) not in ids]}]
+
+
+def _lagging_switch(aggressive: bool, previous_mi: float | None, mi: float, step: int,
+                    log: Callable[[str], None]) -> tuple[bool, float]:
+    """He et al.: the aggressive phase ends at the first evaluation where MI does not rise.
+    -> (still aggressive, the MI to compare the next evaluation with)."""
+    if aggressive and previous_mi is not None and not mi > previous_mi:
+        log(f"step {step}: val_mi_batch {mi:.3f} did not rise above {previous_mi:.3f}; "
+            "Lagging-VAE aggressive phase over")
+        aggressive = False
+    return aggressive, mi
+
+
+@contextlib.contextmanager
+def _frozen(parameters):
+    """Parameters get no gradient inside the block (skipped by Adam, and cheaper backward)."""
+    parameters = [p for p in parameters if p.requires_grad]
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in parameters:
+            p.requires_grad_(True)
+
+
+def aggressive_encoder_updates(model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
+                               batch, fresh_batch: Callable[[], object], step: int, config: Config,
+                               autocast=contextlib.nullcontext()) -> int:
+    """He et al.'s inner loop: update only the inference network (optimizer group 0) on ``batch``,
+    then on ``fresh_batch()`` draws, with the step's loss; at most train.aggressive_max_inner
+    updates, stopping once the per-token loss of a window of train.aggressive_window updates is
+    above the previous window's. The decoder side (group 1, incl. the shared embedding) is
+    frozen. -> number of inner updates made."""
+    t = config.train
+    previous, window_loss, window_tokens = math.inf, 0.0, 0
+    inner = 0
+    with _frozen(optimizer.param_groups[1]["params"]):
+        for inner in range(1, t.aggressive_max_inner + 1):
+            with autocast:
+                loss, _ = objective(model, model(batch), step)
+            _check_finite(loss, step, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], t.clip_norm)
+            optimizer.step()
+            window_loss, window_tokens = window_loss + loss.item() * batch.size, window_tokens + batch.n_tokens
+            if inner % t.aggressive_window == 0:
+                if window_loss / window_tokens > previous:
+                    break
+                previous, window_loss, window_tokens = window_loss / window_tokens, 0.0, 0
+            if inner < t.aggressive_max_inner:
+                batch = fresh_batch()
+    return inner
+
+
+# ---------------------------------------------------------------------------------------------
+# PreFB (Li et al. 2019): a DAE whose embedding, encoder and code layer initialise the VAE.
+
+def pretraining_config(config: Config) -> Config:
+    """The DAE stage of a PreFB run: the same data, sizes and schedule, ``train.pretrain_steps`` long."""
+    dae = copy.deepcopy(config)
+    dae.preset = "dae"
+    dae.model.kind = "dae"
+    dae.coupling.enabled = False
+    dae.train.steps, dae.train.pretrain_steps, dae.train.init_from = config.train.pretrain_steps, 0, ""
+    dae.train.aggressive = False
+    validate(dae)
+    return dae
+
+
+def _prefb_dae(config: Config, output_dir: Path, corpus: Corpus, log: Callable[[str], None]) -> Path | None:
+    """The DAE checkpoint that initialises this run: ``train.init_from``, or the best checkpoint of
+    a DAE trained (or resumed, or reused when finished) in ``output_dir/pretrain``; None if neither."""
+    if config.train.init_from:
+        return Path(config.train.init_from)
+    if not config.train.pretrain_steps:
+        return None
+    stage = output_dir / "pretrain"
+    log(f"PreFB stage 1: DAE for {config.train.pretrain_steps} steps in {stage} (resumed or reused if there)")
+    result = train(pretraining_config(config), stage, resume=True, corpus=corpus,
+                   log=lambda text: log(f"[pretrain] {text}"))
+    if result.best_checkpoint is None:
+        raise CvaeError(f"the PreFB pretraining stage in {stage} left no best checkpoint")
+    return result.best_checkpoint
+
+
+def _init_from_dae(model: nn.Module, path: Path, vocab, log: Callable[[str], None]) -> None:
+    data = load_checkpoint(path)
+    if data.config.model.kind != "dae":
+        raise CvaeError(f"train.init_from={path} is a {data.config.model.kind!r} checkpoint; PreFB needs a DAE")
+    if data.vocab.itos != vocab.itos:
+        raise CvaeError(f"train.init_from={path}: its vocabulary differs from this run's (another dataset?)")
+    try:
+        latent_model(model).init_encoder_from_dae(data.weights)
+    except ValueError as exc:
+        raise CvaeError(f"train.init_from={path}: {exc} (same model.embed_dim/hidden_dim/latent_dim?)") from None
+    log(f"PreFB stage 2: embedding, encoder and posterior mean head initialised from {path}")
 
 
 def _check_resumable(saved: Config, requested: Config, path: Path) -> None:

