@@ -95,3 +95,10 @@ def test_empty_and_missing_and_non_utf8_files(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("ok line\ncaf\xe9 au lait\n".encode("latin-1"))
     with pytest.raises(CvaeError, match="line 2 is not valid UTF-8"):
         load_corpus(DataConfig(dataset="text", train_path=str(tmp_path / "latin1.txt")), ("train",))
+
+
+def test_a_last_batch_of_one_sentence_joins_its_neighbour():
+    examples = [[1] * (i % 5 + 1) for i in range(33)]  # 33 = 2 x 16 + 1
+    order = BucketBatcher(examples, batch_size=16, seed=0).order(0)
+    assert sorted(len(b) for b in order) == [16, 17]
+    assert sorted(i for b in order for i in b) == list(range(33))

@@ -60,7 +60,7 @@ class BucketBatcher:
 
     Each epoch: shuffle, cut into pools of ``pool_batches`` batches, sort each pool by length
     (so padding is small), cut into batches, shuffle the batch order.  The last partial batch is
-    kept, as in the authors' code.  ``batches(epoch)[index:]`` resumes mid-epoch exactly.
+    kept, as in the authors' code (a last batch of one sentence joins its neighbour).  ``batches(epoch)[index:]`` resumes mid-epoch exactly.
     """
 
     def __init__(self, examples: list[list[int]], batch_size: int, seed: int, pool_batches: int = 50):
@@ -74,6 +74,9 @@ class BucketBatcher:
         for start in range(0, len(perm), pool):
             chunk = sorted(perm[start : start + pool], key=lambda i: len(self.examples[i]))
             batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            # A one-sentence batch breaks BatchNorm in training (NF/WAE-NF heads, CNN decoder).
+            batches[-2].extend(batches.pop())
         shuffle = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in shuffle]
 
