@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Distribution, Independent, Normal, kl_divergence, register_kl
 
 
 class LatentSample(NamedTuple):
@@ -38,14 +38,21 @@ class LatentDistribution(Distribution):
     has_rsample = True
 
     def rsample_with_log_prob(self, sample_shape: torch.Size = torch.Size()) -> LatentSample:
-        raise NotImplementedError
+        """Default for families without a global bijection: ``base`` is ``z`` itself."""
+        z = self.rsample(sample_shape)
+        return LatentSample(z, self.log_prob(z), z)
 
     def base_log_prob(self, base: Tensor) -> Tensor:
-        raise NotImplementedError
+        """``[*S, B, d] -> [*S, B]``; by default the family's own density."""
+        return self.log_prob(base)
 
     def regularizer(self, prior: Distribution, sample: LatentSample) -> Tensor:
-        """Per-sentence KL-like training term, ``[B]``. Default: Monte-Carlo with ``sample``."""
-        return sample.log_q - prior.log_prob(sample.z)
+        """Per-sentence KL-like training term, ``[B]``: the analytic KL when one is registered
+        for (family, prior) with ``register_kl``, else the Monte-Carlo estimate from ``sample``."""
+        try:
+            return kl_divergence(self, prior)
+        except NotImplementedError:
+            return sample.log_q - prior.log_prob(sample.z)
 
     def coupled_code(self) -> Tensor:
         raise NotImplementedError
@@ -69,21 +76,9 @@ class DiagonalGaussian(LatentDistribution):
     def log_prob(self, value: Tensor) -> Tensor:
         return self._normal.log_prob(value)
 
-    def rsample_with_log_prob(self, sample_shape=torch.Size()) -> LatentSample:
-        z = self.rsample(sample_shape)
-        return LatentSample(z, self.log_prob(z), z)
-
-    def base_log_prob(self, base: Tensor) -> Tensor:
-        return self.log_prob(base)
-
     def kl_per_dim(self) -> Tensor:
         """Analytic KL(q || N(0, I)) per dimension, ``[B, d]`` (free bits clamp this)."""
         return 0.5 * (self.loc.pow(2) + self.scale.pow(2) - 1.0) - self.scale.log()
-
-    def regularizer(self, prior: Distribution, sample: LatentSample) -> Tensor:
-        if isinstance(prior, Independent) and isinstance(prior.base_dist, Normal):
-            return kl_divergence(self._normal, prior)
-        return super().regularizer(prior, sample)
 
     def coupled_code(self) -> Tensor:
         return self.loc
@@ -111,6 +106,14 @@ class GaussianHead(nn.Module):
     def prior(self, device: torch.device | str) -> Distribution:
         zeros = torch.zeros(self.latent_dim, device=device)
         return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+
+
+@register_kl(DiagonalGaussian, Independent)
+def _kl_gaussian_normal(q: DiagonalGaussian, p: Independent) -> Tensor:
+    """Analytic KL to a diagonal Normal prior, summed over dimensions, ``[B]``."""
+    if not isinstance(p.base_dist, Normal):
+        raise NotImplementedError
+    return kl_divergence(q._normal, p)
 
 
 def log_sphere_area(d: int) -> float:

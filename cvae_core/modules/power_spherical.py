@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Beta, Distribution, constraints, register_kl
 
-from cvae_core.modules.posteriors import LatentDistribution, LatentSample, log_sphere_area
+from cvae_core.modules.posteriors import LatentDistribution, log_sphere_area
 from cvae_core.modules.vmf import HypersphericalUniform, householder_from_e1, uniform_on_sphere
 
 
@@ -98,20 +98,6 @@ class PowerSpherical(LatentDistribution):
         v = uniform_on_sphere((*shape, *self.batch_shape), self.d - 1, torch.float64, self.loc.device)
         x = torch.cat([w, tangent * v], dim=-1)
         return householder_from_e1(x, self.loc.to(torch.float64)).to(self.loc.dtype)
-
-    def rsample_with_log_prob(self, sample_shape=torch.Size()) -> LatentSample:
-        z = self.rsample(sample_shape)
-        return LatentSample(z, self.log_prob(z), z)
-
-    def base_log_prob(self, base: Tensor) -> Tensor:
-        """No global bijection: base is z itself; ``[*S, B, d] -> [*S, B]``."""
-        return self.log_prob(base)
-
-    def regularizer(self, prior: Distribution, sample: LatentSample) -> Tensor:
-        """Analytic KL to the uniform prior, ``[B]`` nats (Monte-Carlo for any other prior)."""
-        if isinstance(prior, HypersphericalUniform) and prior.d == self.d:
-            return self.kl_to_uniform()
-        return super().regularizer(prior, sample)
 
     def coupled_code(self) -> Tensor:
         """Mean direction mu, ``[B, d]``."""

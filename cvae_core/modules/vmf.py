@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Beta, Distribution, constraints, register_kl
 
-from cvae_core.modules.posteriors import LatentDistribution, LatentSample, log_sphere_area
+from cvae_core.modules.posteriors import LatentDistribution, log_sphere_area
 
 # --------------------------------------------------------------------------------------------
 # log-Bessel I_v(x)
@@ -330,20 +330,6 @@ class VonMisesFisher(LatentDistribution):
         return z.to(self.loc.dtype)
 
     # --- LatentDistribution interface ---------------------------------------------------------
-    def rsample_with_log_prob(self, sample_shape=torch.Size()) -> LatentSample:
-        z = self.rsample(sample_shape)
-        return LatentSample(z, self.log_prob(z), z)
-
-    def base_log_prob(self, base: Tensor) -> Tensor:
-        """No global bijection: base is z itself; ``[*S, B, d] -> [*S, B]``."""
-        return self.log_prob(base)
-
-    def regularizer(self, prior: Distribution, sample: LatentSample) -> Tensor:
-        """Analytic KL to the uniform prior, ``[B]`` nats (Monte-Carlo for any other prior)."""
-        if isinstance(prior, HypersphericalUniform) and prior.d == self.d:
-            return self.kl_to_uniform()
-        return super().regularizer(prior, sample)
-
     def coupled_code(self) -> Tensor:
         """Deterministic code of the coupled twin: the mean direction mu, ``[B, d]``."""
         return self.loc
