@@ -1,0 +1,285 @@
+"""Declarative study specs: ``studies/specs/<name>.yaml`` -> :class:`StudySpec`.
+
+A spec names everything that defines a study except where it runs: the base configuration
+(preset, dataset, scale, overrides), the search space and grid, the objective(s), the budget,
+the scheduler and the per-trial resources.  Command-line flags may override the budget and the
+resources (see ``studies/runner.py``).  Every error names the file and the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cvae_core.config import PRESETS, build_config
+from cvae_core.errors import CvaeError
+
+SPEC_DIR = Path(__file__).resolve().parent / "specs"
+
+# Direction of the metrics an objective may name without saying ":min" / ":max".
+DEFAULT_MODES = {
+    "val_nll": "min", "val_ppl": "min", "val_rec": "min", "val_elbo": "max",
+    "val_mi_loo": "max", "val_mi_batch": "max", "val_au": "max",
+}
+SEARCH_MODES = ("tpe", "grid")
+
+
+class SpecError(CvaeError):
+    """A study spec (or a flag overriding it) is invalid."""
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    mode: str  # "min" | "max"
+
+    def __str__(self) -> str:
+        return f"{self.metric}:{self.mode}"
+
+
+@dataclass
+class Scheduler:
+    type: str = "asha"
+    metric: str = "val_nll"
+    mode: str = "min"
+    grace_period: int = 2  # evaluations a trial always gets before ASHA may stop it
+    reduction_factor: int = 2
+
+
+@dataclass
+class Resources:
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent_trials: int = 2
+    max_failures: int = 1
+
+
+@dataclass
+class StudySpec:
+    name: str
+    description: str
+    preset: str
+    dataset: str
+    scale: str
+    overrides: dict[str, Any]
+    space: str  # name in studies.spaces.SPACES
+    grid: str  # name in studies.spaces.GRIDS
+    search: str  # default search mode: tpe | grid
+    baselines: list[dict[str, Any]]
+    objectives: list[Objective]
+    scheduler: Scheduler
+    resources: Resources
+    num_samples: int  # configurations proposed by Optuna (baselines come on top)
+    seeds: int  # training seeds per configuration
+    seed: int  # sampler seed and first training seed
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def evaluations(self) -> int:
+        """Evaluations (= tune.report calls = ASHA time units) in one full trial."""
+        config = build_config(self.preset, self.dataset, self.scale, self.overrides)
+        return math.ceil(config.train.steps / config.train.eval_every)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def summary_params(self, search: str) -> dict[str, str]:
+        """Flat description of the spec for the parent MLflow run's params."""
+        return {
+            "spec": self.name, "search": search, "space": self.space if search == "tpe" else self.grid,
+            "objectives": ",".join(str(o) for o in self.objectives), "num_samples": str(self.num_samples),
+            "seeds": str(self.seeds), "seed": str(self.seed), "base.preset": self.preset,
+            "base.dataset": self.dataset, "base.scale": self.scale,
+            "baselines": ";".join(",".join(f"{k}={v}" for k, v in b.items()) for b in self.baselines) or "none",
+            "scheduler": f"{self.scheduler.type}(metric={self.scheduler.metric}, grace={self.scheduler.grace_period}, "
+                         f"rf={self.scheduler.reduction_factor}, max_t={self.evaluations})",
+            "cpus_per_trial": str(self.resources.cpus_per_trial),
+            "gpus_per_trial": str(self.resources.gpus_per_trial),
+            "max_concurrent_trials": str(self.resources.max_concurrent_trials),
+            "max_failures": str(self.resources.max_failures),
+            **{f"base.{k}": str(v) for k, v in sorted(self.overrides.items())},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["objectives"] = [str(o) for o in self.objectives]
+        return out
+
+
+def parse_objectives(text: str | list[str], where: str) -> list[Objective]:
+    """"val_nll,val_mi_loo" or ["val_nll", "val_kl:max"] -> [Objective, ...]."""
+    items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if str(s).strip()]
+    if not items:
+        raise SpecError(f"{where}: at least one objective is needed, e.g. val_nll")
+    out = []
+    for item in items:
+        metric, _, mode = str(item).partition(":")
+        mode = mode or DEFAULT_MODES.get(metric, "")
+        if not metric.startswith("val_"):
+            raise SpecError(f"{where}: objective {item!r} must be a validation metric (val_nll, val_mi_loo, ...)")
+        if mode not in ("min", "max"):
+            raise SpecError(f"{where}: objective {item!r} needs a direction, e.g. {metric}:max "
+                            f"(known defaults: {', '.join(f'{k}:{v}' for k, v in DEFAULT_MODES.items())})")
+        out.append(Objective(metric, mode))
+    if len({o.metric for o in out}) != len(out):
+        raise SpecError(f"{where}: objectives repeat a metric: {items}")
+    return out
+
+
+def _take(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+    if key not in raw:
+        if default is ...:
+            raise SpecError(f"{where}: missing key {key!r}")
+        return default
+    value = raw[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise SpecError(f"{where}: {key!r} must be a {name}, got {value!r}")
+    return value
+
+
+def _section(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = raw.get(key, {}) or {}
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: {key!r} must be a mapping, got {value!r}")
+    return value
+
+
+def _check_unknown(raw: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> StudySpec:
+    """Validate a spec mapping (as loaded from YAML)."""
+    from .spaces import GRIDS, SPACES  # late: spaces imports optuna
+
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a study spec must be a mapping, got {type(raw).__name__}")
+    _check_unknown(raw, {"name", "description", "base", "space", "grid", "search", "baselines", "objectives",
+                         "scheduler", "budget", "resources", "extra"}, source)
+    base = _section(raw, "base", source)
+    _check_unknown(base, {"preset", "dataset", "scale", "overrides"}, f"{source}: base")
+    sched_raw = _section(raw, "scheduler", source)
+    _check_unknown(sched_raw, {f.name for f in dataclasses.fields(Scheduler)}, f"{source}: scheduler")
+    res_raw = _section(raw, "resources", source)
+    _check_unknown(res_raw, {f.name for f in dataclasses.fields(Resources)}, f"{source}: resources")
+    budget = _section(raw, "budget", source)
+    _check_unknown(budget, {"num_samples", "seeds", "seed"}, f"{source}: budget")
+
+    space = _take(raw, "space", str, source)
+    if space not in SPACES:
+        raise SpecError(f"{source}: space {space!r} is not one of {', '.join(SPACES)}")
+    grid = _take(raw, "grid", str, source)
+    if grid not in GRIDS:
+        raise SpecError(f"{source}: grid {grid!r} is not one of {', '.join(GRIDS)}")
+    baselines = raw.get("baselines", []) or []
+    if not isinstance(baselines, list) or not all(isinstance(b, dict) for b in baselines):
+        raise SpecError(f"{source}: 'baselines' must be a list of mappings such as {{preset: vae}}")
+    scheduler = Scheduler(
+        type=_take(sched_raw, "type", str, f"{source}: scheduler", "asha"),
+        metric=_take(sched_raw, "metric", str, f"{source}: scheduler", "val_nll"),
+        mode=_take(sched_raw, "mode", str, f"{source}: scheduler", "min"),
+        grace_period=_take(sched_raw, "grace_period", int, f"{source}: scheduler", 2),
+        reduction_factor=_take(sched_raw, "reduction_factor", int, f"{source}: scheduler", 2),
+    )
+    resources = Resources(
+        cpus_per_trial=_take(res_raw, "cpus_per_trial", float, f"{source}: resources", 1.0),
+        gpus_per_trial=_take(res_raw, "gpus_per_trial", float, f"{source}: resources", 0.0),
+        max_concurrent_trials=_take(res_raw, "max_concurrent_trials", int, f"{source}: resources", 2),
+        max_failures=_take(res_raw, "max_failures", int, f"{source}: resources", 1),
+    )
+    spec = StudySpec(
+        name=_take(raw, "name", str, source),
+        description=_take(raw, "description", str, source, ""),
+        preset=_take(base, "preset", str, f"{source}: base"),
+        dataset=_take(base, "dataset", str, f"{source}: base", "ptb"),
+        scale=_take(base, "scale", str, f"{source}: base", "quick"),
+        overrides=dict(_take(base, "overrides", dict, f"{source}: base", {}) or {}),
+        space=space, grid=grid,
+        search=_take(raw, "search", str, source, "tpe"),
+        baselines=[dict(b) for b in baselines],
+        objectives=parse_objectives(raw.get("objectives", ["val_nll"]), f"{source}: objectives"),
+        scheduler=scheduler, resources=resources,
+        num_samples=_take(budget, "num_samples", int, f"{source}: budget", 8),
+        seeds=_take(budget, "seeds", int, f"{source}: budget", 1),
+        seed=_take(budget, "seed", int, f"{source}: budget", 0),
+        source=source, extra=dict(raw.get("extra") or {}),
+    )
+    validate_spec(spec)
+    return spec
+
+
+def validate_spec(spec: StudySpec) -> None:
+    """Check a spec (also after flags changed it); raise SpecError naming the value."""
+    where = spec.source or spec.name
+    if spec.search not in SEARCH_MODES:
+        raise SpecError(f"{where}: search {spec.search!r} is not one of {', '.join(SEARCH_MODES)}")
+    if spec.preset not in PRESETS:
+        raise SpecError(f"{where}: base preset {spec.preset!r} is unknown; choose from {', '.join(PRESETS)}")
+    try:
+        config = build_config(spec.preset, spec.dataset, spec.scale, spec.overrides)
+    except CvaeError as exc:
+        raise SpecError(f"{where}: base configuration is invalid: {exc}") from None
+    for i, baseline in enumerate(spec.baselines):
+        preset = baseline.get("preset", spec.preset)
+        try:
+            build_config(preset, spec.dataset, spec.scale,
+                         {**spec.overrides, **{k: v for k, v in baseline.items() if k != "preset"}})
+        except CvaeError as exc:
+            raise SpecError(f"{where}: baselines[{i}] is invalid: {exc}") from None
+    if spec.scheduler.type != "asha":
+        raise SpecError(f"{where}: scheduler.type {spec.scheduler.type!r} is not supported; use asha "
+                        "(it stops trials and never pauses them, so it works with any searcher)")
+    if spec.scheduler.mode not in ("min", "max"):
+        raise SpecError(f"{where}: scheduler.mode must be min or max, got {spec.scheduler.mode!r}")
+    n_evals = math.ceil(config.train.steps / config.train.eval_every)
+    if spec.scheduler.grace_period < 2:
+        raise SpecError(f"{where}: scheduler.grace_period must be >= 2 evaluations, got {spec.scheduler.grace_period}")
+    if spec.scheduler.grace_period > n_evals:
+        raise SpecError(f"{where}: scheduler.grace_period {spec.scheduler.grace_period} exceeds the "
+                        f"{n_evals} evaluations of a trial (train.steps / train.eval_every)")
+    if spec.scheduler.reduction_factor < 2:
+        raise SpecError(f"{where}: scheduler.reduction_factor must be >= 2, got {spec.scheduler.reduction_factor}")
+    r = spec.resources
+    if r.cpus_per_trial <= 0:
+        raise SpecError(f"{where}: cpus_per_trial must be > 0, got {r.cpus_per_trial}")
+    if r.gpus_per_trial < 0 or (r.gpus_per_trial > 1 and not float(r.gpus_per_trial).is_integer()):
+        raise SpecError(f"{where}: gpus_per_trial must be a fraction in [0, 1] or a whole number, got {r.gpus_per_trial}")
+    if r.max_concurrent_trials < 1:
+        raise SpecError(f"{where}: max_concurrent_trials must be >= 1, got {r.max_concurrent_trials}")
+    if r.max_failures < 1:
+        raise SpecError(f"{where}: max_failures must be >= 1 (trials are retried from their last checkpoint), "
+                        f"got {r.max_failures}")
+    if spec.num_samples < 0 or spec.seeds < 1:
+        raise SpecError(f"{where}: budget needs num_samples >= 0 and seeds >= 1, got {spec.num_samples}, {spec.seeds}")
+
+
+def spec_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path.resolve()
+    return SPEC_DIR / f"{name_or_path}.yaml"
+
+
+def load_spec(name_or_path: str) -> StudySpec:
+    """Load ``studies/specs/<name>.yaml`` (or a path to a YAML file)."""
+    path = spec_path(name_or_path)
+    if not path.is_file():
+        available = ", ".join(sorted(p.stem for p in SPEC_DIR.glob("*.yaml")))
+        raise SpecError(f"study spec not found: {path} (available in {SPEC_DIR}: {available})")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    return parse_spec(raw, str(path))

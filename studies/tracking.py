@@ -1,0 +1,198 @@
+"""MLflow layout of a study: one experiment, one parent run per study, one child run per trial.
+
+The layout is a contract with ``analysis/`` (see the README's Studies section):
+
+* parent run: name = study name; tags ``cvae.role=study``, ``cvae.study``, ``cvae.spec``,
+  ``optuna.storage``, ``optuna.study_name``, ``ray.experiment_path``; params = the spec summary;
+  at the end ``best_*`` metrics, the best config and ``summary.md``/``summary.json``;
+* child run: tags ``mlflow.parentRunId``, ``cvae.role=trial``, ``cvae.study``, ``ray_trial_id``,
+  ``cvae.preset``, ``cvae.dataset``, ``cvae.seed``, ``cvae.code_version``, ``cvae.config_id``;
+  params = ``Config.flat()``; every reported metric with ``step`` = training step; artifacts
+  ``checkpoint/`` (the best checkpoint directory) and ``config.json``.
+
+Everything goes through an explicit ``MlflowClient(tracking_uri)`` with an explicit experiment
+id: trial processes run in Ray's per-trial working directories, where MLflow's defaults would
+scatter data (notes section 2.1).  A retried or restored trial finds its own run by the
+``ray_trial_id`` tag instead of creating a second one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+import cvae_core
+from cvae_core.config import Config
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TERMINAL = {"FINISHED", "FAILED", "KILLED"}
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    """What every trial needs to know about its study (small; travels with the trainable)."""
+
+    study_name: str
+    spec_name: str
+    tracking_uri: str
+    experiment_name: str
+    experiment_id: str
+    parent_run_id: str
+    preset: str
+    dataset: str
+    scale: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    code_version: str = ""
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+
+def code_version() -> str:
+    """``cvae_core.__version__`` plus the git commit (``+dirty`` with local changes), if any."""
+    version = cvae_core.__version__
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        return f"{version}+g{sha}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return version
+
+
+def config_id(config: Config) -> str:
+    """Short hash of the resolved config without the seed: the seeds of one configuration share it."""
+    flat = config.flat()
+    flat.pop("train.seed", None)
+    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def retry(fn: Callable[[], T], attempts: int = 5, delay_s: float = 0.5) -> T:
+    """Retry transient store errors (SQLite "database is locked", a busy server)."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - MLflow wraps store errors in several types
+            text = str(exc).lower()
+            transient = any(s in text for s in ("locked", "busy", "timed out", "timeout", "connection",
+                                                "temporarily", "503", "502"))
+            if not transient or attempt == attempts - 1:
+                raise
+            time.sleep(delay_s * (2**attempt))
+    raise AssertionError("unreachable")
+
+
+def quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """Create the experiment once, on the driver (trials never race to create it)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise RuntimeError(f"MLflow experiment {name!r} is deleted; restore it in the UI or pick another "
+                               "name with --experiment")
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def find_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+    return find_runs(client, experiment_id, f"tags.mlflow.parentRunId = '{quote(parent_run_id)}'")
+
+
+def reopen(client: MlflowClient, run_id: str) -> None:
+    if client.get_run(run_id).info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+
+
+def finish_run(client: MlflowClient, run_id: str, status: str) -> None:
+    """Terminate a run unless it already ended (a run is never left RUNNING)."""
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status=status)
+
+
+class TrialRun:
+    """The MLflow child run of one Ray trial, reused across retries and restores."""
+
+    def __init__(self, client: MlflowClient, run_id: str, logged_steps: set[int]):
+        self.client, self.run_id, self.logged_steps = client, run_id, logged_steps
+
+    @classmethod
+    def open(cls, study: StudyContext, trial_id: str, trial_name: str, config: Config,
+             extra_tags: dict[str, str]) -> "TrialRun":
+        client = MlflowClient(tracking_uri=study.tracking_uri)
+        existing = retry(lambda: find_runs(
+            client, study.experiment_id,
+            f"tags.ray_trial_id = '{quote(trial_id)}' and tags.mlflow.parentRunId = '{quote(study.parent_run_id)}'"))
+        tags = {
+            "mlflow.parentRunId": study.parent_run_id, "cvae.role": "trial", "cvae.study": study.study_name,
+            "ray_trial_id": trial_id, "ray_trial_name": trial_name, "cvae.preset": config.preset,
+            "cvae.dataset": config.data.dataset, "cvae.seed": str(config.train.seed),
+            "cvae.code_version": study.code_version, "cvae.config_id": config_id(config),
+            **extra_tags,
+        }
+        if existing:
+            run_id = sorted(existing, key=lambda r: r.info.start_time)[0].info.run_id
+            retry(lambda: reopen(client, run_id))
+            logged = {int(m.step) for m in retry(lambda: client.get_metric_history(run_id, "val_nll"))}
+            retry(lambda: client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in extra_tags.items()]))
+            return cls(client, run_id, logged)
+        run = retry(lambda: client.create_run(study.experiment_id, run_name=trial_name,
+                                              tags={k: str(v) for k, v in tags.items()}))
+        run_id = run.info.run_id
+        params = [Param(k, str(v)) for k, v in config.flat().items()]
+        for start in range(0, len(params), 100):  # MLflow's per-batch param limit
+            retry(lambda: client.log_batch(run_id, params=params[start:start + 100]))
+        retry(lambda: client.log_dict(run_id, config.to_dict(), "config.json"))
+        return cls(client, run_id, set())
+
+    def log_metrics(self, metrics: dict[str, float]) -> bool:
+        """Log one evaluation with step = training step; skip a step already logged (a retry
+        that re-runs an evaluation). Returns whether anything was logged."""
+        step = int(metrics["step"])
+        if step in self.logged_steps:
+            return False
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        for start in range(0, len(batch), 1000):
+            retry(lambda: self.client.log_batch(self.run_id, metrics=batch[start:start + 1000]))
+        self.logged_steps.add(step)
+        return True
+
+    def log_checkpoint(self, checkpoint_dir: Path) -> None:
+        """Upload a checkpoint directory's files as ``checkpoint/`` (same names each time, so a
+        newer best checkpoint replaces the older one file by file)."""
+        retry(lambda: self.client.log_artifacts(self.run_id, str(checkpoint_dir), artifact_path="checkpoint"))
+
+    def log_file(self, path: Path) -> None:
+        if path.is_file():
+            retry(lambda: self.client.log_artifact(self.run_id, str(path)))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        retry(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        retry(lambda: finish_run(self.client, self.run_id, status))
+
+
+def run_status_name(status: Any) -> str:
+    return status if isinstance(status, str) else RunStatus.to_string(status)

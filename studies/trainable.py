@@ -1,0 +1,158 @@
+"""The Ray Tune function trainable: trial config -> ``cvae_core.train`` -> ``tune.report``.
+
+A thin adapter (no model code): it resolves the core config from the study's base plus the
+trial config, opens (or, after a retry/restore, reopens) the trial's MLflow child run, and
+plugs one callback into the core loop that, at every evaluation,
+
+1. logs the metrics to MLflow with ``step`` = training step,
+2. uploads the checkpoint to MLflow as ``checkpoint/`` when it is the new best, and the trial's
+   ``train.log``,
+3. calls ``tune.report(metrics, checkpoint=...)`` with the core checkpoint directory.
+
+Steps 1-2 come first because Tune may end the trial's process inside or right after any
+report (ASHA, and the ``max_t`` stop at the last evaluation): code after the core loop is not
+guaranteed to run, so the driver closes the MLflow run (``studies/progress.py``).
+
+It resumes from ``tune.get_checkpoint()`` (FailureConfig retries, ``Tuner.restore``) by
+materialising that checkpoint as the core's ``checkpoints/latest`` and calling
+``train(resume=True)``.  The corpus arrives through ``tune.with_parameters`` (object store),
+never through the config.  It runs on the GPU Ray assigned (fractions allowed), else on CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from cvae_core import build_config, train
+from cvae_core.checkpoint import point_link
+from cvae_core.config import Config, resolve_key
+from cvae_core.data import Corpus
+from cvae_core.errors import CvaeError
+
+from .spaces import SEARCH_PREFIX
+from .tracking import StudyContext, TrialRun
+
+RESERVED = {"preset"}
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def resolve_trial_config(study: StudyContext, trial_config: dict[str, Any]) -> Config:
+    """Base preset/dataset/scale/overrides of the study + the trial config -> a validated Config.
+
+    Keys: ``preset`` replaces the base preset; ``search.*`` and ``__*`` are the searcher's own
+    and ignored; everything else must be a core config key (a typo raises, naming the key).
+    """
+    overrides = dict(study.overrides)
+    for key, value in trial_config.items():
+        if key in RESERVED or key.startswith(SEARCH_PREFIX) or key.startswith("__"):
+            continue
+        try:
+            overrides[resolve_key(key)] = value
+        except CvaeError as exc:
+            raise CvaeError(f"trial config key {key!r}: {exc}") from None
+    return build_config(trial_config.get("preset", study.preset), study.dataset, study.scale, overrides)
+
+
+def _assigned_device(gpus_per_trial: float) -> tuple[str, list[str]]:
+    """-> ("cuda" | "cpu", the GPU ids Ray assigned).  Falls back to CPU when CUDA is absent
+    (e.g. a logical GPU in tests).  Fractional GPUs are only logical in Ray: cap the memory."""
+    import ray
+
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    if gpu_ids and torch.cuda.is_available():
+        if 0 < gpus_per_trial < 1:
+            torch.cuda.set_per_process_memory_fraction(gpus_per_trial, 0)
+        return "cuda", gpu_ids
+    return "cpu", gpu_ids
+
+
+def _scratch_dir(trial_id: str) -> Path:
+    """Where the core writes its run: the trial's own Ray working directory when Tune chdirs
+    into it (the default), else a private temp dir. Always absolute."""
+    if os.environ.get("RAY_CHDIR_TO_TRIAL_DIR", "1") != "0":
+        base = Path.cwd().resolve()
+    else:
+        base = Path(tempfile.gettempdir()).resolve() / "cvae-trials"
+    return base / f"cvae-run-{trial_id}"
+
+
+def _restore_checkpoint(checkpoint: tune.Checkpoint, output_dir: Path) -> int:
+    """Tune checkpoint -> ``output_dir/checkpoints/step-N`` + ``latest`` (+ ``best``). -> step."""
+    ckpt_root = output_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    with checkpoint.as_directory() as source:
+        state = json.loads((Path(source) / "state.json").read_text())
+        step = int(state["step"])
+        target = ckpt_root / f"step-{step:07d}"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(source, target)
+    point_link(ckpt_root / "latest", target)
+    if int(state.get("best_step", -1)) == step:
+        point_link(ckpt_root / "best", target)
+    return step
+
+
+def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: StudyContext | None = None) -> None:
+    """Function trainable. ``corpus`` and ``study`` come from ``tune.with_parameters``."""
+    if study is None:
+        raise CvaeError("train_trial needs the study context: wrap it with tune.with_parameters(..., study=...)")
+    torch.set_num_threads(max(1, int(study.cpus_per_trial)))
+    context = tune.get_context()
+    trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
+    core_config = resolve_trial_config(study, config)
+    # train.device stays "auto": Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU (or to nothing),
+    # so "auto" picks exactly that; the config (params, config_id, resume check) stays device-free.
+    device, gpu_ids = _assigned_device(study.gpus_per_trial)
+
+    output_dir = _scratch_dir(trial_id)
+    if output_dir.exists():
+        shutil.rmtree(output_dir)  # a retry on the same node: the Tune checkpoint is the truth
+    output_dir.mkdir(parents=True)
+    checkpoint = tune.get_checkpoint()
+    resumed_step = _restore_checkpoint(checkpoint, output_dir) if checkpoint is not None else None
+    # one log per attempt, so that a retry does not overwrite the first attempt's log in MLflow
+    log_path = output_dir / ("train.log" if resumed_step is None else f"train-resumed-at-step-{resumed_step}.log")
+
+    import ray
+
+    run = TrialRun.open(study, trial_id, trial_name, core_config, extra_tags={
+        "cvae.device": device, "ray.gpu_ids": ",".join(gpu_ids) or "none",
+        "ray.node_id": ray.get_runtime_context().get_node_id(), "ray.pid": str(os.getpid()),
+        "ray.resumed_from_step": str(resumed_step) if resumed_step is not None else "none",
+    })
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        # Everything MLflow needs is logged *before* tune.report: Tune may end this process
+        # inside or right after it (ASHA, and the max_t stop at the last evaluation).
+        run.log_metrics(metrics)
+        if metrics.get("is_best", 0.0) >= 1.0:
+            run.log_checkpoint(checkpoint_dir)
+        run.log_file(log_path)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        def log(text: str) -> None:
+            log_file.write(text + "\n")
+            log_file.flush()
+
+        try:
+            train(core_config, output_dir, callbacks=[report], resume=resumed_step is not None,
+                  corpus=corpus, log=log)
+        except SystemExit:
+            shutil.rmtree(output_dir, ignore_errors=True)
+            raise  # Tune stopped the trial inside tune.report; the driver closes the MLflow run
+        except BaseException:
+            run.log_file(log_path)
+            run.finish("FAILED")  # a retry reopens it
+            raise
+    # Reached only if Tune lets the function return; the driver closes the run in any case.
+    run.finish("FINISHED")
+    shutil.rmtree(output_dir, ignore_errors=True)

@@ -1,0 +1,441 @@
+"""End to end on real components: a 2-node Ray cluster on loopback (a CPU-less head like the
+cluster YAML's, and a worker with one fake GPU that two 0.5-GPU trials share), tracking into a
+real MLflow server on loopback (mlflow/server.py, SQLite backend, proxied artifacts).
+
+* a multi-objective TPE study run by the driver in this process: the MLflow run tree, metric
+  histories, checkpoint artifacts that load with cvae_core, placement on the GPU node, the
+  persisted Optuna study;
+* the CLI interrupted with SIGINT mid-study, then `--resume`: finished trials are not re-run,
+  interrupted ones reopen their own MLflow run, and nothing is duplicated or left RUNNING.
+
+The server's process group and the cluster are torn down in the fixtures, with bounded waits,
+and the teardown checks that none of their processes survive."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = REPO / "mlflow" / "server.py"
+MB = 1024**2
+TINY_OVERRIDES = {
+    "data.train_limit": 300, "data.valid_limit": 40, "model.embed_dim": 16, "model.hidden_dim": 16,
+    "model.latent_dim": 4, "model.dropout": 0.0, "train.batch_size": 8, "train.eval_every": 10,
+    "train.log_every": 10, "train.val_samples": 2, "train.mi_samples": 2, "regularizer.anneal_start": 2,
+    "regularizer.anneal_steps": 20,
+}
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def _tiny_spec(path: Path, steps: int, num_samples: int, grace_period: int = 2) -> Path:
+    spec = {
+        "name": path.stem, "description": "tiny test study",
+        "base": {"preset": "coupled-vae", "dataset": "ptb", "scale": "quick",
+                 "overrides": {**TINY_OVERRIDES, "train.steps": steps}},
+        "space": "lambda", "grid": "table3", "search": "tpe", "baselines": [{"preset": "vae"}],
+        "objectives": ["val_nll"],
+        "scheduler": {"type": "asha", "metric": "val_nll", "mode": "min", "grace_period": grace_period,
+                      "reduction_factor": 2},
+        "budget": {"num_samples": num_samples, "seeds": 1, "seed": 0},
+        "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0.5, "max_concurrent_trials": 2, "max_failures": 1},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def _kill_group(proc: subprocess.Popen) -> list[int]:
+    for sig, grace_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _group_members(proc.pid):
+            time.sleep(0.2)
+        if not _group_members(proc.pid):
+            break
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    return _group_members(proc.pid)
+
+
+@pytest.fixture(scope="module")
+def ray_env():
+    """Token auth off and nodes on 127.0.0.1, for this process and the CLI drivers it starts.
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import (other test modules import ray
+    during collection), so the constant is set as well."""
+    from ray._private import ray_constants
+
+    saved = {k: os.environ.get(k) for k in RAY_ENV}
+    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(RAY_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    yield dict(RAY_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVAE_MLFLOW_", "MLFLOW_"))}
+    env.update(CVAE_MLFLOW_BACKEND_URI=f"sqlite:///{root / 'mlflow.db'}",
+               CVAE_MLFLOW_ARTIFACTS_DESTINATION=str(root / "artifacts"))
+    log_path = root / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(LAUNCHER), "--host", "127.0.0.1", "--port", str(port),
+                                 "--workers", "1"], env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"MLflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"MLflow server not healthy after 90 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield {"url": url, "artifacts": root / "artifacts"}
+    finally:
+        survivors = _kill_group(proc)
+        assert not survivors, f"MLflow server processes survived teardown: {survivors}"
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_env):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "num_gpus": 0, "object_store_memory": 100 * MB, "memory": 1024 * MB,
+        "include_dashboard": False, "resources": {"head": 1}})
+    pids: list[int] = []
+    try:
+        worker = cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=100 * MB, memory=4096 * MB,
+                                  resources={"gpu_worker": 1})
+        cluster.wait_for_nodes(timeout=60)
+        for node in (cluster.head_node, worker):
+            pids += [p.process.pid for infos in node.all_processes.values() for p in infos if p.process]
+        ray.init(address=cluster.address, log_to_driver=False)
+        nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+        assert len(nodes) == 2 and all(n["NodeManagerAddress"] == "127.0.0.1" for n in nodes.values())
+        yield {"address": cluster.address, "worker_node_id": worker.node_id,
+               "head_node_id": cluster.head_node.node_id}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.25)
+        survivors = [p for p in pids if _alive(p)]
+        assert not survivors, f"Ray processes survived cluster.shutdown(): {survivors}"
+
+
+def _client(url):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=url)
+
+
+def _study_runs(client, study_name):
+    from studies.runner import DEFAULT_EXPERIMENT
+
+    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`cvae.study` = '{study_name}'")
+    parents = [r for r in runs if r.data.tags.get("cvae.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("cvae.role") == "trial"]
+    return parents, children
+
+
+def test_study_on_two_nodes_with_fractional_gpus_tracks_a_full_run_tree(cluster, mlflow_server, tmp_path):
+    import optuna
+    from mlflow.artifacts import download_artifacts
+
+    from cvae_core.checkpoint import load_checkpoint
+    from studies.runner import Options, run_study
+
+    spec_path = _tiny_spec(tmp_path / "tiny_mo.yaml", steps=60, num_samples=2, grace_period=3)
+    # Kill one trial's process after its second evaluation, as a spot preemption would:
+    # FailureConfig retries it from its last checkpoint, and it must reopen its own MLflow run.
+    killed: dict[str, str] = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_kill_one_trial_after, args=(mlflow_server["url"], "two-node-study", 2,
+                                                                  killed, stop), daemon=True)
+    watcher.start()
+    try:
+        outcome = run_study(Options(profile=str(spec_path), root=str(tmp_path / "out"),
+                                    tracking_uri=mlflow_server["url"], address=cluster["address"],
+                                    objectives="val_nll,val_mi_loo", study_name="two-node-study"))
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    assert killed, "no trial was killed"
+    assert outcome.exit_code == 0 and not outcome.interrupted
+    assert len(outcome.rows) == 3
+    assert all(r.status in ("done", "stopped") for r in outcome.rows), outcome.rows
+
+    client = _client(mlflow_server["url"])
+    parents, children = _study_runs(client, "two-node-study")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "two-node-study"
+    tags = parent.data.tags
+    assert tags["cvae.spec"] == "tiny_mo" and tags["optuna.study_name"] == "two-node-study"
+    assert tags["ray.experiment_path"] == str(tmp_path / "out" / "ray_results" / "two-node-study")
+    assert parent.data.params["objectives"] == "val_nll:min,val_mi_loo:max"
+    assert "best_val_nll" in parent.data.metrics and tags["cvae.best_run_id"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"summary.md", "summary.json"}
+
+    # one child per trial, nested under the parent, none left RUNNING
+    assert len(children) == 3
+    assert {c.data.tags["ray_trial_id"] for c in children} == {r.trial_id for r in outcome.rows}
+    rows = {r.trial_id: r for r in outcome.rows}
+    for child in children:
+        t = child.data.tags
+        assert t["mlflow.parentRunId"] == parent.info.run_id and child.info.status == "FINISHED"
+        assert t["cvae.dataset"] == "ptb" and t["cvae.seed"] == "0" and t["cvae.code_version"]
+        assert len(t["cvae.config_id"]) == 10
+        # placement: on the GPU worker (the head has no CPU), sharing fake GPU 0, CPU fallback
+        assert t["ray.node_id"] == cluster["worker_node_id"]
+        assert t["ray.gpu_ids"] == "0" and t["cvae.device"] == "cpu"
+        # params: the flattened resolved config with Config.flat()'s dotted keys
+        params = child.data.params
+        assert params["train.steps"] == "60" and params["model.latent_dim"] == "4"
+        assert {"coupling.lambda_m", "coupling.distance", "coupling.enabled", "model.posterior"} <= set(params)
+        # one metric point per evaluation Ray saw, at the training step
+        history = client.get_metric_history(child.info.run_id, "val_nll")
+        row = rows[t["ray_trial_id"]]
+        assert [m.step for m in history] == [10 * (i + 1) for i in range(row.evaluations)]
+        for key in ("val_kl", "val_mi_loo", "val_au", "train_loss", "kl_weight", "lr", "best_val_nll"):
+            assert len(client.get_metric_history(child.info.run_id, key)) == row.evaluations, key
+        # the best checkpoint as an artifact, loadable by the core
+        files = {Path(a.path).name for a in client.list_artifacts(child.info.run_id, "checkpoint")}
+        assert {"weights.pt", "config.json", "vocab.json", "manifest.json", "state.json"} <= files
+        local = download_artifacts(run_id=child.info.run_id, artifact_path="checkpoint",
+                                   dst_path=str(tmp_path / "dl" / child.info.run_id), tracking_uri=mlflow_server["url"])
+        data = load_checkpoint(local)
+        assert data.config.flat() == {k: _typed(data.config.flat()[k], v) for k, v in params.items()}
+        best_step = min(history, key=lambda m: m.value).step
+        assert data.state["step"] == best_step
+
+    # the killed trial was retried from its checkpoint into the same run (one run per trial id)
+    retried = next(c for c in children if c.data.tags["ray_trial_id"] == killed["trial"])
+    assert retried.data.tags["ray.pid"] != killed["pid"]
+    assert int(retried.data.tags["ray.resumed_from_step"]) >= 10
+    assert {a.path for a in client.list_artifacts(retried.info.run_id)} >= {
+        "train.log", f"train-resumed-at-step-{retried.data.tags['ray.resumed_from_step']}.log"}
+
+    # both 0.5-GPU trials of the first wave ran at the same time on the one fake GPU
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert any(b_start < a_end for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+
+    # the Optuna study is persisted (multi-objective) and holds only the Optuna proposals
+    study = optuna.load_study(study_name="two-node-study", storage=tags["optuna.storage"])
+    assert len(study.directions) == 2
+    assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)
+
+
+def _kill_one_trial_after(url, study_name, n_evals, killed, stop):
+    """SIGKILL the process of the first trial that has logged ``n_evals`` evaluations."""
+    client = _client(url)
+    while not stop.is_set() and not killed:
+        try:
+            _, children = _study_runs(client, study_name)
+        except Exception:  # noqa: BLE001 - the experiment may not exist yet
+            children = []
+        for child in children:
+            if child.info.status != "RUNNING" or "ray.pid" not in child.data.tags:
+                continue
+            if len(client.get_metric_history(child.info.run_id, "val_nll")) >= n_evals:
+                killed.update(trial=child.data.tags["ray_trial_id"], pid=child.data.tags["ray.pid"])
+                os.kill(int(killed["pid"]), signal.SIGKILL)
+                return
+        time.sleep(0.3)
+
+
+def _typed(core_value, text):
+    """MLflow params are strings: compare in the core's own type."""
+    if isinstance(core_value, bool):
+        return text == "True"
+    if isinstance(core_value, (int, float)):
+        return type(core_value)(float(text))
+    return text
+
+
+def _start_cli(args, env, log_path):
+    proc = subprocess.Popen([sys.executable, str(REPO / "studies" / "lambda_sweep.py"), *args], env=env,
+                            cwd=log_path.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        with open(log_path, "a") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, lines
+
+
+def _wait(proc, lines, timeout_s, on_line=None):
+    deadline = time.monotonic() + timeout_s
+    out = []
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            line = ""
+        if line is None:
+            break
+        if line:
+            out.append(line)
+            if on_line:
+                on_line(line)
+        if time.monotonic() > deadline:
+            _kill_group(proc)
+            pytest.fail("study CLI did not finish in time:\n" + "".join(out[-60:]))
+    proc.wait(timeout=30)
+    return "".join(out)
+
+
+EVENT = re.compile(r"^\[\s*\d+:\d\d\] (start|eval|done|stopped by ASHA after \d+/\d+ evals,)\s+(\w+)\s+(\d+)?")
+
+
+def test_interrupted_study_resumes_without_rerunning_or_duplicating(cluster, mlflow_server, tmp_path):
+    # grace period 4 of 6 evaluations: a trial of the second wave cannot be stopped by ASHA
+    # before the interrupt below
+    spec_path = _tiny_spec(tmp_path / "tiny_resume.yaml", steps=60, num_samples=3, grace_period=4)
+    env = {**os.environ, **RAY_ENV, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    common = ["--profile", str(spec_path), "--address", cluster["address"], "--tracking-uri", mlflow_server["url"],
+              "--root", str(tmp_path / "out")]
+    log_path = tmp_path / "cli.log"
+
+    # first session: SIGINT once a trial of the second wave has reported twice (Tune registers a
+    # checkpoint after the report that carried it, so the first one is then surely on record)
+    proc, lines = _start_cli([*common, "--study-name", "resumable"], env, log_path)
+    finished, started_late, evals = set(), set(), {}
+    sent = {}
+
+    def on_line(line):
+        match = EVENT.match(line)
+        if not match:
+            return
+        kind, trial = match.group(1), match.group(2)
+        if kind == "start" and finished:
+            started_late.add(trial)
+        elif kind == "eval":
+            evals[trial] = evals.get(trial, 0) + 1
+            if trial in started_late and evals[trial] >= 2 and "t" not in sent:
+                sent["t"] = time.time()
+                proc.send_signal(signal.SIGINT)
+        elif kind.startswith(("done", "stopped")) and "t" not in sent:
+            finished.add(trial)
+
+    output = _wait(proc, lines, 300, on_line)
+    assert sent, "the study finished before it could be interrupted:\n" + output
+    assert proc.returncode == 130, output
+    assert "Interrupted. Continue with: python studies/lambda_sweep.py --resume resumable" in output
+
+    client = _client(mlflow_server["url"])
+    parents, children = _study_runs(client, "resumable")
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
+    assert all(c.info.status != "RUNNING" for c in children)
+    before = {c.data.tags["ray_trial_id"]: c for c in children}
+    interrupted = {t for t in before if t not in finished}
+    assert finished and interrupted
+    resumed_at = time.time()
+
+    # second session: --resume completes the study
+    proc, lines = _start_cli([*common, "--resume", "resumable"], env, log_path)
+    output = _wait(proc, lines, 300)
+    assert proc.returncode == 0, output
+    rerun = {m.group(2) for m in map(EVENT.match, output.splitlines()) if m and m.group(1) == "start"}
+    assert not rerun & finished, f"finished trials ran again: {rerun & finished}"
+
+    summary = json.loads((tmp_path / "out" / "resumable" / "summary.json").read_text())
+    assert summary["status"] == "completed" and len(summary["trials"]) == 4
+    n_evals = {t["trial_id"]: t["evaluations"] for t in summary["trials"]}
+
+    parents, children = _study_runs(client, "resumable")
+    assert len(parents) == 1 and parents[0].info.run_id == before[next(iter(before))].data.tags["mlflow.parentRunId"]
+    assert parents[0].info.status == "FINISHED"
+    ids = [c.data.tags["ray_trial_id"] for c in children]
+    assert len(ids) == len(set(ids)) == 4, "a restored trial created a second MLflow run"
+    for child in children:
+        trial = child.data.tags["ray_trial_id"]
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_nll")]
+        assert steps == [10 * (i + 1) for i in range(n_evals[trial])], (trial, steps)
+        if trial in before:
+            assert child.info.run_id == before[trial].info.run_id  # reopened, not recreated
+        if trial in finished:
+            assert child.data.tags["ray.resumed_from_step"] == "none"
+            history = client.get_metric_history(child.info.run_id, "val_nll")
+            assert max(m.timestamp for m in history) / 1000 < resumed_at
+        if trial in interrupted and evals.get(trial, 0) >= 2:
+            # it had reported (and checkpointed) before the interrupt: resumed, not restarted
+            assert int(child.data.tags["ray.resumed_from_step"]) >= 10
+
+    import optuna
+
+    study = optuna.load_study(study_name="resumable", storage=parents[0].data.tags["optuna.storage"])
+    assert len(study.trials) == 3  # the proposals only; none repeated by the restore
