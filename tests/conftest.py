@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cvae_core.config import build_config
+from processes import mlflow_server as running_mlflow_server
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -49,3 +50,10 @@ def _seed_and_threads():
     random.seed(0)
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server on loopback for one test module (see tests/processes.py)."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as server:
+        yield server

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -143,62 +139,15 @@ def test_best_by_another_metric_and_the_pareto_listing(trained, tmp_path):
 # A real tracking server with proxied artifacts
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("analysis_server")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVAE_MLFLOW_", "MLFLOW_"))}
-    env.update(CVAE_MLFLOW_BACKEND_URI=f"sqlite:///{root / 'server.db'}",
-               CVAE_MLFLOW_ARTIFACTS_DESTINATION=str(root / "artifacts"))
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "mlflow" / "server.py"), "--host", "127.0.0.1", "--port",
-                             str(port), "--workers", "1"], env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield {"url": url, "artifacts": root / "artifacts"}
-    finally:
-        for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
-
-
 @pytest.mark.slow
-def test_best_works_against_a_remote_server_with_proxied_artifacts(server, trained, tmp_path):
+def test_best_works_against_a_remote_server_with_proxied_artifacts(mlflow_server, trained, tmp_path):
     """The trials' checkpoints go up through the server's artifact proxy; `best` pulls one back."""
     from mlflow.entities import Metric, Param
 
     import mlflow
 
     local = trained["client"]
-    client = mlflow.MlflowClient(tracking_uri=server["url"])
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server["url"])
     experiment_id = client.create_experiment(EXPERIMENT)
     parent = log_study(client, experiment_id, name=STUDY)
     copies = {}
@@ -215,7 +164,7 @@ def test_best_works_against_a_remote_server_with_proxied_artifacts(server, train
         copies[run_id] = trial
     best_remote = min(copies, key=lambda r: copies[r]["best_val_nll"])
 
-    result = run_cli("best", "--tracking-uri", server["url"], *EVAL_ARGS, "--no-bleu", "--no-dist",
+    result = run_cli("best", "--tracking-uri", mlflow_server["url"], *EVAL_ARGS, "--no-bleu", "--no-dist",
                      "--out", str(tmp_path / "download"), "--json")
     assert result.returncode == 0, result.stderr
     evaluation = json.loads(result.stdout)

@@ -2,11 +2,9 @@
 artifacts destination under a temp dir), a run with a metric and an artifact logged through the
 artifact proxy, the Host-header check, and the one-line refusals for bad input.
 
-The server's whole process group is killed in the fixture teardown, and the teardown checks
-that nothing of it survives."""
+The server (the shared `mlflow_server` fixture) has its whole process group killed at teardown,
+and the teardown checks that nothing of it survives."""
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,112 +14,20 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-LAUNCHER = REPO / "mlflow" / "server.py"
-STARTUP_TIMEOUT_S = 60
-
-
-def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVAE_MLFLOW_", "MLFLOW_"))}
-    env.update(extra)
-    return env
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _group_members(pgid):
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # state ppid pgrp ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
-
-
-def _kill_group(proc):
-    """SIGTERM the server's process group, SIGKILL what is left; report survivors."""
-    pgid = proc.pid
-    for sig, grace_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            proc.poll()
-            if not _group_members(pgid):
-                break
-            time.sleep(0.2)
-        else:
-            continue
-        break
-    proc.wait(timeout=5)
-    return _group_members(pgid)
+from processes import MLFLOW_LAUNCHER, env_without_mlflow, free_port
 
 
 def _run_launcher(*args, env):
     return subprocess.run(
-        [sys.executable, str(LAUNCHER), *args], env=env, capture_output=True, text=True, timeout=30
+        [sys.executable, str(MLFLOW_LAUNCHER), *args], env=env, capture_output=True, text=True, timeout=30
     )
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow_server")
-    artifacts = root / "artifacts"
-    workdir = root / "cwd"
-    workdir.mkdir()
-    port = _free_port()
-    env = _clean_env(
-        CVAE_MLFLOW_BACKEND_URI=f"sqlite:///{root / 'mlflow.db'}",
-        CVAE_MLFLOW_ARTIFACTS_DESTINATION=str(artifacts),
-    )
-    log_path = root / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(LAUNCHER), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env=env,
-            cwd=workdir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: uvicorn workers die with it
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield {"url": url, "artifacts": artifacts, "cwd": workdir, "port": port}
-    finally:
-        survivors = _kill_group(proc)
-        assert not survivors, f"server processes survived teardown: {survivors}"
-
-
-def test_run_metric_and_artifact_round_trip_through_proxy(server, tmp_path, monkeypatch):
+def test_run_metric_and_artifact_round_trip_through_proxy(mlflow_server, tmp_path, monkeypatch):
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server["url"])
-    client = mlflow.MlflowClient(tracking_uri=server["url"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["url"])
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server["url"])
     experiment_id = client.create_experiment("cluster-smoke")
     run = client.create_run(experiment_id, run_name="trial-0")
     run_id = run.info.run_id
@@ -144,15 +50,15 @@ def test_run_metric_and_artifact_round_trip_through_proxy(server, tmp_path, monk
     assert downloaded.read_bytes() == payload
 
     # The bytes went through the server into the configured destination, not to a client-side dir.
-    stored = list(server["artifacts"].rglob("weights.bin"))
+    stored = list(mlflow_server["artifacts"].rglob("weights.bin"))
     assert len(stored) == 1 and stored[0].read_bytes() == payload
-    assert not (server["cwd"] / "mlartifacts").exists()
-    assert not (server["cwd"] / "mlruns").exists()
+    assert not (mlflow_server["cwd"] / "mlartifacts").exists()
+    assert not (mlflow_server["cwd"] / "mlruns").exists()
 
 
-def test_foreign_host_header_is_rejected(server):
+def test_foreign_host_header_is_rejected(mlflow_server):
     request = urllib.request.Request(
-        f"{server['url']}/api/2.0/mlflow/experiments/search?max_results=1",
+        f"{mlflow_server['url']}/api/2.0/mlflow/experiments/search?max_results=1",
         headers={"Host": "attacker.example.com"},
     )
     with pytest.raises(urllib.error.HTTPError) as error:
@@ -160,8 +66,8 @@ def test_foreign_host_header_is_rejected(server):
     assert error.value.code == 403
 
     allowed = urllib.request.Request(
-        f"{server['url']}/api/2.0/mlflow/experiments/search?max_results=1",
-        headers={"Host": f"localhost:{server['port']}"},
+        f"{mlflow_server['url']}/api/2.0/mlflow/experiments/search?max_results=1",
+        headers={"Host": f"localhost:{mlflow_server['port']}"},
     )
     with urllib.request.urlopen(allowed, timeout=10) as response:
         assert response.status == 200
@@ -169,7 +75,7 @@ def test_foreign_host_header_is_rejected(server):
 
 @pytest.fixture
 def valid_env(tmp_path):
-    return _clean_env(
+    return env_without_mlflow(
         CVAE_MLFLOW_BACKEND_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
         CVAE_MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "artifacts"),
     )
@@ -187,13 +93,13 @@ def _assert_one_line_refusal(result, *fragments):
 
 def test_wildcard_bind_without_allowed_hosts_is_refused(valid_env):
     started = time.monotonic()
-    result = _run_launcher("--host", "0.0.0.0", "--port", str(_free_port()), env=valid_env)
+    result = _run_launcher("--host", "0.0.0.0", "--port", str(free_port()), env=valid_env)
     _assert_one_line_refusal(result, "0.0.0.0", "allowed-hosts")
     assert time.monotonic() - started < 20, "refusal must not start a server first"
 
 
 def test_missing_backend_uri_is_refused(tmp_path):
-    env = _clean_env(CVAE_MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "artifacts"))
+    env = env_without_mlflow(CVAE_MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "artifacts"))
     _assert_one_line_refusal(_run_launcher("--dry-run", env=env), "CVAE_MLFLOW_BACKEND_URI")
 
 

@@ -17,21 +17,20 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from processes import kill_group
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCHER = REPO / "mlflow" / "server.py"
 MB = 1024**2
 TINY_OVERRIDES = {
     "data.train_limit": 300, "data.valid_limit": 40, "model.embed_dim": 16, "model.hidden_dim": 16,
@@ -58,49 +57,12 @@ def _tiny_spec(path: Path, steps: int, num_samples: int, grace_period: int = 2) 
     return path
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return False
     return state != "Z"
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
-
-
-def _kill_group(proc: subprocess.Popen) -> list[int]:
-    for sig, grace_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and _group_members(proc.pid):
-            time.sleep(0.2)
-        if not _group_members(proc.pid):
-            break
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-    return _group_members(proc.pid)
 
 
 @pytest.fixture(scope="module")
@@ -121,39 +83,6 @@ def ray_env():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVAE_MLFLOW_", "MLFLOW_"))}
-    env.update(CVAE_MLFLOW_BACKEND_URI=f"sqlite:///{root / 'mlflow.db'}",
-               CVAE_MLFLOW_ARTIFACTS_DESTINATION=str(root / "artifacts"))
-    log_path = root / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(LAUNCHER), "--host", "127.0.0.1", "--port", str(port),
-                                 "--workers", "1"], env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"MLflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"MLflow server not healthy after 90 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield {"url": url, "artifacts": root / "artifacts"}
-    finally:
-        survivors = _kill_group(proc)
-        assert not survivors, f"MLflow server processes survived teardown: {survivors}"
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +279,7 @@ def _wait(proc, lines, timeout_s, on_line=None):
             if on_line:
                 on_line(line)
         if time.monotonic() > deadline:
-            _kill_group(proc)
+            kill_group(proc)
             pytest.fail("study CLI did not finish in time:\n" + "".join(out[-60:]))
     proc.wait(timeout=30)
     return "".join(out)

@@ -1,0 +1,103 @@
+"""Child processes for tests: free loopback ports, process groups that are torn down with bounded
+waits and checked for survivors, and a real `mlflow server` started through mlflow/server.py."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MLFLOW_LAUNCHER = REPO / "mlflow" / "server.py"
+MLFLOW_STARTUP_TIMEOUT_S = 90
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_without_mlflow(**extra: str) -> dict[str, str]:
+    """This process's environment minus any MLflow settings of the developer's shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVAE_MLFLOW_", "MLFLOW_"))}
+    env.update(extra)
+    return env
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group, read from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # state ppid pgrp ...
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def kill_group(proc: subprocess.Popen) -> list[int]:
+    """SIGTERM the process group led by `proc`, SIGKILL what is left; return the survivors."""
+    for sig, grace_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and group_members(proc.pid):
+            proc.poll()
+            time.sleep(0.2)
+        if not group_members(proc.pid):
+            break
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    return group_members(proc.pid)
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path):
+    """mlflow/server.py on 127.0.0.1 (free port, SQLite backend and proxied artifacts under `root`).
+
+    Yields {"url", "port", "artifacts", "cwd"}; on exit kills the whole process group (uvicorn
+    workers included) and fails if any of it survives."""
+    artifacts, workdir = root / "artifacts", root / "cwd"
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = env_without_mlflow(CVAE_MLFLOW_BACKEND_URI=f"sqlite:///{root / 'mlflow.db'}",
+                             CVAE_MLFLOW_ARTIFACTS_DESTINATION=str(artifacts))
+    log_path = root / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, str(MLFLOW_LAUNCHER), "--host", "127.0.0.1", "--port", str(port),
+                                 "--workers", "1"], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # own process group: the workers die with it
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + MLFLOW_STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"MLflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"MLflow server not healthy after {MLFLOW_STARTUP_TIMEOUT_S} s:\n"
+                                   f"{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield {"url": url, "port": port, "artifacts": artifacts, "cwd": workdir}
+    finally:
+        survivors = kill_group(proc)
+        assert not survivors, f"MLflow server processes survived teardown: {survivors}"
