@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from cvae_core.train import format_duration
+
 from .runs import AnalysisError, Study, connect, dumps, fetch_study, json_safe, run_label
 from .stats import pareto_mask
 
@@ -132,7 +134,7 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self.stop.wait(self.every):
-            self.progress(f"{self.what}: still running ({_duration(time.monotonic() - self.t0)})")
+            self.progress(f"{self.what}: still running ({format_duration(time.monotonic() - self.t0)})")
 
     def __enter__(self):
         self.thread.start()
@@ -147,11 +149,6 @@ class Heartbeat:
         return time.monotonic() - self.t0
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def evaluate(checkpoint: Path, *, split: str, n_samples: int, mi_samples: int, seed: int, device: str,
              data_dir: str | None, limit: int, options: dict[str, Any], progress: Progress) -> dict[str, Any]:
     from cvae_core.evaluation import evaluate_checkpoint
@@ -164,7 +161,7 @@ def evaluate(checkpoint: Path, *, split: str, n_samples: int, mi_samples: int, s
         result = evaluate_checkpoint(checkpoint, split=split, n_samples=n_samples, mi_samples=mi_samples, seed=seed,
                                      device=device, data_overrides={"data_dir": data_dir} if data_dir else None,
                                      limit=limit, **options)
-    progress(f"evaluation done in {_duration(beat.elapsed)}")
+    progress(f"evaluation done in {format_duration(beat.elapsed)}")
     return result
 
 

@@ -31,6 +31,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cvae_core.evaluation import json_safe
+
 DEFAULT_EXPERIMENT = "coupled-vae-studies"
 SCHEMA_VERSION = "1"
 CONFIG_PREFIX, FINAL_PREFIX, BEST_PREFIX = "config.", "final.", "best."
@@ -398,17 +400,6 @@ def _num(value: Any) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "?"
     return f"{float(value):g}"
-
-
-def json_safe(value: Any) -> Any:
-    """NaN/inf -> None recursively (the same convention as ``cvae evaluate --json``)."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def dumps(value: Any) -> str:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -41,25 +40,18 @@ def _train(args: argparse.Namespace) -> None:
         print(f"evaluate it:     cvae evaluate {out / 'checkpoints' / 'best'} --split test --n-samples 100 --json")
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
-
-
 def _evaluate(args: argparse.Namespace) -> None:
-    from .evaluation import evaluate_checkpoint
+    from .evaluation import ProgressPrinter, evaluate_checkpoint, json_safe
 
     overrides = {"data_dir": args.data_dir} if args.data_dir else None
     result = evaluate_checkpoint(args.checkpoint, split=args.split, n_samples=args.n_samples,
                                  mi_samples=args.mi_samples, seed=args.seed, device=args.device,
                                  data_overrides=overrides, limit=args.limit, bleu=args.bleu, dist=args.dist,
                                  grad_norms=args.grad_norms, bleu_samples=args.bleu_samples,
-                                 dist_samples=args.dist_samples, max_steps=args.max_steps)
+                                 dist_samples=args.dist_samples, max_steps=args.max_steps,
+                                 progress=ProgressPrinter(f"{args.split} likelihood (N={args.n_samples})"))
     if args.json:
-        print(json.dumps(_json_safe(result), indent=2))
+        print(json.dumps(json_safe(result), indent=2))
         return
     for key, value in result.items():
         if key != "fingerprint":

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TextIO
 
 import torch
 
@@ -15,7 +18,7 @@ from .errors import CvaeError
 from .metrics.dynamics import GRAD_BATCH, encoding_module, gradient_norms
 from .metrics.likelihood import MI_BATCH, evaluate
 from .metrics.text import prior_diversity, reconstruction_bleu
-from .train import resolve_device
+from .train import format_duration, resolve_device
 
 RESULT_KEYS = ("nll", "kl", "ppl", "elbo", "mi_loo", "mi_batch", "au", "n_sentences", "n_tokens")
 
@@ -42,7 +45,8 @@ def load_for_evaluation(checkpoint: str | Path, split: str = "test", device: str
 def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: int = 100, mi_samples: int = 100,
                         seed: int = 0, device: str = "auto", data_overrides: dict[str, str] | None = None,
                         limit: int = 0, bleu: bool = False, dist: bool = False, grad_norms: bool = False,
-                        bleu_samples: int = 10, dist_samples: int = 3200, max_steps: int = 0) -> dict[str, Any]:
+                        bleu_samples: int = 10, dist_samples: int = 3200, max_steps: int = 0,
+                        progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Full evaluation of a checkpoint: the RESULT_KEYS plus ``rec`` and a ``fingerprint``.
 
     ``data_overrides`` replaces data paths recorded in the checkpoint (e.g. another data_dir).
@@ -54,6 +58,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
       grad_norms=True  grad_rec, grad_rec_coupled, grad_total, grad_reg, dh_de: mean SQUARED
                        gradient norms w.r.t. the encoding (Table 5), train mode, batches of 16.
     ``max_steps`` bounds greedy decoding (0 = the checkpoint's data.max_len, the authors' 200).
+    ``progress(done, total)`` follows the likelihood pass (e.g. a ``ProgressPrinter``).
     """
     if n_samples < 1 or mi_samples < 1:
         raise CvaeError("--n-samples and --mi-samples must be >= 1")
@@ -69,7 +74,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
     if grad_norms:
         encoding_module(model)  # fail before the long likelihood evaluation
     steps = max_steps or config.data.max_len
-    scores = evaluate(model, data, n_samples=n_samples, mi_samples=mi_samples, seed=seed)
+    scores = evaluate(model, data, n_samples=n_samples, mi_samples=mi_samples, seed=seed, progress=progress)
     result: dict[str, Any] = {key: scores[key] for key in RESULT_KEYS}
     result["rec"] = scores["rec"]
     optional: dict[str, Any] = {}
@@ -109,3 +114,33 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
         **optional,
     }
     return result
+
+
+class ProgressPrinter:
+    """``progress(done, total)`` for long evaluations: one line at most every ``every_s`` seconds
+    (and at the end) with sentences done and an ETA, on stderr so that ``--json`` stays clean."""
+
+    def __init__(self, label: str, every_s: float = 10.0, stream: TextIO | None = None):
+        self.label, self.every_s, self.stream = label, every_s, stream or sys.stderr
+        self.started = self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self.last < self.every_s:
+            return
+        self.last = now
+        eta = (now - self.started) / done * (total - done) if done else 0.0
+        print(f"[evaluate] {self.label}: {done:,}/{total:,} sentences ({done / total:.0%}) | "
+              f"{format_duration(now - self.started)} elapsed, ETA {format_duration(eta)}",
+              file=self.stream, flush=True)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None, recursively: strict JSON for `cvae evaluate --json` and everything built on it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

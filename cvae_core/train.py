@@ -78,7 +78,7 @@ def selection_metric(config: Config) -> str:
     return "val_rec" if config.model.kind == "dae" else "val_nll"
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
@@ -125,7 +125,7 @@ class _Progress:
         means = self.means()
         parts = " ".join(f"{k[6:]} {v:.2f}" for k, v in means.items() if k not in ("train_grad_norm",))
         return (f"step {step}/{self.total} | {parts} | kl_w {kl_weight:.3f} lr {lr:.2e} | "
-                f"{rate:,.0f} tok/s | ETA {_format_duration(eta)}")
+                f"{rate:,.0f} tok/s | ETA {format_duration(eta)}")
 
 
 def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] = (), resume: bool = False,

@@ -20,7 +20,9 @@ def test_train_then_evaluate_prints_the_documented_json(tiny_data_dir, tmp_path,
     assert "best checkpoint:" in out and "eval step 10" in out
     ckpt = tmp_path / "run" / "checkpoints" / "best"
     assert main(["evaluate", str(ckpt), "--split", "test", "--n-samples", "3", "--mi-samples", "3", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)  # progress goes to stderr: stdout is the JSON alone
+    assert "[evaluate] test likelihood (N=3): 60/60 sentences (100%)" in captured.err
     keys = {"nll", "kl", "ppl", "elbo", "mi_loo", "mi_batch", "au", "n_sentences", "n_tokens", "fingerprint", "rec"}
     assert set(result) == keys
     assert result["n_sentences"] == 60 and result["nll"] > result["kl"] > 0

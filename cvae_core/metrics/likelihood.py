@@ -7,7 +7,7 @@ sentence; PPL = exp(sum NLL / sum(words + 1)).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -65,12 +65,14 @@ def _fork_rng(seed: int, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: int = 100,
-             batch_size: int = 32, seed: int = 0, with_mi: bool = True) -> dict[str, Any]:
+             batch_size: int = 32, seed: int = 0, with_mi: bool = True,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Full likelihood + latent evaluation of ``model`` on a split, in eval mode.
 
     Returns nll, kl, ppl, elbo, rec, mi_loo, mi_batch, au, n_sentences, n_tokens (floats/ints;
     None where the model has no such quantity, e.g. KL of the GRU-LM).  Sampling uses its own
-    seeded RNG stream, so evaluating never perturbs training randomness.
+    seeded RNG stream, so evaluating never perturbs training randomness.  ``progress(done, total)``
+    is called after each batch of the likelihood pass (sentences done out of the split's).
     """
     was_training = model.training
     model.eval()
@@ -78,6 +80,7 @@ def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: i
     rng = _fork_rng(seed, device)
     try:
         totals = {"nll": 0.0, "kl": 0.0, "elbo": 0.0, "rec": 0.0}
+        done = 0
         for batch in eval_batches(split.examples, batch_size):
             batch = batch.to(device)
             if model.kind == "lm":
@@ -87,6 +90,9 @@ def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: i
             else:
                 for key, values in importance_sampled_nll(model, batch, n_samples).items():
                     totals[key] += values.sum().item()
+            done += len(batch.lengths)
+            if progress is not None:
+                progress(done, len(split.examples))
         n = len(split.examples)
         result: dict[str, Any] = {key: value / n for key, value in totals.items()}
         result.update(n_sentences=n, n_tokens=split.n_tokens)
