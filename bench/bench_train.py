@@ -4,7 +4,7 @@
 
 Runs the presets in alternating rounds on the same PTB batches (paper-size model), prints
 ms/step and tokens/s per preset, the ratio to the first preset, and the projected wall time of
-the `quick` scale (2,000 steps; evaluation not included).
+the `quick` scale (its train.steps; evaluation not included).
 """
 from __future__ import annotations
 
@@ -53,12 +53,13 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     base = statistics.median(times[args.presets[0]])
     print(f"{args.steps} steps x {args.rounds} rounds, {args.threads} threads, {tokens / args.steps:.0f} tokens/step")
-    print(f"{'preset':<20} {'ms/step':>8} {'tokens/s':>9} {'ratio':>6} {'quick 2K steps':>15}")
+    quick_steps = configs[args.presets[0]].train.steps
+    print(f"{'preset':<20} {'ms/step':>8} {'tokens/s':>9} {'ratio':>6} {f'quick {quick_steps} steps':>16}")
     for name in args.presets:
         median = statistics.median(times[name])
         per_step = median / args.steps
         print(f"{name:<20} {per_step * 1000:8.0f} {tokens / median:9.0f} {median / base:6.2f} "
-              f"{per_step * 2000 / 60:12.1f} min")
+              f"{per_step * quick_steps / 60:13.1f} min")
 
 
 if __name__ == "__main__":

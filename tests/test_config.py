@@ -22,7 +22,8 @@ def test_paper_scale_follows_the_authors_schedule():
 def test_quick_scale_is_the_same_shape_compressed():
     config = build_config("coupled-vae", "ptb", "quick")
     t, r = config.train, config.regularizer
-    assert t.steps == 2000 and t.lr_decay_start == 1000 and r.anneal_steps == 1333 and r.anneal_start == 67
+    assert t.steps == 1500 and t.lr_decay_start == 750 and t.lr_decay_every == 50
+    assert r.anneal_steps == 1000 and r.anneal_start == 50
     assert t.lr_decay_start / t.steps == 30000 / 60000
 
 
