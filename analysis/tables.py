@@ -238,11 +238,12 @@ def _num(value: Any) -> str:
 
 
 def _lam(value: Any) -> str:
-    """λ as printed in the paper: one decimal at least (0.1, 1.0, 5.0, 0.25)."""
+    """λ as printed in the paper: whole numbers with one decimal (1.0, 5.0), others as they are
+    (0.1, 0.25); values drawn by a continuous search are cut to three significant digits (0.507, 339)."""
     if value is None or pd.isna(value):
         return "?"
-    text = f"{float(value):g}"
-    return text if "." in text or "e" in text else f"{float(value):.1f}"
+    value = float(value)
+    return f"{value:.1f}" if value.is_integer() else f"{value:.3g}"
 
 
 def _coupling_triples(runs: pd.DataFrame) -> pd.Series:
@@ -602,8 +603,8 @@ def comparison_markdown(table: Table) -> str:
     metrics = table.comparison_metrics
     n_max = max(max((d.n for d in c.diffs.values()), default=0) for c in table.comparisons)
     conf = next((d.confidence for c in table.comparisons for d in c.diffs.values()), 0.95)
-    head = (f"Paired by seed (same dataset and seed, config equal but for the compared setting): "
-            f"difference a − b" + (f", mean [{conf:.0%} t-interval]" if n_max >= 2 else "") + ".")
+    head = ("Paired by seed (same dataset and seed, config equal but for the compared setting): "
+            "difference a − b" + (f", mean [{conf:.0%} t-interval]" if n_max >= 2 else "") + ".")
     headers = ["a − b", "Dataset", "pairs"] + [f"Δ {METRIC_LABELS.get(m, m)}" for m in metrics]
     lines = [head, "", "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for c in table.comparisons:

@@ -375,6 +375,13 @@ def test_table3_markdown_matches_the_hand_written_layout(store):
     assert result.stdout == EXPECTED_TABLE3
 
 
+def test_lambda_cells_read_like_the_paper_and_searched_values_are_cut_to_three_digits():
+    from analysis.tables import _lam
+
+    assert [_lam(v) for v in (0.1, 1, 5.0, 0.25, 0.507343, 2.37233, 339.4, float("nan"))] == [
+        "0.1", "1.0", "5.0", "0.25", "0.507", "2.37", "339", "?"]
+
+
 def test_table3_latex_bolds_the_best_per_block_and_groups_datasets(store):
     from analysis.runs import load_study
     from analysis.tables import build_table, render
