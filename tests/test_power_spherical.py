@@ -9,13 +9,9 @@ import torch.nn.functional as F
 from cvae_core.modules.posteriors import log_sphere_area
 from cvae_core.modules.power_spherical import PowerSpherical, PowerSphericalHead
 from cvae_core.modules.vmf import HypersphericalUniform
+from sphere import integral_over_s2, unit_vectors
 
 torch.set_num_threads(1)
-
-
-def _unit(b, d, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1)
 
 
 @pytest.mark.parametrize("d", [3, 32])
@@ -23,7 +19,7 @@ def test_sample_mean_resultant_length(d):
     torch.manual_seed(0)
     kappas = [1.0, 10.0, 100.0, 1000.0]
     n = 20000
-    mu = _unit(len(kappas), d, seed=d)
+    mu = unit_vectors(len(kappas), d, seed=d)
     q = PowerSpherical(mu, torch.tensor(kappas, dtype=torch.float64)[:, None])
     z = q.rsample((n,))
     assert z.shape == (n, len(kappas), d)
@@ -40,7 +36,7 @@ def test_sample_mean_resultant_length(d):
 def test_analytic_kl_matches_monte_carlo(d):
     torch.manual_seed(1)
     kappas = torch.tensor([[1.0], [10.0], [100.0], [1000.0]], dtype=torch.float64)
-    q = PowerSpherical(_unit(4, d, seed=2), kappas)
+    q = PowerSpherical(unit_vectors(4, d, seed=2), kappas)
     prior = HypersphericalUniform(d, "cpu", dtype=torch.float64)
     s = q.rsample_with_log_prob((20000,))
     mc = s.log_q - prior.log_prob(s.z)
@@ -55,16 +51,9 @@ def test_analytic_kl_matches_monte_carlo(d):
 
 @pytest.mark.parametrize("kappa", [0.5, 5.0, 50.0])
 def test_density_integrates_to_one_on_s2(kappa):
-    mu = F.normalize(torch.tensor([[0.3, -0.5, 0.8]], dtype=torch.float64), dim=-1)
+    mu = F.normalize(torch.tensor([[0.3, -0.5, 0.8]], dtype=torch.float64), dim=-1)  # off the grid axes
     q = PowerSpherical(mu, torch.tensor([[kappa]], dtype=torch.float64))
-    n_t, n_p = 800, 1600
-    theta = (torch.arange(n_t, dtype=torch.float64) + 0.5) * math.pi / n_t
-    phi = (torch.arange(n_p, dtype=torch.float64) + 0.5) * 2 * math.pi / n_p
-    th, ph = torch.meshgrid(theta, phi, indexing="ij")
-    z = torch.stack([th.sin() * ph.cos(), th.sin() * ph.sin(), th.cos()], -1).reshape(-1, 1, 3)
-    dens = q.log_prob(z).exp().reshape(n_t, n_p)
-    total = (dens * th.sin()).sum() * (math.pi / n_t) * (2 * math.pi / n_p)
-    assert total.item() == pytest.approx(1.0, abs=1e-4)
+    assert integral_over_s2(q) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_gradients_finite_over_kappa_range():
@@ -88,7 +77,7 @@ def test_reparameterised_gradient_of_mean_resultant_is_unbiased():
     n = 20000
     # one batch row per draw, so a single backward gives every per-draw gradient
     kappa = torch.full((n, 1), k0, dtype=torch.float64, requires_grad=True)
-    mu = _unit(1, d).expand(n, d)
+    mu = unit_vectors(1, d).expand(n, d)
     dot = (PowerSpherical(mu, kappa).rsample() * mu).sum(-1)  # [N]
     (per_sample,) = torch.autograd.grad(dot.sum(), kappa)
     expected = (d - 1) / (d - 1 + k0) ** 2

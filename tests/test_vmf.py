@@ -16,6 +16,7 @@ from cvae_core.modules.vmf import (
     bessel_iv_ratio,
     log_bessel_iv,
 )
+from sphere import integral_over_s2, unit_vectors
 
 torch.set_num_threads(1)
 
@@ -25,11 +26,6 @@ ORDERS = [0.5, 1.0, 15.0, 16.0, 31.0]
 
 def _scipy_log_iv(v, x):
     return np.log(ive(v, x)) + x
-
-
-def _unit(b, d, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=-1)
 
 
 @pytest.mark.parametrize("v", ORDERS)
@@ -86,7 +82,7 @@ def test_uniform_prior():
 def test_sample_mean_resultant_length(d, kappas):
     torch.manual_seed(1)
     n = 20000
-    mu = _unit(len(kappas), d, seed=d)
+    mu = unit_vectors(len(kappas), d, seed=d)
     q = VonMisesFisher(mu, torch.tensor(kappas, dtype=torch.float64)[:, None])
     z = q.rsample((n,))
     assert z.shape == (n, len(kappas), d)
@@ -104,7 +100,7 @@ def test_sample_mean_resultant_length(d, kappas):
 def test_tangent_direction_is_uniform():
     # the component orthogonal to mu must average to zero (no preferred direction)
     torch.manual_seed(2)
-    mu = _unit(1, 8, seed=3)
+    mu = unit_vectors(1, 8, seed=3)
     z = VonMisesFisher(mu, torch.tensor([[5.0]], dtype=torch.float64)).rsample((20000,))[:, 0]
     perp = z - (z @ mu[0])[:, None] * mu[0]
     se = perp.std(0) / math.sqrt(z.shape[0])
@@ -115,7 +111,7 @@ def test_tangent_direction_is_uniform():
 def test_analytic_kl_matches_monte_carlo(d):
     torch.manual_seed(3)
     kappas = torch.tensor([[1.0], [10.0], [100.0], [1000.0]], dtype=torch.float64)
-    q = VonMisesFisher(_unit(4, d, seed=4), kappas)
+    q = VonMisesFisher(unit_vectors(4, d, seed=4), kappas)
     prior = HypersphericalUniform(d, "cpu", dtype=torch.float64)
     sample = q.rsample_with_log_prob((20000,))
     mc = sample.log_q - prior.log_prob(sample.z)  # [N, B]
@@ -130,17 +126,9 @@ def test_analytic_kl_matches_monte_carlo(d):
 
 @pytest.mark.parametrize("kappa", [0.5, 5.0, 50.0])
 def test_density_integrates_to_one_on_s2(kappa):
-    # trapezoid-free midpoint quadrature over (theta, phi) with a mu off the grid axes
-    mu = F.normalize(torch.tensor([[0.3, -0.5, 0.8]], dtype=torch.float64), dim=-1)
+    mu = F.normalize(torch.tensor([[0.3, -0.5, 0.8]], dtype=torch.float64), dim=-1)  # off the grid axes
     q = VonMisesFisher(mu, torch.tensor([[kappa]], dtype=torch.float64))
-    n_t, n_p = 800, 1600
-    theta = (torch.arange(n_t, dtype=torch.float64) + 0.5) * math.pi / n_t
-    phi = (torch.arange(n_p, dtype=torch.float64) + 0.5) * 2 * math.pi / n_p
-    th, ph = torch.meshgrid(theta, phi, indexing="ij")
-    z = torch.stack([th.sin() * ph.cos(), th.sin() * ph.sin(), th.cos()], -1).reshape(-1, 1, 3)
-    dens = q.log_prob(z).exp().reshape(n_t, n_p)
-    total = (dens * th.sin()).sum() * (math.pi / n_t) * (2 * math.pi / n_p)
-    assert total.item() == pytest.approx(1.0, abs=1e-4)
+    assert integral_over_s2(q) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_density_integrates_to_one_on_circle():
@@ -184,7 +172,7 @@ def test_gradients_finite_over_kappa_range():
 def test_kl_gradient_matches_finite_difference():
     d = 32
     k = torch.tensor([[3.0], [40.0], [2000.0]], dtype=torch.float64, requires_grad=True)
-    mu = _unit(3, d)
+    mu = unit_vectors(3, d)
     (g,) = torch.autograd.grad(VonMisesFisher(mu, k).kl_to_uniform().sum(), k)
     h = 1e-5 * k.detach()
     kl_plus = VonMisesFisher(mu, k.detach() + h).kl_to_uniform()
@@ -214,7 +202,7 @@ def test_authors_b_blend_is_biased_for_d32_so_exact_b_is_default():
     # b_app = (d-1)/(4 kappa) the rejection envelope is invalid for d = 32 at kappa = 12.
     torch.manual_seed(6)
     d, kappa, n = 32, 12.0, 20000
-    mu = _unit(1, d, seed=7)
+    mu = unit_vectors(1, d, seed=7)
     expected = ive(d / 2, kappa) / ive(d / 2 - 1, kappa)
     for wood_b in ("exact", "authors"):
         q = VonMisesFisher(mu, torch.tensor([[kappa]], dtype=torch.float64), wood_b=wood_b)
