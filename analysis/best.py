@@ -151,7 +151,7 @@ class Heartbeat:
 
 def evaluate(checkpoint: Path, *, split: str, n_samples: int, mi_samples: int, seed: int, device: str,
              data_dir: str | None, limit: int, options: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    from cvae_core.evaluation import evaluate_checkpoint
+    from cvae_core.evaluation import ProgressPrinter, evaluate_checkpoint
 
     extras = [k for k in ("bleu", "dist", "grad_norms") if options.get(k)]
     what = f"evaluating on {split}" + (f" (first {limit} sentences)" if limit else "")
@@ -160,7 +160,8 @@ def evaluate(checkpoint: Path, *, split: str, n_samples: int, mi_samples: int, s
     with Heartbeat(what, progress) as beat:
         result = evaluate_checkpoint(checkpoint, split=split, n_samples=n_samples, mi_samples=mi_samples, seed=seed,
                                      device=device, data_overrides={"data_dir": data_dir} if data_dir else None,
-                                     limit=limit, **options)
+                                     limit=limit, progress=ProgressPrinter(f"{split} likelihood (N={n_samples})",
+                                                                           every_s=30.0), **options)
     progress(f"evaluation done in {format_duration(beat.elapsed)}")
     return result
 
