@@ -54,6 +54,7 @@ def _dataset_name(dataset: str) -> str:
 
 
 def _x_scale(ax, values: np.ndarray) -> None:
+    ax.margins(x=0.06)  # keep the largest λ off the frame
     positive = values[values > 0]
     if not len(positive):
         return
@@ -62,7 +63,7 @@ def _x_scale(ax, values: np.ndarray) -> None:
     elif positive.max() / positive.min() >= 10:
         ax.set_xscale("log")
     ticks = sorted(set(values.tolist()))
-    if len(ticks) <= 8:
+    if len(ticks) <= 8 and all(float(f"{t:.2g}") == t for t in ticks):  # grid values, not searched ones
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{t:g}" for t in ticks])
         ax.minorticks_off()
@@ -78,8 +79,10 @@ def plot_lambda_m(runs: pd.DataFrame, out_dir: Path, at: str = "best", ref_lambd
         return []
     lr = cfg(coupled, "coupling.lambda_r").astype(float)
     restricted = coupled[np.isclose(lr, ref_lambda_r)]
-    subset, lr_text = ((restricted, rf"$\lambda_r$ = {ref_lambda_r:g}") if len(restricted)
-                       else (coupled, r"all $\lambda_r$"))
+    # a searched study rarely repeats λ_r: then every coupled run, labelled as such
+    on_grid = cfg(restricted, "coupling.lambda_m").astype(float).nunique() >= 2
+    subset, lr_text = ((restricted, rf"$\lambda_r$ = {ref_lambda_r:g}") if on_grid
+                       else (coupled, r"all $\lambda_r$, each point labelled with its $\lambda_r$"))
     metrics = [("nll", "NLL (nats/sentence)"), ("kl", "KL (nats)"), ("mi_loo", "MI (nats)")]
     paths = []
     for dataset in _ordered(subset["dataset"]):
@@ -101,6 +104,12 @@ def plot_lambda_m(runs: pd.DataFrame, out_dir: Path, at: str = "best", ref_lambd
                 color, marker, name = DISTANCE_STYLE.get(distance, ("tab:green", "^", distance))
                 these = mine[cfg(mine, "coupling.distance") == distance]
                 x = cfg(these, "coupling.lambda_m").astype(float)
+                if not on_grid:  # points of different λ_r: no line through them
+                    ax.scatter(x, these[column], color=color, s=36, marker=marker, label=name)
+                    for xi, yi, lr_i in zip(x, these[column], cfg(these, "coupling.lambda_r").astype(float)):
+                        ax.annotate(f"{lr_i:.2g}", (xi, yi), textcoords="offset points", xytext=(4, 4),
+                                    fontsize=7, color=color)
+                    continue
                 ax.scatter(x, these[column], color=color, alpha=0.3, s=18, marker=marker)
                 grouped = these.groupby(x.to_numpy())[column].agg(["mean", "std", "count"]).sort_index()
                 ax.errorbar(grouped.index, grouped["mean"], yerr=grouped["std"].fillna(0), color=color,
@@ -275,7 +284,12 @@ def plot_optuna(parent_tags: dict[str, str], out_dir: Path, note: Note = print) 
                                                                          target_name=target_name)
             fig = ax.figure
             fig.set_size_inches(max(8, 2.0 * (len(study.best_trials[0].params) + 1)), 6)
-            ax.set_title(f"Parallel coordinates, Optuna study {study.study_name!r} ({len(complete)} trials)")
+            for lines in ax.collections:  # Optuna's Blues map draws the worst trials white on white
+                if lines.get_array() is not None:
+                    lines.set_cmap("viridis")
+            ax.set_title("")
+            fig.suptitle(f"Parallel coordinates, {len(complete)} trials (colour: {target_name})\n"
+                         f"Optuna study {study.study_name!r}")
             fig.tight_layout()
             paths.append(_save(fig, out_dir / "parallel_coordinates.png"))
         except Exception as exc:

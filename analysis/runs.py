@@ -397,9 +397,10 @@ def run_label(row: pd.Series | dict) -> str:
 
 
 def _num(value: Any) -> str:
+    """Three significant digits: searched λ values (0.507343) read as 0.507."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return "?"
-    return f"{float(value):g}"
+    return f"{float(value):.3g}"
 
 
 def dumps(value: Any) -> str:

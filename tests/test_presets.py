@@ -103,7 +103,7 @@ def test_family_settings():
         "nf", "mmd", 10.0, 0.8)
     prefb = build_config("prefb-vae", "ptb", "paper")
     assert (prefb.regularizer.kind, prefb.regularizer.free_bits, prefb.train.pretrain_steps) == ("free_bits", 6.0, 60000)
-    assert build_config("prefb-vae", "ptb", "quick").train.pretrain_steps == 2000  # compressed like the schedule
+    assert build_config("prefb-vae", "ptb", "quick").train.pretrain_steps == 1500  # compressed like the schedule
     cyc = build_config("cycann-vae", "ptb", "paper").regularizer
     assert (cyc.schedule, cyc.cycles, cyc.cycle_ratio) == ("cyclic", 4, 0.5)
     assert build_config("lagging-vae", "ptb", "quick").train.aggressive
