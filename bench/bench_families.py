@@ -32,7 +32,7 @@ METRICS = ("val_nll", "val_kl", "val_ppl", "val_mi_loo", "val_au")
 def budget(preset: str) -> dict:
     overrides = dict(yaml.safe_load(SPEC.read_text())["base"]["overrides"])
     family = PRESETS[preset].settings
-    if family.get("model.decoder") == "cnn" or preset.endswith("cnn-vae"):
+    if family.get("model.decoder") == "cnn":
         overrides["model.cnn_filters"] = overrides["model.hidden_dim"]
     if "train.pretrain_steps" in family:
         overrides["train.pretrain_steps"] = overrides["train.steps"]
@@ -54,9 +54,7 @@ def run_one(preset: str, out: str) -> dict:
             **{k: best.get(k) for k in METRICS}}
 
 
-def cell(row: dict | None) -> str:
-    if row is None:
-        return "–"
+def cell(row: dict) -> str:
     return f"{row['val_nll']:.2f} ({row['val_kl']:.2f})"
 
 
