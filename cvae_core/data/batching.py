@@ -1,7 +1,7 @@
 """Length-bucketed batches in a seeded order that can be resumed from (epoch, index)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -26,6 +26,10 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(*(t.to(device, non_blocking=True) for t in (self.words, self.lengths, self.inputs, self.targets)))
+
+    def select(self, index: Tensor | list[int] | slice) -> "Batch":
+        """The sentences at ``index`` (first dimension of every field), still padded to this T."""
+        return type(self)(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     @property
     def size(self) -> int:
@@ -88,5 +92,17 @@ class BucketBatcher:
 
 
 def eval_batches(examples: list[list[int]], batch_size: int) -> list[Batch]:
-    """Consecutive, unshuffled batches (evaluation keeps the file order)."""
+    """Consecutive, unshuffled batches in file order (the MI estimator's batches are these)."""
     return [make_batch(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
+
+
+def length_sorted_batches(examples: list[list[int]], batch_size: int) -> list[tuple[list[int], Batch]]:
+    """Evaluation batches of sentences of similar length -> [(indices into ``examples``, Batch)].
+
+    Sorting the whole split by length (stable, so ties keep file order) makes almost every
+    decoded position a real token; in file order about half of them are padding.  Per-sentence
+    results do not depend on the grouping when each sentence has its own sample stream.
+    """
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [(group, make_batch([examples[i] for i in group])) for group in groups]

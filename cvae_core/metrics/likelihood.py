@@ -12,12 +12,16 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..data.batching import eval_batches
+from ..data.batching import eval_batches, length_sorted_batches
 from ..data.corpus import Split
 from .latent import active_units, mi_estimates
 
-# Decoder logits evaluated at once in IS (samples x tokens x vocabulary), bounds memory.
-LOGIT_BUDGET = 2**26
+# Memory for one chunk of importance samples: the decoder's activations for every position of
+# every sample in the chunk (the output layer is tiled, so the vocabulary size does not enter).
+DECODE_BUDGET_BYTES = 512 * 2**20
+# Upper estimate of activation bytes per decoded position for the paper-size GRU decoder
+# (inputs [emb; h], GRU gates and states, projection, fp32); peak memory follows the chunk.
+BYTES_PER_POSITION = 8 * 2**10
 MI_BATCH = 513  # the paper's MI batches: each sentence against M = 512 others
 
 
@@ -26,32 +30,55 @@ def perplexity(total_nll: float, n_tokens: int) -> float:
     return math.exp(total_nll / n_tokens)
 
 
+def sentence_seeds(seed: int, indices: list[int]) -> list[int]:
+    """One sample-stream seed per sentence, from the evaluation seed and its index in the split.
+    32-bit values: the CPU generator keeps only the low 32 bits of a seed."""
+    return [(seed * 2654435761 + i) % 2**32 for i in indices]
+
+
+def _posterior_samples(model: nn.Module, batch, n_samples: int, seeds: list[int] | None):
+    """-> (z [N, B, d], log q(z|x) [N, B]).  With ``seeds`` each sentence draws its N samples
+    from its own stream (its posterior computed alone), so they do not depend on which other
+    sentences share the batch; without, all are drawn at once from the global stream."""
+    if seeds is None:
+        sample = model.posterior(batch).rsample_with_log_prob((n_samples,))
+        return sample.z, sample.log_q
+    zs, log_qs = [], []
+    for i, seed in enumerate(seeds):
+        with torch.random.fork_rng(devices=[batch.inputs.device] if batch.inputs.is_cuda else []):
+            torch.manual_seed(seed)
+            sample = model.posterior(batch.select([i])).rsample_with_log_prob((n_samples,))
+        zs.append(sample.z)
+        log_qs.append(sample.log_q)
+    return torch.cat(zs, dim=1), torch.cat(log_qs, dim=1)
+
+
 @torch.no_grad()
-def importance_sampled_nll(model: nn.Module, batch, n_samples: int) -> dict[str, Tensor]:
+def importance_sampled_nll(model: nn.Module, batch, n_samples: int,
+                           seeds: list[int] | None = None) -> dict[str, Tensor]:
     """Per-sentence IS estimates with q(z|x) as proposal, each [B] in nats:
 
     nll  = -(logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log N)
     kl   = mean_k [log q(z_k|x) - log p(z_k)]        (Monte Carlo, over the same samples)
     elbo = mean_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)]
     rec  = -mean_k log p(x|z_k)
-    Samples are decoded in chunks of as many as fit the logit budget (no per-sample loop).
+    ``seeds`` (one per sentence, e.g. from :func:`sentence_seeds`) gives each sentence its own
+    sample stream: the result is then the same whatever the batch or chunk composition.  All N
+    samples are drawn first (z is small); they are decoded in chunks of as many samples as fit
+    DECODE_BUDGET_BYTES, so memory is bounded by the chunk, not by N.
     """
-    posterior, prior = model.posterior(batch), model.prior
-    chunk = max(1, min(n_samples, LOGIT_BUDGET // max(1, batch.inputs.numel() * model.vocab_size)))
-    log_w, log_q_minus_p, log_px_all = [], [], []
-    for start in range(0, n_samples, chunk):
-        sample = posterior.rsample_with_log_prob((min(chunk, n_samples - start),))
-        log_pz = prior.log_prob(sample.z)
-        log_px = model.log_px_given_z(batch, sample.z)
-        log_w.append(log_px + log_pz - sample.log_q)
-        log_q_minus_p.append(sample.log_q - log_pz)
-        log_px_all.append(log_px)
-    weights = torch.cat(log_w)
+    z, log_q = _posterior_samples(model, batch, n_samples, seeds)
+    log_pz = model.prior.log_prob(z)
+    positions = max(1, batch.inputs.numel())
+    chunk = max(1, min(n_samples, DECODE_BUDGET_BYTES // (positions * BYTES_PER_POSITION)))
+    log_px = torch.cat([model.log_px_given_z(batch, z[start : start + chunk])
+                        for start in range(0, n_samples, chunk)])
+    weights = log_px + log_pz - log_q
     return {
         "nll": -(torch.logsumexp(weights, 0) - math.log(n_samples)),
-        "kl": torch.cat(log_q_minus_p).mean(0),
+        "kl": (log_q - log_pz).mean(0),
         "elbo": weights.mean(0),
-        "rec": -torch.cat(log_px_all).mean(0),
+        "rec": -log_px.mean(0),
     }
 
 
@@ -63,16 +90,18 @@ def _fork_rng(seed: int, device: torch.device):
     return state
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: int = 100,
              batch_size: int = 32, seed: int = 0, with_mi: bool = True,
              progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Full likelihood + latent evaluation of ``model`` on a split, in eval mode.
 
     Returns nll, kl, ppl, elbo, rec, mi_loo, mi_batch, au, n_sentences, n_tokens (floats/ints;
-    None where the model has no such quantity, e.g. KL of the GRU-LM).  Sampling uses its own
-    seeded RNG stream, so evaluating never perturbs training randomness.  ``progress(done, total)``
-    is called after each batch of the likelihood pass (sentences done out of the split's).
+    None where the model has no such quantity, e.g. KL of the GRU-LM).  Sentences are evaluated
+    in length-sorted batches, each with its own seeded sample stream (:func:`sentence_seeds`), so
+    the result does not depend on ``batch_size``; MI has its own seeded stream.  Evaluating never
+    perturbs training randomness.  ``progress(done, total)`` is called after each batch of the
+    likelihood pass (sentences done out of the split's).
     """
     was_training = model.training
     model.eval()
@@ -81,14 +110,15 @@ def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: i
     try:
         totals = {"nll": 0.0, "kl": 0.0, "elbo": 0.0, "rec": 0.0}
         done = 0
-        for batch in eval_batches(split.examples, batch_size):
+        for indices, batch in length_sorted_batches(split.examples, batch_size):
             batch = batch.to(device)
             if model.kind == "lm":
                 totals["nll"] -= model.log_px(batch).sum().item()
             elif model.kind == "dae":
                 totals["rec"] += model(batch).rec.sum().item()
             else:
-                for key, values in importance_sampled_nll(model, batch, n_samples).items():
+                seeds = sentence_seeds(seed, indices)
+                for key, values in importance_sampled_nll(model, batch, n_samples, seeds).items():
                     totals[key] += values.sum().item()
             done += len(batch.lengths)
             if progress is not None:
@@ -99,6 +129,7 @@ def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: i
         if model.kind == "vae":
             result["ppl"] = perplexity(totals["nll"], split.n_tokens)
             if with_mi:
+                torch.manual_seed(seed)  # MI's own stream: independent of the likelihood pass
                 result.update(latent_metrics(model, split, mi_samples))
         elif model.kind == "lm":
             result.update(ppl=perplexity(totals["nll"], split.n_tokens), kl=None, elbo=-result["nll"], rec=result["nll"])
@@ -112,7 +143,7 @@ def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: i
         model.train(was_training)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def latent_metrics(model: nn.Module, split: Split, mi_samples: int) -> dict[str, float]:
     """mi_loo and mi_batch over consecutive batches of 513 sentences, and active units."""
     device = next(model.parameters()).device

@@ -45,6 +45,32 @@ def sequence_log_likelihood(logits: Tensor, targets: Tensor) -> Tensor:
     return -token_nll.view(targets.shape).sum(-1)
 
 
+# Rows of the output layer evaluated at once without autograd: a [256, V] tile of logits (10 MB
+# for the 10K-word PTB vocabulary, cache- and allocator-friendly) instead of one [positions, V]
+# tensor plus its log-softmax for a whole chunk of importance samples.
+OUTPUT_TILE_ROWS = 256
+
+
+def output_log_likelihood(features: Tensor, targets: Tensor, output: nn.Linear) -> Tensor:
+    """features [B, T, F] (the output layer's input), targets [B, T] -> [B]: the sum over
+    non-pad targets of log softmax(output(features))[target], nats.
+
+    The output layer is computed only at real (non-pad) positions.  Without autograd it runs in
+    row tiles, each with its own log-softmax and target gather, so memory does not grow with the
+    number of positions; with autograd it is one cross-entropy (backward keeps the softmax anyway).
+    """
+    real = targets != PAD
+    rows, gold = features[real], targets[real]  # [R, F], [R], sentence-major
+    sentence = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[real]
+    tile = max(1, rows.shape[0]) if torch.is_grad_enabled() else OUTPUT_TILE_ROWS
+    token_log_p = torch.cat([
+        -nn.functional.cross_entropy(output(rows[start : start + tile]).float(), gold[start : start + tile],
+                                     reduction="none")
+        for start in range(0, max(1, rows.shape[0]), tile)])
+    total = torch.zeros(targets.shape[0], dtype=token_log_p.dtype, device=targets.device)
+    return total.index_add(0, sentence, token_log_p)
+
+
 class GRUDecoder(nn.Module):
     """Teacher-forced GRU decoder conditioned on the decoding signal h [B, E].
 
@@ -69,17 +95,21 @@ class GRUDecoder(nn.Module):
         _, state = self.gru(torch.cat([h, h], dim=-1).unsqueeze(1))  # one step from zeros
         return state
 
-    def logits(self, inputs: Tensor, h: Tensor | None) -> Tensor:
-        """inputs [B, T] (starting with <bos>), h [B, E] or None -> logits [B, T, V]."""
+    def features(self, inputs: Tensor, h: Tensor | None) -> Tensor:
+        """inputs [B, T] (starting with <bos>), h [B, E] or None -> output-layer inputs [B, T, embed]."""
         embedded = self.embedding(inputs)
         if h is not None:
             embedded = torch.cat([embedded, h.unsqueeze(1).expand(-1, inputs.shape[1], -1)], dim=-1)
         states, _ = self.gru(self.dropout(embedded), self._initial_state(h, inputs.shape[0]))
-        return self.output(torch.tanh(self.project(self.dropout(states))))
+        return torch.tanh(self.project(self.dropout(states)))
+
+    def logits(self, inputs: Tensor, h: Tensor | None) -> Tensor:
+        """inputs [B, T] (starting with <bos>), h [B, E] or None -> logits [B, T, V]."""
+        return self.output(self.features(inputs, h))
 
     def log_likelihood(self, inputs: Tensor, targets: Tensor, h: Tensor | None) -> Tensor:
         """Per-sentence log p(targets | h), [B], summed over targets incl. <eos>."""
-        return sequence_log_likelihood(self.logits(inputs, h), targets)
+        return output_log_likelihood(self.features(inputs, h), targets, self.output)
 
     @torch.no_grad()
     def greedy(self, h: Tensor, bos: int, max_steps: int, eos: int | None = None) -> Tensor:
