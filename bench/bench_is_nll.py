@@ -3,7 +3,7 @@
     python bench/bench_is_nll.py --sentences 128 --n-samples 20
 
 Same model, same sentences, same seeds: the estimates agree; the ratio shows what batching the
-samples buys.  The chunk size is what `importance_sampled_nll` picks under its logit budget.
+samples buys.  The chunk size is what `importance_sampled_nll` picks under its memory budget.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from cvae_core.models import build_model
 
 
 def run(model, batches, n_samples: int, budget: int) -> tuple[float, float]:
-    likelihood.LOGIT_BUDGET = budget
+    likelihood.DECODE_BUDGET_BYTES = budget
     torch.manual_seed(0)
     start = time.perf_counter()
     total = sum(likelihood.importance_sampled_nll(model, b, n_samples)["nll"].sum().item() for b in batches)
@@ -36,7 +36,7 @@ def main() -> None:
     corpus = load_corpus(config.data, ("train", "test"))
     model = build_model(config, len(corpus.vocab)).eval()
     batches = eval_batches(corpus["test"].examples[: args.sentences], 32)
-    default_budget = likelihood.LOGIT_BUDGET
+    default_budget = likelihood.DECODE_BUDGET_BYTES
     run(model, batches[:1], 2, default_budget)  # warm-up
     one_at_a_time, nll_loop = run(model, batches, args.n_samples, 1)
     batched, nll_batched = run(model, batches, args.n_samples, default_budget)

@@ -4,7 +4,8 @@
 
 Runs the presets in alternating rounds on the same PTB batches (paper-size model), prints
 ms/step and tokens/s per preset, the ratio to the first preset, and the projected wall time of
-the `quick` scale (its train.steps; evaluation not included).
+the `quick` scale (its train.steps; evaluation not included).  The step is the trainer's:
+same optimizer, clipping and loss (``bench/run_all.py`` reuses :func:`measure`).
 """
 from __future__ import annotations
 
@@ -16,8 +17,47 @@ import torch
 
 from cvae_core.config import build_config
 from cvae_core.data import BucketBatcher, load_corpus
+from cvae_core.data.batching import POOL_BATCHES
 from cvae_core.models import build_model
 from cvae_core.objectives import Objective
+from cvae_core.train import make_optimizer
+
+
+def measure(presets: list[str], steps: int, rounds: int, batching: str = "bucket",
+            device: torch.device = torch.device("cpu")) -> dict[str, dict[str, float]]:
+    """-> {preset: {ms_per_step, tokens_per_s, tokens_per_step}} (medians over ``rounds``,
+    after one warm-up round), all presets on the same PTB training batches."""
+    configs = {name: build_config(name, "ptb", "quick", {"data.batching": batching}) for name in presets}
+    corpus = load_corpus(configs[presets[0]].data, ("train",))
+    batcher = BucketBatcher(corpus["train"].examples, 32, seed=0, pool_batches=POOL_BATCHES[batching])
+    order = batcher.order(0)
+    batches = [batcher.batch(order[i]).to(device) for i in range(steps)]
+    tokens = sum(b.n_tokens for b in batches)
+    setups = {}
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        model = build_model(config, len(corpus.vocab)).to(device)
+        setups[name] = (model, make_optimizer(model, config), Objective(config))
+    times: dict[str, list[float]] = {name: [] for name in presets}
+    for round_index in range(rounds + 1):  # round 0 warms up
+        for name, (model, optimizer, objective) in setups.items():
+            start = time.perf_counter()
+            for step, batch in enumerate(batches, 1):
+                loss, _ = objective(model, model(batch), step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 30.0)
+                optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_index:
+                times[name].append(time.perf_counter() - start)
+    result = {}
+    for name in presets:
+        median = statistics.median(times[name])
+        result[name] = {"ms_per_step": 1000 * median / steps, "tokens_per_s": tokens / median,
+                        "tokens_per_step": tokens / steps}
+    return result
 
 
 def main() -> None:
@@ -28,38 +68,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    configs = {name: build_config(name, "ptb", "quick") for name in args.presets}
-    corpus = load_corpus(configs[args.presets[0]].data, ("train",))
-    batcher = BucketBatcher(corpus["train"].examples, 32, seed=0)
-    order = batcher.order(0)
-    batches = [batcher.batch(order[i]) for i in range(args.steps)]
-    tokens = sum(b.n_tokens for b in batches)
-    setups = {}
-    for name, config in configs.items():
-        torch.manual_seed(0)
-        model = build_model(config, len(corpus.vocab))
-        setups[name] = (model, torch.optim.Adam(model.parameters()), Objective(config))
-    times: dict[str, list[float]] = {name: [] for name in args.presets}
-    for round_index in range(args.rounds + 1):  # round 0 warms up
-        for name, (model, optimizer, objective) in setups.items():
-            start = time.perf_counter()
-            for step, batch in enumerate(batches, 1):
-                loss, _ = objective(model, model(batch), step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 30.0)
-                optimizer.step()
-            if round_index:
-                times[name].append(time.perf_counter() - start)
-    base = statistics.median(times[args.presets[0]])
-    print(f"{args.steps} steps x {args.rounds} rounds, {args.threads} threads, {tokens / args.steps:.0f} tokens/step")
-    quick_steps = configs[args.presets[0]].train.steps
+    figures = measure(args.presets, args.steps, args.rounds)
+    base = figures[args.presets[0]]["ms_per_step"]
+    print(f"{args.steps} steps x {args.rounds} rounds, {args.threads} threads, "
+          f"{figures[args.presets[0]]['tokens_per_step']:.0f} tokens/step")
+    quick_steps = build_config(args.presets[0], "ptb", "quick").train.steps
     print(f"{'preset':<20} {'ms/step':>8} {'tokens/s':>9} {'ratio':>6} {f'quick {quick_steps} steps':>16}")
     for name in args.presets:
-        median = statistics.median(times[name])
-        per_step = median / args.steps
-        print(f"{name:<20} {per_step * 1000:8.0f} {tokens / median:9.0f} {median / base:6.2f} "
-              f"{per_step * quick_steps / 60:13.1f} min")
+        per_step = figures[name]["ms_per_step"] / 1000
+        print(f"{name:<20} {per_step * 1000:8.0f} {figures[name]['tokens_per_s']:9.0f} "
+              f"{per_step * 1000 / base:6.2f} {per_step * quick_steps / 60:13.1f} min")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ class DataConfig:
     min_count: int = 1
     train_limit: int = 0  # use only the first N training examples (0 = all)
     valid_limit: int = 0  # validate on the first N examples (0 = all)
+    # Training batches: "bucket" = sentences of similar length (pools of 50 batches sorted by
+    # length, 4% padding, ~2x faster); "random" = i.i.d. shuffled batches, as the authors train.
+    batching: str = "bucket"
 
 
 @dataclass
@@ -225,6 +228,9 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     return out
 
 
+BATCHINGS = ("bucket", "random")
+
+
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise CvaeError(f"{key}={value!r} is not one of {', '.join(allowed)}")
@@ -242,6 +248,7 @@ def validate(config: Config) -> None:
     _check_choice("regularizer.schedule", config.regularizer.schedule, SCHEDULES)
     _check_choice("coupling.distance", config.coupling.distance, DISTANCES)
     _check_choice("model.vmf_sampler", config.model.vmf_sampler, VMF_SAMPLERS)
+    _check_choice("data.batching", config.data.batching, BATCHINGS)
     non_negative = {
         "coupling.lambda_r": config.coupling.lambda_r,
         "coupling.lambda_m": config.coupling.lambda_m,

@@ -59,6 +59,11 @@ def make_batch(examples: list[list[int]]) -> Batch:
     return Batch(words, lengths, inputs, targets)
 
 
+# data.batching -> BucketBatcher pool size: pools of 50 batches sorted by length, or pools of one
+# batch, which leaves i.i.d. shuffled batches (the authors' DataLoader(shuffle=True)).
+POOL_BATCHES = {"bucket": 50, "random": 1}
+
+
 class BucketBatcher:
     """Shuffled, length-bucketed training batches; epoch e's order depends only on (seed, e).
 

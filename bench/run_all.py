@@ -1,0 +1,201 @@
+"""Every throughput figure of the project in one table, against this machine's measured limit.
+
+    python bench/run_all.py [--json PATH] [--is-sentences 200] [--train-steps 20]
+
+Rows: training tokens/s (VAE, Coupled-VAE; PTB paper configuration, bucketed batches), IS-NLL
+sentences/s (N = 100, PTB test sentences) and its projected whole-test-set time, MI seconds
+(whole PTB test set, N = 100), peak RSS of training and of evaluation (each measured in its own
+child process), the analytic FLOPs it assumes and the dense fp32 matmul rate measured in this
+run.  limit = matmul rate / FLOPs per unit; ratio = achieved / limit (JSON fields *_ratio).
+Runs unchanged on CUDA (``--device cuda``).  Models are freshly initialised: throughput does not
+depend on the weights for the Gaussian posterior.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cvae_core.config import build_config
+from cvae_core.data import load_corpus
+from cvae_core.metrics.likelihood import evaluate, latent_metrics
+from cvae_core.models import build_model
+
+BENCH = Path(__file__).resolve().parent
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(m: int, k: int, n: int, device: torch.device, seconds: float = 1.0) -> float:
+    """Best sustained GFLOP/s of [m, k] @ [k, n] in fp32 over repeats filling ~``seconds``."""
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    a @ b
+    best, spent = 0.0, 0.0
+    while spent < seconds:
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+        spent += elapsed
+        best = max(best, 2 * m * k * n / elapsed / 1e9)
+    return best
+
+
+def gru_flops(input_dim: int, hidden_dim: int) -> int:
+    """Multiply-adds x2 of one GRU step: input and recurrent projections of the three gates."""
+    return 2 * 3 * hidden_dim * (input_dim + hidden_dim)
+
+
+def flops_per_token(config, vocab_size: int, words_per_token: float) -> dict[str, float]:
+    """Analytic forward FLOPs (matmuls only) per decoded target token, and per encoded word.
+
+    decoder: GRU on [embedding; h] + projection 2H->embed + output embed->V;
+    encoder: two GRU directions on the embedding; training = 3x forward (backward = 2x)."""
+    m = config.model
+    decoder_hidden = 2 * m.hidden_dim
+    decoder = (gru_flops(2 * m.embed_dim, decoder_hidden) + 2 * decoder_hidden * m.embed_dim
+               + 2 * m.embed_dim * vocab_size)
+    encoder = 2 * gru_flops(m.embed_dim, m.hidden_dim)
+    decoders = 2 if config.coupling.enabled else 1
+    return {"decoder_forward": decoder, "encoder_forward_per_word": encoder,
+            "train": 3 * (decoders * decoder + encoder * words_per_token)}
+
+
+def part_train(args) -> dict:
+    import bench_train
+
+    figures = bench_train.measure(["vae", "coupled-vae"], args.train_steps, args.train_rounds,
+                                  device=torch.device(args.device))
+    return {"vae": figures["vae"], "coupled": figures["coupled-vae"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def part_eval(args) -> dict:
+    device = torch.device(args.device)
+    config = build_config("vae", "ptb", "quick")
+    corpus = load_corpus(config.data, ("train", "test"))
+    torch.manual_seed(0)
+    model = build_model(config, len(corpus.vocab)).to(device).eval()
+    test = corpus["test"]
+    # every k-th sentence: the subset has the test set's length distribution
+    step = max(1, len(test.examples) // args.is_sentences)
+    subset = dataclasses.replace(test, examples=test.examples[::step][: args.is_sentences])
+    subset_tokens = subset.n_tokens
+    evaluate(model, dataclasses.replace(subset, examples=subset.examples[:8]), n_samples=2, with_mi=False)  # warm-up
+    _synchronize(device)
+    start = time.perf_counter()
+    result = evaluate(model, subset, n_samples=args.n_samples, with_mi=False)
+    _synchronize(device)
+    is_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        latent_metrics(model, test, args.n_samples)
+    _synchronize(device)
+    mi_seconds = time.perf_counter() - start
+    return {"is_sentences": len(subset.examples), "is_tokens_per_sentence": subset_tokens / len(subset.examples),
+            "is_seconds": is_seconds, "is_nll": result["nll"],
+            "test_sentences": len(test.examples), "test_tokens": test.n_tokens, "vocab_size": len(corpus.vocab),
+            "words_per_token": 1 - len(test.examples) / test.n_tokens,
+            "mi_seconds": mi_seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_part(name: str, argv: list[str]) -> dict:
+    """One part in a child process, so its peak RSS is its own."""
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--part", name, *argv],
+                          check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--is-sentences", type=int, default=200, help="PTB test sentences for the IS-NLL rate")
+    parser.add_argument("--n-samples", type=int, default=100, help="IS and MI samples per sentence")
+    parser.add_argument("--train-steps", type=int, default=20, help="training steps per round and model")
+    parser.add_argument("--train-rounds", type=int, default=2)
+    parser.add_argument("--part", choices=("train", "eval"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sys.path.insert(0, str(BENCH))
+    if args.part:
+        print(json.dumps(part_train(args) if args.part == "train" else part_eval(args)))
+        return
+    child_argv = [f"--device={args.device}", f"--is-sentences={args.is_sentences}",
+                  f"--n-samples={args.n_samples}", f"--train-steps={args.train_steps}",
+                  f"--train-rounds={args.train_rounds}"]
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    rates = {"square_1024": matmul_rate(1024, 1024, 1024, device),
+             "input_projection": matmul_rate(3200, 400, 768, device),
+             "output_projection": matmul_rate(2048, 200, 10002, device)}
+    rate = max(rates["square_1024"], rates["input_projection"])  # the machine's dense fp32 rate
+    evaluation = run_part("eval", child_argv)
+    training = run_part("train", child_argv)
+    config = build_config("vae", "ptb", "quick")
+    coupled_config = build_config("coupled-vae", "ptb", "quick")
+    words_per_token = evaluation["words_per_token"]
+    vae_flops = flops_per_token(config, evaluation["vocab_size"], words_per_token)
+    coupled_flops = flops_per_token(coupled_config, evaluation["vocab_size"], words_per_token)
+    # IS-NLL per sentence: N decoder passes over its tokens (+ one encoder pass, negligible)
+    is_flops = args.n_samples * evaluation["is_tokens_per_sentence"] * vae_flops["decoder_forward"]
+    is_rate = evaluation["is_sentences"] / evaluation["is_seconds"]
+    figures = {
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "matmul_gflops": rates, "limit_gflops": rate,
+        "flops_per_token_train_vae": vae_flops["train"], "flops_per_token_train_coupled": coupled_flops["train"],
+        "flops_per_sentence_is_nll": is_flops,
+        "train_vae_tokens_per_s": training["vae"]["tokens_per_s"],
+        "train_coupled_tokens_per_s": training["coupled"]["tokens_per_s"],
+        "train_vae_ratio": training["vae"]["tokens_per_s"] * vae_flops["train"] / (rate * 1e9),
+        "train_coupled_ratio": training["coupled"]["tokens_per_s"] * coupled_flops["train"] / (rate * 1e9),
+        "coupled_per_vae_step": training["coupled"]["ms_per_step"] / training["vae"]["ms_per_step"],
+        "is_nll_sentences_per_s": is_rate,
+        "is_nll_ratio": is_rate * is_flops / (rate * 1e9),
+        "is_nll_test_set_minutes": evaluation["test_sentences"] / is_rate / 60,
+        "mi_seconds": evaluation["mi_seconds"],
+        "peak_rss_train_mb": training["peak_rss_mb"], "peak_rss_eval_mb": evaluation["peak_rss_mb"],
+        "bench_seconds": time.perf_counter() - started,
+    }
+    print(f"device {figures['device']}, {figures['threads']} threads, torch {figures['torch']}")
+    print("matmul fp32 GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
+          + f" -> limit rate {rate:.1f}")
+    print(f"FLOPs assumed (matmuls): train VAE {vae_flops['train'] / 1e6:.1f} M/token, Coupled "
+          f"{coupled_flops['train'] / 1e6:.1f} M/token (3x forward); IS-NLL {is_flops / 1e9:.2f} G/sentence "
+          f"(N={args.n_samples} x {evaluation['is_tokens_per_sentence']:.1f} tokens x "
+          f"{vae_flops['decoder_forward'] / 1e6:.2f} M)")
+    rows = [
+        ("training VAE, tokens/s", figures["train_vae_tokens_per_s"], rate * 1e9 / vae_flops["train"],
+         figures["train_vae_ratio"]),
+        ("training Coupled-VAE, tokens/s", figures["train_coupled_tokens_per_s"],
+         rate * 1e9 / coupled_flops["train"], figures["train_coupled_ratio"]),
+        (f"IS-NLL N={args.n_samples}, sentences/s", is_rate, rate * 1e9 / is_flops, figures["is_nll_ratio"]),
+    ]
+    print(f"{'figure':<34} {'achieved':>10} {'limit':>10} {'ratio':>6}")
+    for name, achieved, limit, ratio in rows:
+        print(f"{name:<34} {achieved:10,.1f} {limit:10,.1f} {ratio:6.0%}")
+    print(f"{'Coupled / VAE time per step':<34} {figures['coupled_per_vae_step']:10.2f}")
+    print(f"{'IS-NLL whole PTB test set, min':<34} {figures['is_nll_test_set_minutes']:10.1f}")
+    print(f"{'MI (PTB test, N=100), s':<34} {figures['mi_seconds']:10.1f}")
+    print(f"{'peak RSS training, MB':<34} {figures['peak_rss_train_mb']:10,.0f}")
+    print(f"{'peak RSS evaluation, MB':<34} {figures['peak_rss_eval_mb']:10,.0f}")
+    print(f"(benchmark took {figures['bench_seconds']:.0f} s)")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
