@@ -103,6 +103,7 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
         "n_sentences": len(data.examples),
         "nll_estimator": "exact" if model.kind == "lm" else "importance_sampling_q_proposal",
         "n_samples": n_samples,
+        "sample_streams": "one seeded stream per sentence (independent of batching)",
         "mi_samples": mi_samples,
         "mi_batch_size": MI_BATCH,
         "au_threshold": 0.01,

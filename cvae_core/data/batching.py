@@ -25,7 +25,11 @@ class Batch:
     targets: Tensor
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.words, self.lengths, self.inputs, self.targets)))
+        """The batch on ``device``; to a GPU through pinned memory, so the copy does not block."""
+        device = torch.device(device)
+        pinned = device.type == "cuda"
+        return type(self)(**{f.name: (getattr(self, f.name).pin_memory() if pinned else getattr(self, f.name))
+                             .to(device, non_blocking=pinned) for f in fields(self)})
 
     def select(self, index: Tensor | list[int] | slice) -> "Batch":
         """The sentences at ``index`` (first dimension of every field), still padded to this T."""
