@@ -32,6 +32,17 @@ from cvae_core.models import build_model
 BENCH = Path(__file__).resolve().parent
 
 
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -154,7 +165,7 @@ def main() -> None:
     is_rate = evaluation["is_sentences"] / evaluation["is_seconds"]
     figures = {
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": machine_name(device),
         "matmul_gflops": rates, "limit_gflops": rate,
         "flops_per_token_train_vae": vae_flops["train"], "flops_per_token_train_coupled": coupled_flops["train"],
         "flops_per_sentence_is_nll": is_flops,
@@ -170,7 +181,7 @@ def main() -> None:
         "peak_rss_train_mb": training["peak_rss_mb"], "peak_rss_eval_mb": evaluation["peak_rss_mb"],
         "bench_seconds": time.perf_counter() - started,
     }
-    print(f"device {figures['device']}, {figures['threads']} threads, torch {figures['torch']}")
+    print(f"{figures['machine']} ({figures['device']}), {figures['threads']} threads, torch {figures['torch']}")
     print("matmul fp32 GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
           + f" -> limit rate {rate:.1f}")
     print(f"FLOPs assumed (matmuls): train VAE {vae_flops['train'] / 1e6:.1f} M/token, Coupled "
