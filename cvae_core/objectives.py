@@ -99,7 +99,7 @@ class Objective:
         loss = parts["rec"]
         if output.posterior is not None:
             weight = self.kl_weight(step)
-            prior = model.prior
+            prior = output.prior
             if reg.kind == "free_bits":
                 kl_per_dim = output.posterior.kl_per_dim()
                 parts["kl"] = kl_per_dim.sum(-1).mean()

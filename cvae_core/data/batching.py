@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,15 +18,22 @@ class Batch:
     lengths [B]       number of words per sentence
     inputs  [B, T+1]  <bos> w1..wn (decoder input)
     targets [B, T+1]  w1..wn <eos> (decoder target); PAD positions are ignored by the loss
+
+    Conditional (post/response) batches describe the RESPONSE in the four fields above and add
+    post_words [B, P] and post_lengths [B] for the post (the condition); None otherwise.
     """
 
     words: Tensor
     lengths: Tensor
     inputs: Tensor
     targets: Tensor
+    post_words: Tensor | None = None
+    post_lengths: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.words, self.lengths, self.inputs, self.targets)))
+        return Batch(*(None if t is None else t.to(device, non_blocking=True)
+                       for t in (self.words, self.lengths, self.inputs, self.targets,
+                                 self.post_words, self.post_lengths)))
 
     @property
     def size(self) -> int:
@@ -37,7 +45,25 @@ class Batch:
         return int(self.lengths.sum().item()) + self.size
 
 
-def make_batch(examples: list[list[int]]) -> Batch:
+class Pair(NamedTuple):
+    """One conditional example: the post (condition) and its response, word ids without BOS/EOS."""
+
+    post: list[int]
+    response: list[int]
+
+
+def example_length(example: list[int] | Pair) -> int:
+    """Words the decoder reads: the sentence, or a pair's response."""
+    return len(example.response) if isinstance(example, Pair) else len(example)
+
+
+def make_batch(examples: list[list[int]] | list[Pair]) -> Batch:
+    """Pad sentences into a Batch; pairs give a response batch with the posts attached."""
+    if examples and isinstance(examples[0], Pair):
+        batch = make_batch([pair.response for pair in examples])
+        posts = make_batch([pair.post for pair in examples])
+        batch.post_words, batch.post_lengths = posts.words, posts.lengths
+        return batch
     size = len(examples)
     longest = max(len(x) for x in examples)
     words = torch.full((size, longest), PAD, dtype=torch.long)
@@ -72,7 +98,7 @@ class BucketBatcher:
         pool = self.batch_size * self.pool_batches
         batches: list[list[int]] = []
         for start in range(0, len(perm), pool):
-            chunk = sorted(perm[start : start + pool], key=lambda i: len(self.examples[i]))
+            chunk = sorted(perm[start : start + pool], key=lambda i: example_length(self.examples[i]))
             batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
         if len(batches) > 1 and len(batches[-1]) == 1:
             # A one-sentence batch breaks BatchNorm in training (NF/WAE-NF heads, CNN decoder).

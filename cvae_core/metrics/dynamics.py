@@ -40,6 +40,9 @@ def encoding_module(model: nn.Module) -> nn.Module:
     kind = getattr(model, "kind", None)
     if kind == "dae":
         return model.encoder
+    if getattr(model, "conditional", False):
+        raise CvaeError("gradient norms are defined for the unconditional models (VAE, coupled VAE, DAE); "
+                        "this is a conditional (dialogue) model")
     if kind == "vae":
         vae = latent_model(model)
         family = getattr(vae.head, "family", None)

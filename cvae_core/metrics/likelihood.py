@@ -36,7 +36,7 @@ def importance_sampled_nll(model: nn.Module, batch, n_samples: int) -> dict[str,
     rec  = -mean_k log p(x|z_k)
     Samples are decoded in chunks of as many as fit the logit budget (no per-sample loop).
     """
-    posterior, prior = model.posterior(batch), model.prior
+    posterior, prior = model.posterior(batch), model.prior(batch)
     chunk = max(1, min(n_samples, LOGIT_BUDGET // max(1, batch.inputs.numel() * model.vocab_size)))
     log_w, log_q_minus_p, log_px_all = [], [], []
     for start in range(0, n_samples, chunk):

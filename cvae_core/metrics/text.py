@@ -8,7 +8,8 @@ Both are PERCENTAGES (x100), as in the paper's tables (PTB VAE: BLEU-1/2 23.2 / 
   BLEU-2 (the geometric mean of p1 and p2).  The authors multiply numbers multi-bleu has
   already rounded (p_n to 0.1, BP to 0.001); we do not round, so results can differ by < 0.1.
 * ``dist1``, ``dist2``: distinct n-grams / all n-grams, pooled over every sample; n-grams are
-  taken within each sentence (never across two sentences).
+  taken within each sentence (never across two sentences).  For a conditional (dialogue) model
+  the samples are one greedy response per post of the split (Table 8), z ~ p(z|post).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from torch import nn
 from ..data.batching import make_batch
 from ..data.corpus import Split
 from ..errors import CvaeError
-from ..generate import DEFAULT_MAX_STEPS, generator, model_device, reconstruct, sample_prior, seeded
+from ..generate import DEFAULT_MAX_STEPS, generator, model_device, reconstruct, respond, sample_prior, seeded
 
 Tokens = Sequence[Hashable]
 
@@ -133,3 +134,15 @@ def prior_samples(model: nn.Module, n: int, batch_size: int = 32, seed: int = 0,
     """The seeded prior samples :func:`prior_diversity` scores (token ids)."""
     with seeded(seed, model_device(model)):
         return sample_prior(model, n, batch_size, max_steps)
+
+
+@torch.no_grad()
+def response_diversity(model: nn.Module, split: Split, batch_size: int = 32, seed: int = 0,
+                       max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, float]:
+    """Dist-1/2 (percent) of one greedy response per post of a pair split (Table 8)."""
+    responses: list[list[int]] = []
+    with seeded(seed, model_device(model)):
+        for start in range(0, len(split.examples), batch_size):
+            batch = make_batch(split.examples[start : start + batch_size])
+            responses.extend(samples[0] for samples in respond(model, batch, 1, max_steps))
+    return {"dist1": distinct_n(responses, 1), "dist2": distinct_n(responses, 2)}
