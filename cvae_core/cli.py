@@ -158,7 +158,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="read the split from this folder instead of the recorded path")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--bleu", action="store_true",
-                   help="add bleu1/bleu2: reconstruction BLEU (100*BP*p_n, corpus level) of greedy decodes")
+                   help="add bleu1/bleu2: reconstruction BLEU (100*BP*p_n, corpus level) of greedy decodes, "
+                        "and sacrebleu's standard cumulative BLEU as sacrebleu")
     p.add_argument("--bleu-samples", type=int, default=10, help="posterior samples per sentence for --bleu (paper: 10)")
     p.add_argument("--dist", action="store_true", help="add dist1/dist2 (percent) of greedy prior samples")
     p.add_argument("--dist-samples", type=int, default=3200, help="prior samples for --dist (paper: 3200)")

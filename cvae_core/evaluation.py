@@ -70,11 +70,11 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
         raise CvaeError(f"--dist-samples must be >= 1, got {dist_samples}")
     model, config, _, data = load_for_evaluation(checkpoint, split, device, data_overrides, limit)
     conditional = getattr(model, "conditional", False)
-    if bleu and (model.kind != "vae" or conditional):
-        raise CvaeError(f"--bleu needs an unconditional latent-variable model (model.kind=vae), got "
-                        f"{config.model.kind!r}")
-    if dist and model.kind != "vae" and not conditional:
-        raise CvaeError(f"--dist needs a latent-variable or dialogue model, got {model.kind!r}")
+    if (bleu or dist) and model.kind != "vae" and not conditional:
+        raise CvaeError(f"--bleu and --dist need a latent-variable model (model.kind=vae), got {model.kind!r}")
+    if bleu and conditional:
+        raise CvaeError(f"--bleu scores reconstructions of sentence models; {config.preset!r} is a dialogue "
+                        "model (--dist scores its responses)")
     if grad_norms:
         encoding_module(model)  # fail before the long likelihood evaluation
     steps = max_steps or config.data.max_len
@@ -84,9 +84,12 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
     optional: dict[str, Any] = {}
     if bleu:
         scored = reconstruction_bleu(model, data, n_samples=bleu_samples, seed=seed, max_steps=steps)
-        result.update(bleu1=scored["bleu1"], bleu2=scored["bleu2"])
+        result.update(bleu1=scored["bleu1"], bleu2=scored["bleu2"], sacrebleu=scored["sacrebleu"])
         optional.update(bleu_samples=bleu_samples, bleu_pairs=scored["bleu_pairs"],
-                        bleu_definition="corpus 100*BP*p_n, multi-bleu style, not cumulative")
+                        bleu_definition="corpus 100*BP*p_n, multi-bleu style, not cumulative; counts from "
+                                        "sacrebleu, tokenize=none",
+                        sacrebleu_definition="sacrebleu corpus BLEU, 4-gram cumulative, exp smoothing, "
+                                             "tokenize=none")
     if dist and conditional:
         result.update(response_diversity(model, data, seed=seed, max_steps=steps))
         optional.update(dist_samples=len(data.examples), dist_definition="100*distinct/total n-grams, pooled "
