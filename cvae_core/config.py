@@ -106,6 +106,10 @@ class TrainConfig:
     # for that many steps into <output_dir>/pretrain (reused if already finished).
     pretrain_steps: int = 0
     init_from: str = ""
+    # Figure 2: every K steps, the gradient norms w.r.t. the encoding on a fixed batch of 16
+    # validation sentences, logged at each evaluation as train_grad_total / train_grad_reg /
+    # train_dh_de (means of the measurements since the previous evaluation). 0 = off.
+    dynamics_every: int = 0
 
 
 @dataclass
@@ -258,6 +262,7 @@ def validate(config: Config) -> None:
         "data.valid_limit": config.data.valid_limit,
         "train.keep_last": config.train.keep_last,
         "train.pretrain_steps": config.train.pretrain_steps,
+        "train.dynamics_every": config.train.dynamics_every,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -156,6 +156,7 @@ def test_dialogue_preset_trains_saves_reloads_and_evaluates(name, pairs_slice, t
     config = build_config(name, "ptb-pairs", "quick", SLICE)
     result = train(config, tmp_path, corpus=pairs_slice, log=lambda _: None)
     assert result.steps == 50 and result.best_checkpoint is not None
+    assert 0 < result.best_metrics["val_dist1"] <= 100 and 0 <= result.best_metrics["val_dist2"] <= 100
     model, loaded, _ = load_model(tmp_path / "checkpoints" / "best")
     assert loaded.to_dict() == config.to_dict()
     scores = evaluate_checkpoint(tmp_path / "checkpoints" / "best", split="valid", n_samples=3, mi_samples=3,
