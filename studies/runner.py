@@ -864,4 +864,6 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
 
 
 def _script_for(spec: StudySpec) -> str:
+    if (Path(__file__).resolve().parent / f"{spec.name}.py").exists():  # e.g. cvae_sweep.py for its spec
+        return f"{spec.name}.py"
     return {"lambda": "lambda_sweep.py", "posterior": "posterior_sweep.py"}.get(spec.space, "lambda_sweep.py")
