@@ -319,6 +319,9 @@ def _validate_combinations(config: Config) -> None:
         raise CvaeError("model.kind=cvae is the paper's Gaussian CVAE: it needs model.posterior=gaussian, "
                         f"model.decoder=gru and regularizer.kind=kl, got {model.posterior}, {model.decoder}, "
                         f"{reg.kind}")
+    if train.dynamics_every and not (model.kind == "dae" or (latent and model.posterior == "gaussian")):
+        raise CvaeError("train.dynamics_every (Figure 2's gradient norms) needs a DAE or a Gaussian VAE "
+                        f"(coupled or not), got model.kind={model.kind}, model.posterior={model.posterior}")
     if model.kind == "seq2seq" and model.decoder != "gru":
         raise CvaeError(f"model.kind=seq2seq has a GRU decoder only, got model.decoder={model.decoder}")
     if latent and reg.kind == "free_bits" and model.posterior != "gaussian":

@@ -33,8 +33,8 @@ from . import __version__
 from .checkpoint import load_checkpoint, point_link, restore_rng, save_checkpoint
 from .config import Config, validate
 from .data import BucketBatcher, Corpus, load_corpus
-from .errors import CvaeError
 from .data.batching import make_batch
+from .errors import CvaeError
 from .metrics import evaluate
 from .metrics.dynamics import GRAD_BATCH, encoding_module, held_out_gradient_norms
 from .metrics.text import response_diversity

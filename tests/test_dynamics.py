@@ -176,3 +176,13 @@ def test_training_dynamics_are_logged_and_leave_the_trajectory_unchanged(tiny_co
     logged = measured.history[0]
     assert all(logged[f"train_{key}"] > 0 for key in DYNAMICS_KEYS)
     assert "train_grad_total" not in plain.history[0]
+
+
+def test_training_dynamics_refuse_models_the_norms_do_not_cover():
+    from cvae_core.config import build_config
+
+    with pytest.raises(CvaeError, match="train.dynamics_every .* needs a DAE or a Gaussian VAE"):
+        build_config("vmf-vae", "ptb", "quick", {"train.dynamics_every": 10})
+    with pytest.raises(CvaeError, match="model.kind=cvae"):
+        build_config("coupled-cvae", "ptb-pairs", "quick", {"train.dynamics_every": 10})
+    assert build_config("dae", "ptb", "quick", {"train.dynamics_every": 10}).train.dynamics_every == 10

@@ -183,7 +183,8 @@ def test_every_shipped_spec_is_valid_and_its_baselines_resolve():
         assert spec.resources.max_failures >= 1 and spec.resources.max_concurrent_trials >= 1
         assert 2 <= spec.scheduler.grace_period <= spec.evaluations
         context = _context(**spec.overrides)
-        context = StudyContext(**{**context.__dict__, "preset": spec.preset, "scale": spec.scale})
+        context = StudyContext(**{**context.__dict__, "preset": spec.preset, "scale": spec.scale,
+                                  "dataset": spec.dataset})
         for cell in spec.baselines + GRIDS[spec.grid]():
             resolve_trial_config(context, cell)
 
