@@ -54,6 +54,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 def generator(model: nn.Module) -> nn.Module:
     """The latent model that generates: a TextVAE (a coupled model's stochastic ``base``)."""
     kind = getattr(model, "kind", None)
+    if getattr(model, "conditional", False):
+        raise CvaeError("this is a dialogue model: its sentences depend on a post (use `cvae respond`)")
     if kind != "vae":
         raise CvaeError(f"generation needs a latent-variable model (model.kind=vae), got model.kind={kind!r}")
     return latent_model(model)

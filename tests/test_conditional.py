@@ -179,3 +179,5 @@ def test_cvae_respond_prints_several_responses(pairs_slice, tmp_path, capsys):
     assert lines[0] == "> the company said" and len(lines) == 4 and all(line.startswith("< ") for line in lines[1:])
     assert main(["respond", str(tmp_path / "checkpoints" / "best"), "  "]) == 2
     assert "has no words" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "checkpoints" / "best"), "--mode", "reconstruct", "--n", "2"]) == 2
+    assert "dialogue model" in capsys.readouterr().err
