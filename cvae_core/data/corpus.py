@@ -26,6 +26,8 @@ KNOWN_CHECKSUMS = {
     ("yahoo", "test"): "3e6dcb643282e3543303980f1e21bb9d",
     ("yelp13", "valid"): "d896e291874f9e06ceff2c53fb4f44eb",
     ("yelp13", "test"): "cf092be5b35142f3a7820e9b7e6d225f",
+    ("swda", "valid"): "d3964e58472ba305dc290ac7f26bcef5",  # Zhao et al.'s Switchboard JSON lines
+    ("swda", "test"): "aa6d63988925dbe8a064edc3baa3cdcf",
 }
 
 
