@@ -186,3 +186,18 @@ def test_training_dynamics_refuse_models_the_norms_do_not_cover():
     with pytest.raises(CvaeError, match="model.kind=cvae"):
         build_config("coupled-cvae", "ptb-pairs", "quick", {"train.dynamics_every": 10})
     assert build_config("dae", "ptb", "quick", {"train.dynamics_every": 10}).train.dynamics_every == 10
+
+
+def test_figure2_plot_draws_the_training_dynamics_metrics(tmp_path):
+    import pandas as pd
+
+    from analysis.plots import grad_metrics, plot_grad_norms
+
+    runs = pd.DataFrame({"run_id": ["a", "b"], "preset": ["vae", "coupled-vae"]})
+    rows = [(run, f"train_{key}", step, value * step)
+            for run, value in (("a", 1.0), ("b", 2.0)) for key in DYNAMICS_KEYS for step in (100, 200)]
+    rows += [("a", "train_grad_norm", 100, 5.0), ("a", "val_nll", 100, 90.0)]
+    history = pd.DataFrame(rows, columns=["run_id", "metric", "step", "value"])
+    assert grad_metrics(history) == ["train_dh_de", "train_grad_reg", "train_grad_total"]
+    (path,) = plot_grad_norms(runs, history, tmp_path, note=lambda _: None)
+    assert path.name == "grad_norms.png" and path.stat().st_size > 1000
