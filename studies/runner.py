@@ -541,7 +541,8 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options):
 # ---------------------------------------------------------------------------------------------
 # Results
 
-SUMMARY_KEYS = ("val_nll", "val_kl", "val_mi_loo", "val_au", "val_ppl", "val_elbo", "val_rec", "step")
+SUMMARY_KEYS = ("val_nll", "val_kl", "val_mi_loo", "val_au", "val_ppl", "val_elbo", "val_rec", "step",
+                "val_dist1", "val_dist2")  # the last two: dialogue models (Table 8 diversity)
 
 
 def collect_rows(spec: StudySpec, state: StudyState, results, trials, statuses: dict[str, str]) -> list[TrialRow]:
