@@ -25,7 +25,7 @@ import yaml
 from cvae_core.config import PRESETS
 
 SPEC = Path(__file__).resolve().parents[1] / "studies" / "specs" / "lambda_sweep.yaml"
-FAMILIES = [name for name in PRESETS if f"coupled-{name}" in PRESETS]
+FAMILIES = [name for name in PRESETS if f"coupled-{name}" in PRESETS and not PRESETS[name].conditional]
 METRICS = ("val_nll", "val_kl", "val_ppl", "val_mi_loo", "val_au")
 
 

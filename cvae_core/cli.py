@@ -105,6 +105,27 @@ def _generate(args: argparse.Namespace) -> None:
                     print(f"B {words(b)}\n")
 
 
+def _respond(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .data.batching import Pair, make_batch
+    from .data.pairs import tokenize_utterance
+    from .generate import respond, seeded
+    from .train import resolve_device
+
+    if args.n < 1 or args.max_steps < 0:
+        raise CvaeError(f"--n must be >= 1 and --max-steps >= 0 (got {args.n}, {args.max_steps})")
+    model, config, vocab = load_model(args.checkpoint, resolve_device(args.device))
+    words = tokenize_utterance(args.post)
+    if not words:
+        raise CvaeError(f"the post {args.post!r} has no words")
+    batch = make_batch([Pair(vocab.encode(words[: config.data.max_len]), [])])
+    with seeded(args.seed, next(model.parameters()).device):
+        (responses,) = respond(model, batch, args.n, args.max_steps or config.data.max_len)
+    print(f"> {' '.join(vocab.decode(vocab.encode(words)))}")
+    for ids in responses:
+        print(f"< {' '.join(vocab.decode(ids))}")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="cvae", description="Coupled-VAE: train and evaluate text VAEs.")
     sub = top.add_subparsers(dest="command", required=True)
@@ -115,10 +136,12 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model")
     p.add_argument("--preset", default="coupled-vae", help="see `cvae presets`")
-    p.add_argument("--dataset", default="ptb", help="ptb | yelp13 | yahoo | text")
+    p.add_argument("--dataset", default="ptb",
+                   help="ptb | yelp13 | yahoo | text; dialogue presets: ptb-pairs | swda | pairs")
     p.add_argument("--scale", default="quick", choices=SCALES, help="quick (CPU minutes) or paper (60K steps)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
-    p.add_argument("--data-dir", help="folder with train.txt, valid.txt, test.txt (not needed for PTB)")
+    p.add_argument("--data-dir", help="folder with train.txt, valid.txt, test.txt (swda: .jsonl, pairs: .tsv; "
+                                      "not needed for ptb and ptb-pairs)")
     p.add_argument("--out", help="output folder (default runs/<preset>-<dataset>-<scale>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest")
     p.set_defaults(func=_train)
@@ -135,7 +158,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="read the split from this folder instead of the recorded path")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--bleu", action="store_true",
-                   help="add bleu1/bleu2: reconstruction BLEU (100*BP*p_n, corpus level) of greedy decodes")
+                   help="add bleu1/bleu2: reconstruction BLEU (100*BP*p_n, corpus level) of greedy decodes, "
+                        "and sacrebleu's standard cumulative BLEU as sacrebleu")
     p.add_argument("--bleu-samples", type=int, default=10, help="posterior samples per sentence for --bleu (paper: 10)")
     p.add_argument("--dist", action="store_true", help="add dist1/dist2 (percent) of greedy prior samples")
     p.add_argument("--dist-samples", type=int, default=3200, help="prior samples for --dist (paper: 3200)")
@@ -156,6 +180,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", help="read the split from this folder instead of the recorded path")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("respond", help="print greedy responses of a dialogue model (seq2seq, cvae, coupled-cvae) "
+                                       "to a post")
+    p.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/.../checkpoints/best")
+    p.add_argument("post", help="the post, plain text (lower-cased and tokenised like the training data)")
+    p.add_argument("--n", type=int, default=5, help="responses, each from its own z ~ p(z|post)")
+    p.add_argument("--max-steps", type=int, default=0, help="greedy decoding steps (0 = data.max_len, 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_respond)
     return top
 
 

@@ -13,8 +13,10 @@ from typing import Any, Callable, get_type_hints
 
 from .errors import CvaeError
 
-DATASETS = ("ptb", "yelp13", "yahoo", "text")
-MODEL_KINDS = ("lm", "dae", "vae")
+DATASETS = ("ptb", "yelp13", "yahoo", "text", "ptb-pairs", "swda", "pairs")
+PAIR_DATASETS = ("ptb-pairs", "swda", "pairs")  # post/response pairs, for the conditional models
+MODEL_KINDS = ("lm", "dae", "vae", "seq2seq", "cvae")
+CONDITIONAL_KINDS = ("seq2seq", "cvae")
 POSTERIORS = ("gaussian", "vmf", "power_spherical", "nf")
 DECODERS = ("gru", "cnn")
 REGULARIZERS = ("kl", "free_bits", "mmd")
@@ -43,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "vae"  # lm | dae | vae
+    kind: str = "vae"  # lm | dae | vae | seq2seq | cvae (the last two read post/response pairs)
     posterior: str = "gaussian"
     decoder: str = "gru"
     embed_dim: int = 200
@@ -107,6 +109,10 @@ class TrainConfig:
     # for that many steps into <output_dir>/pretrain (reused if already finished).
     pretrain_steps: int = 0
     init_from: str = ""
+    # Figure 2: every K steps, the gradient norms w.r.t. the encoding on a fixed batch of 16
+    # validation sentences, logged at each evaluation as train_grad_total / train_grad_reg /
+    # train_dh_de (means of the measurements since the previous evaluation). 0 = off.
+    dynamics_every: int = 0
 
 
 @dataclass
@@ -263,6 +269,7 @@ def validate(config: Config) -> None:
         "data.valid_limit": config.data.valid_limit,
         "train.keep_last": config.train.keep_last,
         "train.pretrain_steps": config.train.pretrain_steps,
+        "train.dynamics_every": config.train.dynamics_every,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -294,10 +301,12 @@ def validate(config: Config) -> None:
     if config.model.dropout >= 1:
         raise CvaeError(f"model.dropout must be < 1, got {config.model.dropout}")
     _validate_combinations(config)
-    if config.data.dataset in ("yelp13", "yahoo", "text") and not (config.data.data_dir or config.data.train_path):
+    if config.data.dataset in ("yelp13", "yahoo", "text", "swda", "pairs") and not (
+            config.data.data_dir or config.data.train_path):
+        ext = {"swda": "jsonl", "pairs": "tsv"}.get(config.data.dataset, "txt")
         raise CvaeError(
-            f"data.dataset={config.data.dataset} needs data.data_dir=DIR (with train.txt, valid.txt, test.txt)"
-            " or data.train_path/valid_path/test_path"
+            f"data.dataset={config.data.dataset} needs data.data_dir=DIR (with train.{ext}, valid.{ext}, "
+            f"test.{ext}) or data.train_path/valid_path/test_path"
         )
 
 
@@ -306,8 +315,22 @@ def _validate_combinations(config: Config) -> None:
     study searching model.posterior x regularizer.kind can prune them)."""
     model, reg, train = config.model, config.regularizer, config.train
     latent = model.kind == "vae"
-    if config.coupling.enabled and not latent:
-        raise CvaeError(f"coupling needs model.kind=vae, got {model.kind!r}")
+    if config.coupling.enabled and model.kind not in ("vae", "cvae"):
+        raise CvaeError(f"coupling needs model.kind=vae or cvae, got {model.kind!r}")
+    conditional_data = config.data.dataset in PAIR_DATASETS
+    if conditional_data != (model.kind in CONDITIONAL_KINDS):
+        raise CvaeError(f"model.kind={model.kind} and data.dataset={config.data.dataset} do not fit: the "
+                        f"conditional models ({', '.join(CONDITIONAL_KINDS)}) read post/response pairs "
+                        f"({', '.join(PAIR_DATASETS)}), the others read sentences")
+    if model.kind == "cvae" and (model.posterior, model.decoder, reg.kind) != ("gaussian", "gru", "kl"):
+        raise CvaeError("model.kind=cvae is the paper's Gaussian CVAE: it needs model.posterior=gaussian, "
+                        f"model.decoder=gru and regularizer.kind=kl, got {model.posterior}, {model.decoder}, "
+                        f"{reg.kind}")
+    if train.dynamics_every and not (model.kind == "dae" or (latent and model.posterior == "gaussian")):
+        raise CvaeError("train.dynamics_every (Figure 2's gradient norms) needs a DAE or a Gaussian VAE "
+                        f"(coupled or not), got model.kind={model.kind}, model.posterior={model.posterior}")
+    if model.kind == "seq2seq" and model.decoder != "gru":
+        raise CvaeError(f"model.kind=seq2seq has a GRU decoder only, got model.decoder={model.decoder}")
     if latent and reg.kind == "free_bits" and model.posterior != "gaussian":
         raise CvaeError(f"regularizer.kind=free_bits needs model.posterior=gaussian (a per-dimension KL), "
                         f"got model.posterior={model.posterior}")
@@ -369,6 +392,11 @@ class Preset:
     settings: dict[str, Any]
     # dataset -> settings applied on top (notes section 8); step counts are in paper steps
     per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def conditional(self) -> bool:
+        """A dialogue preset: it trains on post/response pairs (ptb-pairs, swda, pairs)."""
+        return self.settings.get("model.kind") in CONDITIONAL_KINDS
 
 
 PRESETS: dict[str, Preset] = {}
@@ -460,12 +488,31 @@ register_pair("power-spherical-vae", "beyond the paper: Power Spherical-VAE",
               "Power Spherical posterior (De Cao & Aziz 2020), uniform prior; vMF's lambda_m",
               {"model.posterior": "power_spherical"}, _starts(2000, 2000, 2000), lambda_m=(7.5, 7.0, 5.0))
 
+# Table 8: dialogue generation (post -> response). Linear KL annealing from s0 = 2000 over 40K
+# steps as for PTB; the coupled twin uses RQ and lambda_r = 1, and the paper sweeps lambda_m over
+# 0.1, 0.5, 1 and 2 (--set coupling.lambda_m=...; studies/cvae_sweep.py runs all four).
+CVAE_LAMBDA_M = (0.1, 0.5, 1.0, 2.0)
+register_preset(Preset("seq2seq", "dialogue (Table 8)", "GRU encoder-decoder: post -> response (exact NLL)",
+                       {"model.kind": "seq2seq"}))
+register_preset(Preset("cvae", "dialogue (Table 8)",
+                       "CVAE: prior net p(z|post), posterior q(z|response, post), signal toInit(z) + Linear(post)",
+                       {"model.kind": "cvae"}))
+register_preset(Preset("coupled-cvae", "dialogue (Table 8)",
+                       "CVAE + deterministic coupled twin (lambda_r 1, RQ, lambda_m 0.1; the paper also "
+                       "reports 0.5, 1, 2)",
+                       {"model.kind": "cvae", "coupling.enabled": True, "coupling.lambda_r": 1.0,
+                        "coupling.distance": "rq", "coupling.lambda_m": CVAE_LAMBDA_M[0]}))
+
 
 DATASET_SIZES = {  # hidden size per direction (notes section 8)
     "ptb": {"model.hidden_dim": 128},
     "yelp13": {"model.hidden_dim": 256},
     "yahoo": {"model.hidden_dim": 256},
     "text": {},
+    "ptb-pairs": {"model.hidden_dim": 128},
+    # Switchboard: the authors' vocabulary keeps words seen at least 5 times in the training pairs
+    "swda": {"model.hidden_dim": 128, "data.min_count": 5},
+    "pairs": {"model.hidden_dim": 128},
 }
 
 

@@ -17,7 +17,7 @@ from .data.corpus import KNOWN_CHECKSUMS
 from .errors import CvaeError
 from .metrics.dynamics import GRAD_BATCH, encoding_module, gradient_norms
 from .metrics.likelihood import MI_BATCH, evaluate
-from .metrics.text import prior_diversity, reconstruction_bleu
+from .metrics.text import prior_diversity, reconstruction_bleu, response_diversity
 from .train import format_duration, resolve_device
 
 RESULT_KEYS = ("nll", "kl", "ppl", "elbo", "mi_loo", "mi_batch", "au", "n_sentences", "n_tokens")
@@ -69,8 +69,12 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
     if dist and dist_samples < 1:
         raise CvaeError(f"--dist-samples must be >= 1, got {dist_samples}")
     model, config, _, data = load_for_evaluation(checkpoint, split, device, data_overrides, limit)
-    if (bleu or dist) and model.kind != "vae":
+    conditional = getattr(model, "conditional", False)
+    if (bleu or dist) and model.kind != "vae" and not conditional:
         raise CvaeError(f"--bleu and --dist need a latent-variable model (model.kind=vae), got {model.kind!r}")
+    if bleu and conditional:
+        raise CvaeError(f"--bleu scores reconstructions of sentence models; {config.preset!r} is a dialogue "
+                        "model (--dist scores its responses)")
     if grad_norms:
         encoding_module(model)  # fail before the long likelihood evaluation
     steps = max_steps or config.data.max_len
@@ -80,10 +84,17 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
     optional: dict[str, Any] = {}
     if bleu:
         scored = reconstruction_bleu(model, data, n_samples=bleu_samples, seed=seed, max_steps=steps)
-        result.update(bleu1=scored["bleu1"], bleu2=scored["bleu2"])
+        result.update(bleu1=scored["bleu1"], bleu2=scored["bleu2"], sacrebleu=scored["sacrebleu"])
         optional.update(bleu_samples=bleu_samples, bleu_pairs=scored["bleu_pairs"],
-                        bleu_definition="corpus 100*BP*p_n, multi-bleu style, not cumulative")
-    if dist:
+                        bleu_definition="corpus 100*BP*p_n, multi-bleu style, not cumulative; counts from "
+                                        "sacrebleu, tokenize=none",
+                        sacrebleu_definition="sacrebleu corpus BLEU, 4-gram cumulative, exp smoothing, "
+                                             "tokenize=none")
+    if dist and conditional:
+        result.update(response_diversity(model, data, seed=seed, max_steps=steps))
+        optional.update(dist_samples=len(data.examples), dist_definition="100*distinct/total n-grams, pooled "
+                        "over one response per post, z ~ p(z|post)")
+    elif dist:
         result.update(prior_diversity(model, n=dist_samples, seed=seed, max_steps=steps))
         optional.update(dist_samples=dist_samples, dist_definition="100*distinct/total n-grams, pooled")
     if bleu or dist:
@@ -102,6 +113,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
         "md5_matches_reference": None if expected is None else expected == data.md5,
         "n_sentences": len(data.examples),
         "nll_estimator": "exact" if model.kind == "lm" else "importance_sampling_q_proposal",
+        **({"conditional": "response given post; KL to p(z|post); PPL over response tokens + <eos>"}
+           if conditional else {}),
         "n_samples": n_samples,
         "sample_streams": "one seeded stream per sentence (independent of batching)",
         "mi_samples": mi_samples,

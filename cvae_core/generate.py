@@ -54,6 +54,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 def generator(model: nn.Module) -> nn.Module:
     """The latent model that generates: a TextVAE (a coupled model's stochastic ``base``)."""
     kind = getattr(model, "kind", None)
+    if getattr(model, "conditional", False):
+        raise CvaeError("this is a dialogue model: its sentences depend on a post (use `cvae respond`)")
     if kind != "vae":
         raise CvaeError(f"generation needs a latent-variable model (model.kind=vae), got model.kind={kind!r}")
     return latent_model(model)
@@ -137,11 +139,32 @@ def sample_prior(model: nn.Module, n: int, batch_size: int = 32,
     vae = generator(model)
     out: list[list[int]] = []
     with eval_mode(model):
-        prior = vae.prior
+        prior = vae.prior()
         for start in range(0, n, batch_size):
             z = prior.sample((min(batch_size, n - start),))
             out.extend(decode_signals(vae.decoder, vae.signal(z), max_steps))
     return out
+
+
+@torch.no_grad()
+def respond(model: nn.Module, batch: Batch, n_samples: int = 1,
+            max_steps: int = DEFAULT_MAX_STEPS) -> list[list[list[int]]]:
+    """Greedy responses to the posts of a pair batch (its responses are not read): for a CVAE
+    each from its own z ~ p(z|post), for seq2seq the one deterministic response repeated.
+
+    -> [B][n_samples] token-id lists.  Uses the global torch RNG; wrap in :func:`seeded`.
+    """
+    if n_samples < 1:
+        raise CvaeError(f"n_samples must be >= 1, got {n_samples}")
+    net = latent_model(model)  # a coupled CVAE answers through its stochastic base
+    if not getattr(net, "conditional", False):
+        raise CvaeError("responding needs a conditional (dialogue) model: seq2seq, cvae or coupled-cvae")
+    batch = batch.to(model_device(model))
+    with eval_mode(model):
+        h = net.response_signals(batch, n_samples)  # [S, B, E]
+        sentences = decode_signals(net.decoder, h.reshape(-1, h.shape[-1]), max_steps)
+    size = batch.size
+    return [[sentences[k * size + i] for k in range(n_samples)] for i in range(size)]
 
 
 @torch.no_grad()

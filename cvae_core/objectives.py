@@ -13,10 +13,13 @@ def linear_kl_weight(step: int, start: int, steps: int, cap: float) -> float:
 
 
 def cyclic_kl_weight(step: int, start: int, steps: int, cycles: int, ratio: float, cap: float = 1.0) -> float:
-    """Fu et al.: M cycles over [s0, s0+S], each ramping 0->1 over a fraction R, then holding 1."""
+    """Fu et al.: M cycles over [s0, s0+S], each ramping 0->1 over a fraction R, then holding 1.
+
+    Step s0+S itself is still the start of a cycle (weight 0), as in the authors' schedule, which
+    holds the cap only for steps strictly after s0+S."""
     if step < start:
         return 0.0
-    if step >= start + steps:
+    if step > start + steps:
         return cap
     period = steps / cycles
     tau = ((step - start) % period) / period
@@ -96,7 +99,7 @@ class Objective:
         loss = parts["rec"]
         if output.posterior is not None:
             weight = self.kl_weight(step)
-            prior = model.prior
+            prior = output.prior
             if reg.kind == "free_bits":
                 kl_per_dim = output.posterior.kl_per_dim()
                 parts["kl"] = kl_per_dim.sum(-1).mean()

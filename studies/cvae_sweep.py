@@ -1,15 +1,21 @@
 #!/usr/bin/env python
-"""Coupled-CVAE λ_m sweep on Switchboard (the paper's Table 8): not available yet.
+"""Dialogue generation (the paper's Table 8): seq2seq, CVAE and Coupled-CVAE over λ_m.
 
-The conditional CVAE (post/response encoders, prior network p(z|y)) is not in cvae_core yet.
-Once it is, this becomes a spec (studies/specs/cvae_sweep.yaml, λ_m ∈ {0.1, 0.5, 1, 2}) run by
-studies/runner.py like the other sweeps.
+    python studies/cvae_sweep.py                                  # small ptb-pairs study, local Ray, SQLite MLflow
+    python studies/cvae_sweep.py --dataset swda --data-dir DIR    # Switchboard (train/valid/test.jsonl)
+    python studies/cvae_sweep.py --search tpe                     # Optuna over λ_m, λ_r, distance (+ baselines)
+    python -m analysis table --layout table8                      # the study as Table 8
 """
 import sys
+from pathlib import Path
 
-MESSAGE = ("cvae_sweep.py: the conditional Coupled-CVAE (Table 8) does not exist in cvae_core yet, "
-           "so there is nothing to sweep; use lambda_sweep.py or posterior_sweep.py")
+# Run from a checkout: import `studies` from the repository root, and keep this folder off
+# sys.path so that studies/spec.py & co. never shadow a library's top-level module.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+from studies.runner import main  # noqa: E402
 
 if __name__ == "__main__":
-    print(MESSAGE, file=sys.stderr)
-    sys.exit(2)
+    sys.exit(main("cvae_sweep", __doc__, prog="studies/cvae_sweep.py"))

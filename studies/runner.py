@@ -70,6 +70,10 @@ def build_parser(prog: str, default_spec: str, description: str) -> argparse.Arg
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (torch threads)")
     p.add_argument("--max-concurrent", type=int, default=None, help="max concurrent trials")
     p.add_argument("--max-failures", type=int, default=None, help="retries per trial (>= 1)")
+    p.add_argument("--dataset", default=None,
+                   help="replace the spec's dataset (e.g. swda for cvae_sweep; needs --data-dir where the "
+                        "dataset has files)")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset's train/valid/test files")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the spec's base config, e.g. --set train.steps=1000 (repeatable)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="STUDY",
@@ -97,6 +101,8 @@ class Options:
     max_concurrent: int | None = None
     max_failures: int | None = None
     overrides: list[str] = field(default_factory=list)
+    dataset: str | None = None
+    data_dir: str | None = None
     resume: str | None = None
     verbose: bool = False
 
@@ -162,6 +168,10 @@ def apply_flags(spec: StudySpec, options: Options) -> StudySpec:
         spec.resources.max_concurrent_trials = options.max_concurrent
     if options.max_failures is not None:
         spec.resources.max_failures = options.max_failures
+    if options.dataset:
+        spec.dataset = options.dataset
+    if options.data_dir:
+        spec.overrides["data.data_dir"] = str(Path(options.data_dir).expanduser().resolve())
     for item in options.overrides:
         if "=" not in item:
             raise StudyError(f"--set expects KEY=VALUE, got {item!r}")
@@ -329,6 +339,7 @@ def run_study(options: Options) -> StudyOutcome:
         ignored = [flag for flag, value in (("--search", options.search), ("--objectives", options.objectives),
                                             ("--num-samples", options.num_samples), ("--seeds", options.seeds),
                                             ("--seed", options.seed), ("--set", options.overrides or None),
+                                            ("--dataset", options.dataset), ("--data-dir", options.data_dir),
                                             ("--storage-path", options.storage_path))
                    if value is not None]
         if ignored:
@@ -530,7 +541,8 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options):
 # ---------------------------------------------------------------------------------------------
 # Results
 
-SUMMARY_KEYS = ("val_nll", "val_kl", "val_mi_loo", "val_au", "val_ppl", "val_elbo", "val_rec", "step")
+SUMMARY_KEYS = ("val_nll", "val_kl", "val_mi_loo", "val_au", "val_ppl", "val_elbo", "val_rec", "step",
+                "val_dist1", "val_dist2")  # the last two: dialogue models (Table 8 diversity)
 
 
 def collect_rows(spec: StudySpec, state: StudyState, results, trials, statuses: dict[str, str]) -> list[TrialRow]:
@@ -853,4 +865,6 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
 
 
 def _script_for(spec: StudySpec) -> str:
+    if (Path(__file__).resolve().parent / f"{spec.name}.py").exists():  # e.g. cvae_sweep.py for its spec
+        return f"{spec.name}.py"
     return {"lambda": "lambda_sweep.py", "posterior": "posterior_sweep.py"}.get(spec.space, "lambda_sweep.py")

@@ -102,7 +102,17 @@ def posterior_grid() -> list[dict[str, Any]]:
     return cells
 
 
-GRIDS: dict[str, Callable[[], list[dict[str, Any]]]] = {"table3": table3_grid, "posterior": posterior_grid}
+def table8_grid() -> list[dict[str, Any]]:
+    """The paper's Table 8 rows: the GRU encoder-decoder, the CVAE and the Coupled-CVAE at each
+    lambda_m in {0.1, 0.5, 1, 2} (RQ, lambda_r = 1, the preset's)."""
+    from cvae_core.config import CVAE_LAMBDA_M
+
+    return [{"preset": "seq2seq"}, {"preset": "cvae"},
+            *({"preset": "coupled-cvae", "coupling.lambda_m": lm} for lm in CVAE_LAMBDA_M)]
+
+
+GRIDS: dict[str, Callable[[], list[dict[str, Any]]]] = {"table3": table3_grid, "posterior": posterior_grid,
+                                                          "table8": table8_grid}
 
 
 # ---------------------------------------------------------------------------------------------

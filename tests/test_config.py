@@ -35,8 +35,8 @@ def test_overrides_bare_and_dotted_keys():
 
 
 def test_every_preset_builds_for_ptb():
-    for name in PRESETS:
-        assert build_config(name, "ptb", "quick").preset == name
+    for name, preset in PRESETS.items():
+        assert build_config(name, "ptb-pairs" if preset.conditional else "ptb", "quick").preset == name
 
 
 def test_linear_and_cyclic_schedules_at_chosen_steps():
@@ -49,3 +49,10 @@ def test_linear_and_cyclic_schedules_at_chosen_steps():
     assert cyclic_kl_weight(9000, 2000, 40000, 4, 0.5) == 1.0
     assert cyclic_kl_weight(12000, 2000, 40000, 4, 0.5) == 0.0  # second cycle restarts
     assert cyclic_kl_weight(50000, 2000, 40000, 4, 0.5) == 1.0
+
+
+def test_cyclic_annealing_boundary_is_the_authors():
+    # s0 + S is the start of a (fifth) cycle in the authors' schedule; the cap holds only after it
+    assert cyclic_kl_weight(42000, 2000, 40000, 4, 0.5) == 0.0
+    assert cyclic_kl_weight(42001, 2000, 40000, 4, 0.5) == 1.0
+    assert cyclic_kl_weight(41999, 2000, 40000, 4, 0.5) == 1.0  # end of the fourth cycle's plateau

@@ -7,7 +7,8 @@ from torch.distributions import Normal, kl_divergence
 from cvae_core.data import load_corpus
 from cvae_core.data.batching import make_batch
 from cvae_core.errors import CvaeError
-from cvae_core.metrics.dynamics import GRAD_KEYS, batch_gradient_norms, encoding_module, gradient_norms
+from cvae_core.metrics.dynamics import (DYNAMICS_KEYS, GRAD_KEYS, batch_gradient_norms, encoding_module,
+                                       gradient_norms, held_out_gradient_norms)
 from cvae_core.models import build_model
 from cvae_core.modules.posteriors import DiagonalGaussian
 
@@ -145,3 +146,58 @@ def test_unsupported_models_raise_a_clear_error(build, preset, overrides, messag
     model, test = build(preset, **overrides)
     with pytest.raises(CvaeError, match=message):
         gradient_norms(model, test)
+
+
+def test_held_out_dynamics_norms_equal_a_direct_computation(build, fixed_noise):
+    model, test = build("coupled-vae")
+    sentences = test.examples[:5]
+    norms = held_out_gradient_norms(model, make_batch(sentences), seed=0)
+    assert set(norms) == set(DYNAMICS_KEYS)
+    direct = [direct_norms(model, sentence) for sentence in sentences]
+    for key in DYNAMICS_KEYS:
+        assert norms[key] == pytest.approx(sum(d[key] for d in direct) / len(direct), rel=1e-4), key
+
+
+def test_training_dynamics_are_logged_and_leave_the_trajectory_unchanged(tiny_config, tmp_path):
+    from cvae_core.checkpoint import load_checkpoint
+    from cvae_core.train import train
+
+    runs = {}
+    for every in (0, 3):
+        # dropout on, so a measurement that consumed the training RNG would change the run
+        config = tiny_config("coupled-vae", **{"train.dynamics_every": every, "model.dropout": 0.2})
+        result = train(config, tmp_path / f"every{every}", log=lambda _: None)
+        runs[every] = (result, load_checkpoint(result.output_dir / "checkpoints" / "latest").weights)
+    (plain, plain_weights), (measured, measured_weights) = runs[0], runs[3]
+    for before, after in zip(plain.history, measured.history):
+        for key in ("train_loss", "train_rec", "train_kl", "val_nll", "val_kl"):
+            assert before[key] == after[key], key
+    assert all(torch.equal(plain_weights[k], measured_weights[k]) for k in plain_weights)
+    logged = measured.history[0]
+    assert all(logged[f"train_{key}"] > 0 for key in DYNAMICS_KEYS)
+    assert "train_grad_total" not in plain.history[0]
+
+
+def test_training_dynamics_refuse_models_the_norms_do_not_cover():
+    from cvae_core.config import build_config
+
+    with pytest.raises(CvaeError, match="train.dynamics_every .* needs a DAE or a Gaussian VAE"):
+        build_config("vmf-vae", "ptb", "quick", {"train.dynamics_every": 10})
+    with pytest.raises(CvaeError, match="model.kind=cvae"):
+        build_config("coupled-cvae", "ptb-pairs", "quick", {"train.dynamics_every": 10})
+    assert build_config("dae", "ptb", "quick", {"train.dynamics_every": 10}).train.dynamics_every == 10
+
+
+def test_figure2_plot_draws_the_training_dynamics_metrics(tmp_path):
+    import pandas as pd
+
+    from analysis.plots import grad_metrics, plot_grad_norms
+
+    runs = pd.DataFrame({"run_id": ["a", "b"], "preset": ["vae", "coupled-vae"]})
+    rows = [(run, f"train_{key}", step, value * step)
+            for run, value in (("a", 1.0), ("b", 2.0)) for key in DYNAMICS_KEYS for step in (100, 200)]
+    rows += [("a", "train_grad_norm", 100, 5.0), ("a", "val_nll", 100, 90.0)]
+    history = pd.DataFrame(rows, columns=["run_id", "metric", "step", "value"])
+    assert grad_metrics(history) == ["train_dh_de", "train_grad_reg", "train_grad_total"]
+    (path,) = plot_grad_norms(runs, history, tmp_path, note=lambda _: None)
+    assert path.name == "grad_norms.png" and path.stat().st_size > 1000

@@ -122,7 +122,7 @@ def test_sample_prior_returns_n_sentences_in_batches(tiny_model):
     with seeded(0):
         sentences = sample_prior(model, 5, batch_size=2, max_steps=7)
     with seeded(0):
-        z = torch.cat([model.prior.sample((2,)), model.prior.sample((2,)), model.prior.sample((1,))])
+        z = torch.cat([model.prior().sample((2,)), model.prior().sample((2,)), model.prior().sample((1,))])
     assert len(sentences) == 5 and sentences == decode_codes(model, z, max_steps=7)
 
 

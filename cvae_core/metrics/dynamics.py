@@ -16,7 +16,10 @@ for the DAE.  Supported: Gaussian VAEs (VAE, beta-VAE and other Gaussian-posteri
 their coupled forms, and the DAE (for which h = signal(Linear(e))).  Any decoder works; with the
 CNN decoder, BatchNorm in train mode mixes the sentences of a batch, so ∂rec/∂e_i then also
 carries the other sentences' losses (it is still the gradient of the batch sum, as defined).
-For Figure 2 run :func:`gradient_norms` on the checkpoints saved during training.
+For Figure 2, ``train.dynamics_every=K`` measures the curves during training: every K steps
+:func:`held_out_gradient_norms` on a fixed batch of 16 validation sentences (the trainer logs
+``train_grad_total``, ``train_grad_reg`` and ``train_dh_de``); or run :func:`gradient_norms` on
+saved checkpoints.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from ..modules.posteriors import DiagonalGaussian
 
 GRAD_KEYS = ("grad_rec", "grad_rec_coupled", "grad_total", "grad_reg", "dh_de")
 GRAD_BATCH = 16  # the authors' batch size for this analysis
+# Figure 2's three curves: ||d(rec [+ rec^c])/de||^2, ||d reg/de||^2, ||dh/de||_F^2 / ||h||^2
+DYNAMICS_KEYS = ("grad_total", "grad_reg", "dh_de")
 
 
 def encoding_module(model: nn.Module) -> nn.Module:
@@ -40,6 +45,9 @@ def encoding_module(model: nn.Module) -> nn.Module:
     kind = getattr(model, "kind", None)
     if kind == "dae":
         return model.encoder
+    if getattr(model, "conditional", False):
+        raise CvaeError("gradient norms are defined for the unconditional models (VAE, coupled VAE, DAE); "
+                        "this is a conditional (dialogue) model")
     if kind == "vae":
         vae = latent_model(model)
         family = getattr(vae.head, "family", None)
@@ -143,3 +151,26 @@ def gradient_norms(model: nn.Module, split: Split, batch_size: int = GRAD_BATCH,
         model.train(was_training)
     n = len(split.examples)
     return {key: None if total is None else total / n for key, total in sums.items()}
+
+
+def held_out_gradient_norms(model: nn.Module, batch, seed: int) -> dict[str, float]:
+    """Figure 2's quantities (DYNAMICS_KEYS, means over the batch's sentences) for one fixed batch,
+    measured in train mode with dropout masks and z from their own ``seed``ed RNG stream.
+
+    Leaves training exactly as it was: the caller's RNG state, BatchNorm running statistics and
+    the parameters' gradients are untouched (only gradients w.r.t. e are taken).
+    """
+    device = next(model.parameters()).device
+    buffers = {name: value.clone() for name, value in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            norms = batch_gradient_norms(model, batch)
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, value in model.named_buffers():
+                value.copy_(buffers[name])
+    return {key: norms[key].double().mean().item() for key in DYNAMICS_KEYS if norms[key] is not None}

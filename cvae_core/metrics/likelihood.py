@@ -1,6 +1,6 @@
 """Likelihood metrics: IS-NLL, Monte-Carlo KL, ELBO, PPL, plus MI and AU, for any latent model.
 
-Everything is computed from the model contract ``prior``, ``posterior(batch)`` and
+Everything is computed from the model contract ``prior(batch)``, ``posterior(batch)`` and
 ``log_px_given_z(batch, z)``; the GRU-LM reports its exact NLL.  All values are in nats per
 sentence; PPL = exp(sum NLL / sum(words + 1)).
 """
@@ -68,7 +68,7 @@ def importance_sampled_nll(model: nn.Module, batch, n_samples: int,
     DECODE_BUDGET_BYTES, so memory is bounded by the chunk, not by N.
     """
     z, log_q = _posterior_samples(model, batch, n_samples, seeds)
-    log_pz = model.prior.log_prob(z)
+    log_pz = model.prior(batch).log_prob(z)
     positions = max(1, batch.inputs.numel())
     chunk = max(1, min(n_samples, DECODE_BUDGET_BYTES // (positions * BYTES_PER_POSITION)))
     log_px = torch.cat([model.log_px_given_z(batch, z[start : start + chunk])

@@ -7,13 +7,15 @@ Both are PERCENTAGES (x100), as in the paper's tables (PTB VAE: BLEU-1/2 23.2 / 
   over summed lengths, as Moses ``multi-bleu.perl`` computes them.  This is NOT the cumulative
   BLEU-2 (the geometric mean of p1 and p2).  The authors multiply numbers multi-bleu has
   already rounded (p_n to 0.1, BP to 0.001); we do not round, so results can differ by < 0.1.
+  The n-gram counts and lengths come from ``sacrebleu`` (tokenisation off); ``sacrebleu`` is its
+  own standard cumulative 4-gram BLEU, reported beside them under that name.
 * ``dist1``, ``dist2``: distinct n-grams / all n-grams, pooled over every sample; n-grams are
-  taken within each sentence (never across two sentences).
+  taken within each sentence (never across two sentences).  For a conditional (dialogue) model
+  the samples are one greedy response per post of the split (Table 8), z ~ p(z|post).
 """
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -24,7 +26,7 @@ from torch import nn
 from ..data.batching import make_batch
 from ..data.corpus import Split
 from ..errors import CvaeError
-from ..generate import DEFAULT_MAX_STEPS, generator, model_device, reconstruct, sample_prior, seeded
+from ..generate import DEFAULT_MAX_STEPS, generator, model_device, reconstruct, respond, sample_prior, seeded
 
 Tokens = Sequence[Hashable]
 
@@ -36,7 +38,7 @@ def ngrams(tokens: Tokens, n: int) -> list[tuple]:
 
 @dataclass
 class BleuStatistics:
-    """Corpus-level sufficient statistics, as multi-bleu.perl accumulates them."""
+    """Corpus-level sufficient statistics (as multi-bleu.perl and sacrebleu accumulate them)."""
 
     hypothesis_length: int  # c: total hypothesis tokens
     reference_length: int  # r: total reference tokens (one reference per hypothesis)
@@ -58,21 +60,32 @@ class BleuStatistics:
 
 
 def bleu_statistics(hypotheses: Sequence[Tokens], references: Sequence[Tokens], max_n: int = 2) -> BleuStatistics:
-    """Accumulate lengths and clipped n-gram matches over (hypothesis, reference) pairs."""
+    """Lengths and clipped n-gram matches over (hypothesis, reference) pairs, counted by
+    sacrebleu with its tokenisation off (tokens are compared exactly, so case-sensitively)."""
     if len(hypotheses) != len(references):
         raise CvaeError(f"BLEU needs one reference per hypothesis, got {len(hypotheses)} hypotheses "
                         f"and {len(references)} references")
     if max_n < 1:
         raise CvaeError(f"max_n must be >= 1, got {max_n}")
-    matches, totals = [0] * max_n, [0] * max_n
-    hyp_len = ref_len = 0
-    for hyp, ref in zip(hypotheses, references):
-        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
-        for n in range(1, max_n + 1):
-            hyp_counts, ref_counts = Counter(ngrams(hyp, n)), Counter(ngrams(ref, n))
-            totals[n - 1] += sum(hyp_counts.values())
-            matches[n - 1] += sum(min(count, ref_counts[gram]) for gram, count in hyp_counts.items())
-    return BleuStatistics(hyp_len, ref_len, matches, totals)
+    score = _sacrebleu_corpus_score(hypotheses, references, max_n)
+    return BleuStatistics(score.sys_len, score.ref_len, list(score.counts), list(score.totals))
+
+
+def _sacrebleu_corpus_score(hypotheses: Sequence[Tokens], references: Sequence[Tokens], max_n: int):
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU(tokenize="none", max_ngram_order=max_n, force=True)
+    join = lambda tokens: " ".join(str(t) for t in tokens)  # noqa: E731  (tokenize="none" splits on spaces)
+    return bleu.corpus_score([join(h) for h in hypotheses], [[join(r) for r in references]])
+
+
+def sacrebleu_score(hypotheses: Sequence[Tokens], references: Sequence[Tokens]) -> float:
+    """sacrebleu's standard corpus BLEU (cumulative, 4-grams, exponential smoothing), tokenisation
+    off, in percent: a familiar reference number, NOT the paper's BLEU-1/2 (module docstring)."""
+    if len(hypotheses) != len(references):
+        raise CvaeError(f"BLEU needs one reference per hypothesis, got {len(hypotheses)} hypotheses "
+                        f"and {len(references)} references")
+    return float(_sacrebleu_corpus_score(hypotheses, references, 4).score)
 
 
 def bleu_precisions(hypotheses: Sequence[Tokens], references: Sequence[Tokens], max_n: int = 2) -> dict[str, float]:
@@ -104,7 +117,8 @@ def reconstruction_bleu(model: nn.Module, split: Split, n_samples: int = 10, bat
     codes z ~ q(z|x); the n_samples·N (prediction, original) pairs are scored at corpus level.
 
     References are the split's token ids (words outside the vocabulary are <unk> there;
-    predictions never contain <unk>, it is masked).  -> bleu1, bleu2 (percent), bleu_pairs.
+    predictions never contain <unk>, it is masked).  -> bleu1, bleu2 (percent), sacrebleu
+    (sacrebleu's cumulative BLEU, percent), bleu_pairs.
     """
     generator(model)  # a clear error for models without a latent code
     if n_samples < 1:
@@ -117,7 +131,8 @@ def reconstruction_bleu(model: nn.Module, split: Split, n_samples: int = 10, bat
             for sentence, decodes in zip(sentences, reconstruct(model, make_batch(sentences), n_samples, max_steps)):
                 hypotheses.extend(decodes)
                 references.extend([sentence] * n_samples)
-    return {**bleu_precisions(hypotheses, references, 2), "bleu_pairs": len(hypotheses)}
+    return {**bleu_precisions(hypotheses, references, 2), "sacrebleu": sacrebleu_score(hypotheses, references),
+            "bleu_pairs": len(hypotheses)}
 
 
 @torch.no_grad()
@@ -133,3 +148,15 @@ def prior_samples(model: nn.Module, n: int, batch_size: int = 32, seed: int = 0,
     """The seeded prior samples :func:`prior_diversity` scores (token ids)."""
     with seeded(seed, model_device(model)):
         return sample_prior(model, n, batch_size, max_steps)
+
+
+@torch.no_grad()
+def response_diversity(model: nn.Module, split: Split, batch_size: int = 32, seed: int = 0,
+                       max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, float]:
+    """Dist-1/2 (percent) of one greedy response per post of a pair split (Table 8)."""
+    responses: list[list[int]] = []
+    with seeded(seed, model_device(model)):
+        for start in range(0, len(split.examples), batch_size):
+            batch = make_batch(split.examples[start : start + batch_size])
+            responses.extend(samples[0] for samples in respond(model, batch, 1, max_steps))
+    return {"dist1": distinct_n(responses, 1), "dist2": distinct_n(responses, 2)}

@@ -1,9 +1,14 @@
 """The text VAE (encoder -> posterior -> signal network -> decoder), its baselines and the
 Coupled wrapper.  Shapes: B sentences, T tokens, S latent samples, d latent size, E signal size.
 
-Contract used by every likelihood metric: a latent model exposes ``prior``,
+Contract used by every likelihood metric: a latent model exposes ``prior(batch)`` (p(z), or
+p(z|post) for a conditional model; a distribution over z with batch shape [] or [B]),
 ``posterior(batch)`` (a LatentDistribution over z [B, d]) and ``log_px_given_z(batch, z)``
 (per-sentence log-likelihood summed over targets incl. <eos>, [S, B] for z [S, B, d]).
+
+Conditional models (``conditional.py``) subclass TextVAE through four seams: ``encode`` (what the
+posterior reads), ``prior_from_encoding``, ``condition`` / ``condition_from_encoding`` (a signal
+added to h = signal(z)); the Coupled wrapper uses the same seams, so it couples both kinds.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ class ModelOutput:
     h: Tensor | None = None  # [B, E] decoding signal
     rec_coupled: Tensor | None = None  # [B] coupled (deterministic) reconstruction NLL
     h_coupled: Tensor | None = None  # [B, E] coupled decoding signal (not detached here)
+    prior: Distribution | None = None  # p(z) or p(z|post), what the KL term regularises towards
 
 
 def make_posterior_head(config: ModelConfig, in_dim: int) -> nn.Module:
@@ -66,6 +72,11 @@ def make_embedding(vocab_size: int, embed_dim: int) -> nn.Embedding:
     embedding = nn.Embedding(vocab_size, embed_dim)
     nn.init.normal_(embedding.weight, 0.0, 1.0)  # the authors' N(0, 1) initialisation
     return embedding
+
+
+def with_condition(h: Tensor, condition: Tensor | None) -> Tensor:
+    """h [..., B, E] plus a per-sentence condition signal [B, E] (broadcast over samples)."""
+    return h if condition is None else h + condition
 
 
 def repeat_for_samples(batch: Batch, n_samples: int) -> tuple[Tensor, Tensor]:
@@ -113,18 +124,34 @@ class TextVAE(nn.Module):
     """encoder -> posterior head -> signal network -> decoder, for any posterior family."""
 
     kind = "vae"
+    conditional = False  # reads post/response pairs
 
     def __init__(self, config: ModelConfig, vocab_size: int):
         super().__init__()
         self.embedding = make_embedding(vocab_size, config.embed_dim)
         self.encoder = BiGRUEncoder(self.embedding, config.hidden_dim, config.dropout)
-        self.head = make_posterior_head(config, self.encoder.out_dim)
+        self.head = make_posterior_head(config, self.head_input_dim)
         self.signal = SignalNetwork(config.latent_dim, config.embed_dim)
         self.decoder = make_decoder(config, self.embedding)
 
     @property
-    def prior(self) -> Distribution:
+    def head_input_dim(self) -> int:
+        """Width of ``encode(batch)``, which posterior heads (the twin's too) read."""
+        return self.encoder.out_dim
+
+    def prior(self, batch: Batch | None = None) -> Distribution:
+        """p(z), the same for every sentence (``batch`` is for conditional models)."""
         return self.head.prior(self.embedding.weight.device)
+
+    def prior_from_encoding(self, e: Tensor) -> Distribution:
+        return self.prior()
+
+    def condition(self, batch: Batch) -> Tensor | None:
+        """Signal [B, E] a conditional model adds to h = signal(z); None here."""
+        return None
+
+    def condition_from_encoding(self, e: Tensor) -> Tensor | None:
+        return None
 
     @property
     def vocab_size(self) -> int:
@@ -143,8 +170,8 @@ class TextVAE(nn.Module):
             return self.log_px_given_z(batch, z.unsqueeze(0)).squeeze(0)
         n_samples = z.shape[0]
         inputs, targets = repeat_for_samples(batch, n_samples)
-        h = self.signal(z.reshape(-1, z.shape[-1]))
-        return self.decoder.log_likelihood(inputs, targets, h).view(n_samples, -1)
+        h = with_condition(self.signal(z), self.condition(batch))  # [S, B, E]
+        return self.decoder.log_likelihood(inputs, targets, h.reshape(-1, h.shape[-1])).view(n_samples, -1)
 
     def inference_parameters(self) -> list[nn.Parameter]:
         """The inference network q(z|x): encoder GRU and posterior head. Not the embedding, which
@@ -174,18 +201,19 @@ class TextVAE(nn.Module):
     def forward_from_encoding(self, batch: Batch, e: Tensor) -> ModelOutput:
         posterior = self.head(e)
         sample = posterior.rsample_with_log_prob()
-        h = self.signal(sample.z)
+        h = with_condition(self.signal(sample.z), self.condition_from_encoding(e))
         rec = -self.decoder.log_likelihood(batch.inputs, batch.targets, h)
-        return ModelOutput(rec=rec, posterior=posterior, sample=sample, h=h)
+        return ModelOutput(rec=rec, posterior=posterior, sample=sample, h=h, prior=self.prior_from_encoding(e))
 
     def forward(self, batch: Batch) -> ModelOutput:
         return self.forward_from_encoding(batch, self.encode(batch))
 
 
 class CoupledVAE(nn.Module):
-    """Coupling as one wrapper over any TextVAE (paper section 4).
+    """Coupling as one wrapper over any TextVAE, conditional or not (paper sections 4 and 5.10).
 
-    Shared with the base: the embedding and the whole encoder (e is computed once).  Owned by
+    Shared with the base: the embedding and the whole encoder (e is computed once; for a CVAE
+    also the post encoder and the post signal, which enters h^c as it enters h).  Owned by
     the twin, same structure, separate weights: posterior head, signal network, decoder.  The
     twin's code is ``posterior.coupled_code()`` (Gaussian: the mean), so it is deterministic.
     Evaluation uses the stochastic path only: prior/posterior/log_px_given_z delegate to base.
@@ -196,13 +224,16 @@ class CoupledVAE(nn.Module):
     def __init__(self, base: TextVAE, config: ModelConfig):
         super().__init__()
         self.base = base
-        self.twin_head = make_posterior_head(config, base.encoder.out_dim)
+        self.twin_head = make_posterior_head(config, base.head_input_dim)
         self.twin_signal = SignalNetwork(config.latent_dim, config.embed_dim)
         self.twin_decoder = make_decoder(config, base.embedding)
 
     @property
-    def prior(self) -> Distribution:
-        return self.base.prior
+    def conditional(self) -> bool:
+        return self.base.conditional
+
+    def prior(self, batch: Batch | None = None) -> Distribution:
+        return self.base.prior(batch)
 
     @property
     def vocab_size(self) -> int:
@@ -224,7 +255,8 @@ class CoupledVAE(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         e = self.base.encode(batch)
         out = self.base.forward_from_encoding(batch, e)
-        out.h_coupled = self.twin_signal(self.twin_head(e).coupled_code())
+        code = self.twin_head(e).coupled_code()
+        out.h_coupled = with_condition(self.twin_signal(code), self.base.condition_from_encoding(e))
         out.rec_coupled = -self.twin_decoder.log_likelihood(batch.inputs, batch.targets, out.h_coupled)
         return out
 
@@ -235,7 +267,16 @@ def build_model(config: Config, vocab_size: int) -> nn.Module:
         return LanguageModel(config.model, vocab_size)
     if kind == "dae":
         return DenoisingAutoencoder(config.model, vocab_size)
-    model = TextVAE(config.model, vocab_size)
+    if kind == "seq2seq":
+        from .conditional import Seq2Seq
+
+        return Seq2Seq(config.model, vocab_size)
+    if kind == "cvae":
+        from .conditional import ConditionalVAE
+
+        model = ConditionalVAE(config.model, vocab_size)
+    else:
+        model = TextVAE(config.model, vocab_size)
     return CoupledVAE(model, config.model) if config.coupling.enabled else model
 
 

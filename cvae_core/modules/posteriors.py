@@ -116,6 +116,12 @@ def _kl_gaussian_normal(q: DiagonalGaussian, p: Independent) -> Tensor:
     return kl_divergence(q._normal, p)
 
 
+@register_kl(DiagonalGaussian, DiagonalGaussian)
+def _kl_gaussian_gaussian(q: DiagonalGaussian, p: DiagonalGaussian) -> Tensor:
+    """Analytic KL to a per-sentence Gaussian (a conditional prior p(z|y)), summed over dims, ``[B]``."""
+    return kl_divergence(q._normal, p._normal)
+
+
 def log_sphere_area(d: int) -> float:
     """log |S^{d-1}| = log 2 + (d/2) log pi - lgamma(d/2)."""
     return math.log(2.0) + 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d)
