@@ -285,7 +285,7 @@ class TrialRow:
     label: str
     config: dict[str, Any]
     seed: int | None
-    status: str  # done | stopped | error | interrupted | pending
+    status: str  # done | stopped | diverged | error | interrupted | pending
     evaluations: int
     best: dict[str, float]  # metrics at the evaluation with the lowest val_nll
     run_id: str = ""
@@ -545,12 +545,16 @@ def collect_rows(spec: StudySpec, state: StudyState, results, trials, statuses: 
     for result, trial in zip(results, trials):
         history = result.metrics_dataframe
         records = history.to_dict("records") if history is not None and len(history) else []
+        diverged = next((r for r in records if _finite(r.get("diverged")) and r["diverged"]), None)
+        records = [r for r in records if r is not diverged]  # the divergence report is no evaluation
         scored = [r for r in records if _finite(r.get("val_nll"))]
         best = min(scored, key=lambda r: r["val_nll"]) if scored else {}
         # A trial resumed from an older checkpoint re-reports the steps after it: count steps once.
         n_evals = len({r.get("step") for r in records})
         ray_status = statuses.get(trial.trial_id, trial.status)
-        if ray_status == "ERROR":
+        if diverged is not None:
+            status = "diverged"
+        elif ray_status == "ERROR":
             status = "error"
         elif ray_status == "TERMINATED":
             status = "done" if n_evals >= spec.evaluations else "stopped"
@@ -572,7 +576,9 @@ def collect_rows(spec: StudySpec, state: StudyState, results, trials, statuses: 
             seed=config.get("train.seed"), status=status, evaluations=n_evals,
             best={k: float(best[k]) for k in SUMMARY_KEYS if k in best and _finite(best[k])},
             run_id=run.info.run_id if run else "", config_id=run.data.tags.get("cvae.config_id", "") if run else "",
-            checkpoint=checkpoint, error=str(result.error).strip().splitlines()[-1][:200] if result.error else ""))
+            checkpoint=checkpoint,
+            error=(f"diverged at step {int(diverged['step'])}: {diverged.get('diverged_reason', '')}" if diverged
+                   else str(result.error).strip().splitlines()[-1][:200] if result.error else "")))
     return rows
 
 
@@ -639,11 +645,13 @@ def finalize(spec: StudySpec, state: StudyState, rows: list[TrialRow], interrupt
         if run.info.status != "RUNNING":
             continue
         row = by_trial.get(run.data.tags.get("ray_trial_id", ""))
-        status = {"done": "FINISHED", "stopped": "FINISHED", "error": "FAILED"}.get(row.status if row else "", "KILLED")
+        status = {"done": "FINISHED", "stopped": "FINISHED", "diverged": "FINISHED",
+                  "error": "FAILED"}.get(row.status if row else "", "KILLED")
         retry(lambda: finish_run(client, run.info.run_id, status))
 
     ranked = rank(spec, [r for r in rows if r.best])
-    counts = {s: sum(1 for r in rows if r.status == s) for s in ("done", "stopped", "error", "interrupted", "pending")}
+    counts = {s: sum(1 for r in rows if r.status == s)
+              for s in ("done", "stopped", "diverged", "error", "interrupted", "pending")}
     groups = group_by_config(rows) if spec.seeds > 1 else []
     front: set[str] = set()
     if spec.multi_objective:
@@ -752,6 +760,8 @@ def _status_text(row: TrialRow, evaluations: int) -> str:
         return f"stopped@{row.evaluations}/{evaluations} (ASHA)"
     if row.status == "error":
         return "error"
+    if row.status == "diverged":
+        return row.error.split(":", 1)[0]  # "diverged at step N"
     return row.status
 
 
@@ -821,7 +831,8 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
     front = set(summary["pareto_front"])
     print()
     print(f"Study {state.study_name} {'INTERRUPTED' if interrupted else 'finished'}: "
-          f"{counts['done']} done, {counts['stopped']} stopped early by ASHA, {counts['error']} failed"
+          f"{counts['done']} done, {counts['stopped']} stopped early by ASHA, {counts['diverged']} diverged, "
+          f"{counts['error']} failed"
           + (f", {counts['interrupted'] + counts['pending']} unfinished" if interrupted else "")
           + f" ({summary['elapsed_s'] / 60:.1f} min this session)")
     print(f"Ranked by {spec.objectives[0]} at each trial's best checkpoint (lowest val NLL):")

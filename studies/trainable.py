@@ -34,9 +34,10 @@ from cvae_core import build_config, train
 from cvae_core.checkpoint import point_link
 from cvae_core.config import Config, resolve_key
 from cvae_core.data import Corpus
-from cvae_core.errors import CvaeError
+from cvae_core.errors import CvaeError, Diverged
 
 from .spaces import SEARCH_PREFIX
+from .spec import DEFAULT_MODES
 from .tracking import StudyContext, TrialRun
 
 RESERVED = {"preset"}
@@ -100,6 +101,20 @@ def _restore_checkpoint(checkpoint: tune.Checkpoint, output_dir: Path) -> int:
     return step
 
 
+DIVERGED = "diverged"
+
+
+def report_divergence(run: TrialRun, exc: Diverged, log_path: Path) -> None:
+    """A diverged trial is an outcome, not a crash: the MLflow run ends FINISHED with
+    ``cvae.outcome=diverged``, and one last result with ``diverged=1`` and a NaN objective
+    tells Ray (the trial ends TERMINATED, never retried) and Optuna (a NaN value is a FAIL)."""
+    run.set_tags({"cvae.outcome": DIVERGED, "cvae.diverged_at_step": str(exc.step), "cvae.diverged_reason": exc.reason})
+    run.log_file(log_path)
+    run.finish("FINISHED")
+    objectives = {metric: float("nan") for metric in (*DEFAULT_MODES, "val_kl")}
+    tune.report({"step": float(exc.step), DIVERGED: 1.0, "diverged_reason": exc.reason, **objectives})
+
+
 def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: StudyContext | None = None) -> None:
     """Function trainable. ``corpus`` and ``study`` come from ``tune.with_parameters``."""
     if study is None:
@@ -149,6 +164,11 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
         except SystemExit:
             shutil.rmtree(output_dir, ignore_errors=True)
             raise  # Tune stopped the trial inside tune.report; the driver closes the MLflow run
+        except Diverged as exc:
+            log(str(exc))
+            report_divergence(run, exc, log_path)
+            shutil.rmtree(output_dir, ignore_errors=True)
+            return
         except BaseException:
             run.log_file(log_path)
             run.finish("FAILED")  # a retry reopens it
