@@ -114,15 +114,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise CvaeError(f"checkpoint {path} is incomplete: {name} is missing")
         if _sha256(file) != manifest.get(name):
             raise CvaeError(f"checkpoint {path} is corrupted: {name} does not match its checksum")
+    tensors = {}
+    for name in TENSOR_FILES:
+        # A file whose manifest was rewritten to match passes the checksum: weights_only still
+        # refuses anything but tensors and plain containers, before any of its code could run.
+        try:
+            tensors[name] = torch.load(path / name, map_location=map_location, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises several types, with multi-line text
+            raise CvaeError(f"checkpoint file {path / name} cannot be read: refused as not a plain tensor file "
+                            f"({type(exc).__name__}; nothing in it was run)") from None
     try:
-        tensors = {name: torch.load(path / name, map_location=map_location, weights_only=True) for name in TENSOR_FILES}
         config = Config.from_dict(json.loads((path / "config.json").read_text()))
         state = json.loads((path / "state.json").read_text())
-    except CvaeError:
-        raise
-    except Exception as exc:  # a truncated or foreign file that slipped past the checksum
-        raise CvaeError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
-    return CheckpointData(path, config, Vocab.load(path / "vocab.json"), tensors["weights.pt"],
+        vocab = Vocab.load(path / "vocab.json")
+    except CvaeError as exc:
+        raise CvaeError(f"checkpoint {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a foreign file that slipped past the checksum
+        raise CvaeError(f"checkpoint {path} cannot be read: {type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+    return CheckpointData(path, config, vocab, tensors["weights.pt"],
                           tensors["optimizer.pt"] or None, tensors["rng.pt"], state)
 
 
@@ -132,5 +142,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
     data = load_checkpoint(path, map_location=device)
     model = build_model(data.config, len(data.vocab)).to(device)
-    model.load_state_dict(data.weights)
+    try:
+        model.load_state_dict(data.weights)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()
+        raise CvaeError(f"checkpoint {path}: weights.pt does not fit its config.json/vocab.json "
+                        f"({len(data.vocab)} words; {first[-1].strip() if first else type(exc).__name__})") from None
     return model.eval(), data.config, data.vocab

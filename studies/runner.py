@@ -16,11 +16,13 @@ Where things go (all absolute):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import secrets
 import statistics
 import sys
 import time
@@ -29,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvae_core.errors import CvaeError
+from cvae_core.errors import CvaeError, OneLineArgumentParser
+from cvae_core.guards import adopt_tracking_credentials, check_name, check_sqlite_uri, check_tracking_server, redact
 
 from .spec import Objective, Resources, Scheduler, StudySpec, load_spec, parse_objectives, validate_spec
 
@@ -43,7 +46,7 @@ EXIT_INTERRUPTED = 130
 # Command line
 
 def build_parser(prog: str, default_spec: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
+    p = OneLineArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Flags without a default here take the spec's value (studies/specs/*.yaml).")
     p.add_argument("--profile", "--spec", dest="profile", default=default_spec,
@@ -108,7 +111,7 @@ def main(default_spec: str, description: str, argv: list[str] | None = None, pro
     try:
         outcome = run_study(options)
     except (CvaeError, StudyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     return outcome.exit_code
 
@@ -127,11 +130,13 @@ def _absolute_sqlite(uri: str, cwd: Path) -> str:
 
 
 def resolve_tracking_uri(flag: str | None, cwd: Path) -> str:
+    """-> the absolute tracking URI, without credentials: ``user:password@`` moves into MLflow's
+    client variables (see cvae_core.guards.adopt_tracking_credentials)."""
     uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cwd / 'mlflow.db'}"
     if uri.startswith("file:") or "://" not in uri:
-        raise StudyError(f"tracking URI {uri!r}: MLflow 3's file store is in maintenance mode; use "
+        raise StudyError(f"tracking URI {redact(uri)!r}: MLflow 3's file store is in maintenance mode; use "
                          "sqlite:////abs/path/mlflow.db or an http(s):// tracking server")
-    return _absolute_sqlite(uri, cwd)
+    return _absolute_sqlite(adopt_tracking_credentials(uri), cwd)
 
 
 def resolve_storage_path(flag: str | None, root: Path) -> str:
@@ -305,6 +310,13 @@ class StudyOutcome:
 
 def run_study(options: Options) -> StudyOutcome:
     """Run (or resume) one study end to end; see the module docstring."""
+    try:
+        return _run_study(options)
+    finally:
+        release_study_folders()
+
+
+def _run_study(options: Options) -> StudyOutcome:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     # A resumed trial re-reports the steps after its checkpoint; Optuna ignores the repeats.
     warnings.filterwarnings("ignore", message="The reported value is ignored because this")
@@ -318,7 +330,13 @@ def run_study(options: Options) -> StudyOutcome:
     cwd = Path.cwd().resolve()
     root = Path(options.root).expanduser().resolve() if options.root else cwd / "studies_out"
 
-    # 1. settings: the saved ones of the study to resume, or the spec plus flags
+    # 1. settings: the saved ones of the study to resume, or the spec plus flags. Names become
+    #    folder names and the tracking server is asked before anything is written or started.
+    check_name(options.experiment, "--experiment")
+    if options.study_name is not None:
+        check_name(options.study_name, "--study-name")
+    if options.resume and options.resume != "latest":
+        check_name(options.resume, "--resume")
     state: StudyState | None = None
     if options.resume:
         state = find_resumable(root, load_spec_name(options.profile), options.resume)
@@ -333,9 +351,13 @@ def run_study(options: Options) -> StudyOutcome:
                    if value is not None]
         if ignored:
             print(f"note: resuming {state.study_name} with its saved settings; ignoring {', '.join(ignored)}")
+        check_tracking_server(state.tracking_uri)
+        lock_study_folder(Path(state.folder))
     else:
         spec = apply_flags(load_spec(options.profile), options)
         tracking_uri = resolve_tracking_uri(options.tracking_uri, cwd)
+        check_sqlite_uri(tracking_uri)
+        check_tracking_server(tracking_uri)
         storage_path = resolve_storage_path(options.storage_path, root)
         if options.address and "://" not in storage_path:
             print(f"note: Tune storage {storage_path} is a local path; on a multi-node cluster it must be "
@@ -398,23 +420,26 @@ def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: st
 
     from .tracking import code_version, ensure_experiment
 
-    study_name = options.study_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # a random suffix: two studies started in the same second get distinct names
+    study_name = options.study_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     folder = root / study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_study_folder(folder)
     if (folder / "study.json").exists():
         raise StudyError(f"study {study_name} already exists at {folder}; use --resume {study_name}")
-    folder.mkdir(parents=True, exist_ok=True)
     experiment_path = f"{storage_path.rstrip('/')}/{study_name}"
     optuna_storage = f"sqlite:///{folder / 'optuna.db'}"
     client = MlflowClient(tracking_uri=tracking_uri)
     artifact_location = None if tracking_uri.startswith(("http://", "https://")) else (root / "mlartifacts").as_uri()
-    experiment_id = ensure_experiment(client, options.experiment, artifact_location)
     version = code_version()
-    parent = client.create_run(experiment_id, run_name=study_name, tags={
-        "cvae.role": "study", "cvae.study": study_name, "cvae.spec": spec.name,
-        "optuna.storage": optuna_storage, "optuna.study_name": study_name,
-        "ray.experiment_path": experiment_path, "cvae.code_version": version,
-        "mlflow.note.content": spec.description,
-    })
+    with sqlite_store_lock(tracking_uri):  # MLflow creates a fresh store's schema on first use
+        experiment_id = ensure_experiment(client, options.experiment, artifact_location)
+        parent = client.create_run(experiment_id, run_name=study_name, tags={
+            "cvae.role": "study", "cvae.study": study_name, "cvae.spec": spec.name,
+            "optuna.storage": optuna_storage, "optuna.study_name": study_name,
+            "ray.experiment_path": experiment_path, "cvae.code_version": version,
+            "mlflow.note.content": spec.description,
+        })
     client.log_batch(parent.info.run_id,
                      params=[Param(k, v) for k, v in spec.summary_params(spec.search).items()][:100])
     state = StudyState(
@@ -429,6 +454,57 @@ def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: st
     print(f"  MLflow {tracking_uri} (experiment {options.experiment!r}, parent run {parent.info.run_id})")
     print(f"  Ray results {experiment_path}", flush=True)
     return state
+
+
+_held_locks: dict[Path, Any] = {}
+
+
+def lock_study_folder(folder: Path) -> None:
+    """Hold ``<folder>/.lock`` exclusively while this driver runs the study (released by
+    :func:`release_study_folders`, or by the OS when the driver dies): a second driver of the
+    same study refuses at once instead of sharing its Optuna study and parent run."""
+    import fcntl
+
+    if folder in _held_locks:
+        return
+    handle = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise StudyError(f"study {folder.name} is being run by another driver ({owner}); wait for it to end, "
+                         "or pick another --study-name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    handle.flush()
+    _held_locks[folder] = handle
+
+
+def release_study_folders() -> None:
+    while _held_locks:
+        _, handle = _held_locks.popitem()
+        handle.close()
+
+
+@contextlib.contextmanager
+def sqlite_store_lock(tracking_uri: str):
+    """Serialise first use of a SQLite MLflow store across drivers (``<db>-lock`` beside it):
+    two drivers creating a fresh store's schema at once make one of them crash."""
+    import fcntl
+
+    path = check_sqlite_uri(tracking_uri)
+    if path is None:
+        yield
+        return
+    with open(f"{path}-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_spec_name(profile: str) -> str:
