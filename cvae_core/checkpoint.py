@@ -12,6 +12,7 @@ a checkpoint can never execute pickled code.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -63,26 +64,41 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _save_tensors(obj: Any, path: Path) -> None:
+    """torch.save through memory, then one plain write: a full disk raises OSError (ENOSPC)
+    naming the problem, where torch's own writer raises an opaque RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as handle:
+        handle.write(buffer.getbuffer())
+
+
 def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     state: dict[str, Any], config: Config, vocab: Vocab) -> Path:
     """Write a checkpoint directory atomically; ``directory`` must not exist yet."""
     directory = Path(directory)
     if directory.exists():
         raise CvaeError(f"checkpoint directory already exists: {directory}")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
     try:
-        torch.save(model.state_dict(), tmp / "weights.pt")
-        torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    except OSError as exc:
+        raise CvaeError(f"cannot write checkpoint {directory}: {exc.strerror or exc}") from None
+    try:
+        _save_tensors(model.state_dict(), tmp / "weights.pt")
+        _save_tensors(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
+        _save_tensors(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
         (tmp / "config.json").write_text(config.to_json())
         vocab.save(tmp / "vocab.json")
         manifest = {name: _sha256(tmp / name) for name in TENSOR_FILES + JSON_FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay as they were
+        if isinstance(exc, OSError):  # a full disk, a read-only or unwritable folder
+            raise CvaeError(f"cannot write checkpoint {directory}: {exc.strerror or exc}; the previous "
+                            "checkpoint is intact (free space, then resume)") from None
         raise
     return directory
 
