@@ -115,7 +115,7 @@ def check_sqlite_uri(uri: str, must_exist: bool = False) -> Path | None:
             connection.close()
     except sqlite3.Error as exc:
         raise CvaeError(f"{path} is not an MLflow store ({exc})") from None
-    if not {"experiments", "runs", "alembic_version"} <= tables:
+    if (tables or must_exist) and not {"experiments", "runs", "alembic_version"} <= tables:
         raise CvaeError(f"{path} is not an MLflow store (an SQLite file without MLflow's tables); "
                         "check --tracking-uri")
     return path

@@ -356,7 +356,8 @@ def _run_study(options: Options) -> StudyOutcome:
     else:
         spec = apply_flags(load_spec(options.profile), options)
         tracking_uri = resolve_tracking_uri(options.tracking_uri, cwd)
-        check_sqlite_uri(tracking_uri)
+        with sqlite_store_lock(tracking_uri):  # another driver may be creating the store right now
+            check_sqlite_uri(tracking_uri)
         check_tracking_server(tracking_uri)
         storage_path = resolve_storage_path(options.storage_path, root)
         if options.address and "://" not in storage_path:
@@ -429,10 +430,10 @@ def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: st
         raise StudyError(f"study {study_name} already exists at {folder}; use --resume {study_name}")
     experiment_path = f"{storage_path.rstrip('/')}/{study_name}"
     optuna_storage = f"sqlite:///{folder / 'optuna.db'}"
-    client = MlflowClient(tracking_uri=tracking_uri)
     artifact_location = None if tracking_uri.startswith(("http://", "https://")) else (root / "mlartifacts").as_uri()
     version = code_version()
     with sqlite_store_lock(tracking_uri):  # MLflow creates a fresh store's schema on first use
+        client = MlflowClient(tracking_uri=tracking_uri)
         experiment_id = ensure_experiment(client, options.experiment, artifact_location)
         parent = client.create_run(experiment_id, run_name=study_name, tags={
             "cvae.role": "study", "cvae.study": study_name, "cvae.spec": spec.name,
@@ -495,9 +496,12 @@ def sqlite_store_lock(tracking_uri: str):
     two drivers creating a fresh store's schema at once make one of them crash."""
     import fcntl
 
-    path = check_sqlite_uri(tracking_uri)
-    if path is None:
+    if not tracking_uri.startswith("sqlite:///"):
         yield
+        return
+    path = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    if not path.parent.is_dir():
+        yield  # check_sqlite_uri names the missing folder
         return
     with open(f"{path}-lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
