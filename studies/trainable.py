@@ -41,6 +41,7 @@ from .spec import DEFAULT_MODES
 from .tracking import StudyContext, TrialRun
 
 RESERVED = {"preset"}
+FINAL_FLUSH_S = 300.0
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
@@ -120,6 +121,10 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
     if study is None:
         raise CvaeError("train_trial needs the study context: wrap it with tune.with_parameters(..., study=...)")
     torch.set_num_threads(max(1, int(study.cpus_per_trial)))
+    # The MLflow client's own retries wait up to minutes with growing back-off; a trial buffers
+    # instead (TrialRun.flush), so each request fails fast while the server is down.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     context = tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
     core_config = resolve_trial_config(study, config)
@@ -146,11 +151,16 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
 
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
         # Everything MLflow needs is logged *before* tune.report: Tune may end this process
-        # inside or right after it (ASHA, and the max_t stop at the last evaluation).
+        # inside or right after it (ASHA, and the max_t stop at the last evaluation). While the
+        # server is down, metrics wait in a bounded buffer and training goes on; at the last
+        # evaluation the trial waits (bounded) for the backlog to go out.
         run.log_metrics(metrics)
-        if metrics.get("is_best", 0.0) >= 1.0:
-            run.log_checkpoint(checkpoint_dir)
-        run.log_file(log_path)
+        if metrics["step"] >= core_config.train.steps and not run.flush(wait_s=FINAL_FLUSH_S):
+            log(f"warning: {len(run.pending)} metrics could not reach MLflow within {FINAL_FLUSH_S} s")
+        if not run.pending:  # artifacts follow the metrics once the server answers again
+            if metrics.get("is_best", 0.0) >= 1.0:
+                run.log_checkpoint(checkpoint_dir)
+            run.log_file(log_path)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     with open(log_path, "a", encoding="utf-8") as log_file:

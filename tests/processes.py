@@ -66,7 +66,7 @@ def kill_group(proc: subprocess.Popen) -> list[int]:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, extra_args: tuple[str, ...] = ()):
+def mlflow_server(root: Path, extra_args: tuple[str, ...] = (), port: int | None = None):
     """mlflow/server.py on 127.0.0.1 (free port, SQLite backend and proxied artifacts under `root`;
     `extra_args` such as ("--auth-file", PATH) are passed on).
 
@@ -74,7 +74,7 @@ def mlflow_server(root: Path, extra_args: tuple[str, ...] = ()):
     workers included) and fails if any of it survives."""
     artifacts, workdir = root / "artifacts", root / "cwd"
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()  # a fixed port: the same server restarted
     env = env_without_mlflow(CVAE_MLFLOW_BACKEND_URI=f"sqlite:///{root / 'mlflow.db'}",
                              CVAE_MLFLOW_ARTIFACTS_DESTINATION=str(artifacts))
     log_path = root / "server.log"
