@@ -68,7 +68,7 @@ def build_parser(prog: str, default_spec: str, description: str) -> argparse.Arg
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
                    help=f"MLflow experiment name (default: {DEFAULT_EXPERIMENT})")
     p.add_argument("--root", default=None, help="study folder root; default <cwd>/studies_out")
-    p.add_argument("--study-name", default=None, help="default <spec>-<YYYYmmdd-HHMMSS>")
+    p.add_argument("--study-name", default=None, help="default <spec>-<YYYYmmdd-HHMMSS>-<4 hex digits>")
     p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions such as 0.5 share a GPU")
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (torch threads)")
     p.add_argument("--max-concurrent", type=int, default=None, help="max concurrent trials")
