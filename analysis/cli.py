@@ -117,7 +117,9 @@ def _best(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m analysis",
+    from cvae_core.errors import OneLineArgumentParser
+
+    top = OneLineArgumentParser(prog="python -m analysis",
                                   description="From the MLflow runs of a Coupled-VAE study to tables, plots and "
                                               "an evaluated best checkpoint.")
     common = argparse.ArgumentParser(add_help=False)
@@ -192,10 +194,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _quiet()
+    from cvae_core.guards import redact
+
     try:
         args.func(args)
     except AnalysisError as exc:
-        print(f"analysis: error: {exc}", file=sys.stderr)
+        print(f"analysis: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("analysis: interrupted", file=sys.stderr)
@@ -205,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         from mlflow.exceptions import MlflowException
 
         if isinstance(exc, CvaeError):
-            print(f"analysis: error: {exc}", file=sys.stderr)
+            print(f"analysis: error: {redact(str(exc))}", file=sys.stderr)
             return 2
         if isinstance(exc, MlflowException):
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"analysis: error: MLflow: {message}", file=sys.stderr)
+            print(f"analysis: error: MLflow: {redact(message)}", file=sys.stderr)
             return 2
         raise
     return 0

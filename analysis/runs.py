@@ -88,12 +88,20 @@ def connect(tracking_uri: str | None = None):
     would silently create an empty store in the wrong directory."""
     from mlflow import MlflowClient
 
-    uri = tracking_uri or default_tracking_uri()
+    from cvae_core.errors import CvaeError
+    from cvae_core.guards import adopt_tracking_credentials, check_sqlite_uri, check_tracking_server
+
+    uri = adopt_tracking_credentials(tracking_uri or default_tracking_uri())
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if not path.is_file():
-            raise AnalysisError(f"no MLflow store at {path} (tracking URI {uri}); pass --tracking-uri "
-                                "or set MLFLOW_TRACKING_URI")
+        try:
+            check_sqlite_uri(uri, must_exist=True)
+        except CvaeError as exc:
+            raise AnalysisError(str(exc)) from None
+    elif uri.startswith(("http://", "https://")):
+        try:
+            check_tracking_server(uri)
+        except CvaeError as exc:
+            raise AnalysisError(str(exc)) from None
     elif uri.startswith("file:") or "://" not in uri:
         raise AnalysisError(f"tracking URI {uri!r} is a file store, which MLflow 3 no longer serves; "
                             "use sqlite:////abs/path/mlflow.db or http://host:port")

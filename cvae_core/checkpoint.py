@@ -12,6 +12,7 @@ a checkpoint can never execute pickled code.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -63,26 +64,41 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _save_tensors(obj: Any, path: Path) -> None:
+    """torch.save through memory, then one plain write: a full disk raises OSError (ENOSPC)
+    naming the problem, where torch's own writer raises an opaque RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as handle:
+        handle.write(buffer.getbuffer())
+
+
 def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     state: dict[str, Any], config: Config, vocab: Vocab) -> Path:
     """Write a checkpoint directory atomically; ``directory`` must not exist yet."""
     directory = Path(directory)
     if directory.exists():
         raise CvaeError(f"checkpoint directory already exists: {directory}")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
     try:
-        torch.save(model.state_dict(), tmp / "weights.pt")
-        torch.save(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+    except OSError as exc:
+        raise CvaeError(f"cannot write checkpoint {directory}: {exc.strerror or exc}") from None
+    try:
+        _save_tensors(model.state_dict(), tmp / "weights.pt")
+        _save_tensors(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
+        _save_tensors(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
         (tmp / "config.json").write_text(config.to_json())
         vocab.save(tmp / "vocab.json")
         manifest = {name: _sha256(tmp / name) for name in TENSOR_FILES + JSON_FILES}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay as they were
+        if isinstance(exc, OSError):  # a full disk, a read-only or unwritable folder
+            raise CvaeError(f"cannot write checkpoint {directory}: {exc.strerror or exc}; the previous "
+                            "checkpoint is intact (free space, then resume)") from None
         raise
     return directory
 
@@ -114,15 +130,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise CvaeError(f"checkpoint {path} is incomplete: {name} is missing")
         if _sha256(file) != manifest.get(name):
             raise CvaeError(f"checkpoint {path} is corrupted: {name} does not match its checksum")
+    tensors = {}
+    for name in TENSOR_FILES:
+        # A file whose manifest was rewritten to match passes the checksum: weights_only still
+        # refuses anything but tensors and plain containers, before any of its code could run.
+        try:
+            tensors[name] = torch.load(path / name, map_location=map_location, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises several types, with multi-line text
+            raise CvaeError(f"checkpoint file {path / name} cannot be read: refused as not a plain tensor file "
+                            f"({type(exc).__name__}; nothing in it was run)") from None
     try:
-        tensors = {name: torch.load(path / name, map_location=map_location, weights_only=True) for name in TENSOR_FILES}
         config = Config.from_dict(json.loads((path / "config.json").read_text()))
         state = json.loads((path / "state.json").read_text())
-    except CvaeError:
-        raise
-    except Exception as exc:  # a truncated or foreign file that slipped past the checksum
-        raise CvaeError(f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from None
-    return CheckpointData(path, config, Vocab.load(path / "vocab.json"), tensors["weights.pt"],
+        vocab = Vocab.load(path / "vocab.json")
+    except CvaeError as exc:
+        raise CvaeError(f"checkpoint {path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a foreign file that slipped past the checksum
+        raise CvaeError(f"checkpoint {path} cannot be read: {type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+    return CheckpointData(path, config, vocab, tensors["weights.pt"],
                           tensors["optimizer.pt"] or None, tensors["rng.pt"], state)
 
 
@@ -132,5 +158,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
     data = load_checkpoint(path, map_location=device)
     model = build_model(data.config, len(data.vocab)).to(device)
-    model.load_state_dict(data.weights)
+    try:
+        model.load_state_dict(data.weights)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()
+        raise CvaeError(f"checkpoint {path}: weights.pt does not fit its config.json/vocab.json "
+                        f"({len(data.vocab)} words; {first[-1].strip() if first else type(exc).__name__})") from None
     return model.eval(), data.config, data.vocab

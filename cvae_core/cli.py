@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .config import FIELDS, PRESETS, SCALES, build_config, parse_assignments
-from .errors import CvaeError
+from .errors import CvaeError, OneLineArgumentParser
 
 
 def _presets(args: argparse.Namespace) -> None:
@@ -31,6 +31,8 @@ def _train(args: argparse.Namespace) -> None:
         overrides["data.data_dir"] = args.data_dir
     config = build_config(args.preset, args.dataset, args.scale, overrides)
     out = Path(args.out or f"runs/{args.preset}-{args.dataset}-{args.scale}-seed{config.train.seed}")
+    if out.exists() and not out.is_dir():
+        raise CvaeError(f"--out {out} is an existing file; give a folder for the run")
     result = train(config, out, resume=args.resume)
     if result.best_checkpoint:
         best = result.best_metrics
@@ -40,9 +42,20 @@ def _train(args: argparse.Namespace) -> None:
         print(f"evaluate it:     cvae evaluate {out / 'checkpoints' / 'best'} --split test --n-samples 100 --json")
 
 
+def _check_counts(args: argparse.Namespace, positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise CvaeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            raise CvaeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation import ProgressPrinter, evaluate_checkpoint, json_safe
 
+    _check_counts(args, positive=("n_samples", "mi_samples", "bleu_samples", "dist_samples"),
+                  non_negative=("limit", "max_steps"))
     overrides = {"data_dir": args.data_dir} if args.data_dir else None
     result = evaluate_checkpoint(args.checkpoint, split=args.split, n_samples=args.n_samples,
                                  mi_samples=args.mi_samples, seed=args.seed, device=args.device,
@@ -127,7 +140,7 @@ def _respond(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="cvae", description="Coupled-VAE: train and evaluate text VAEs.")
+    top = OneLineArgumentParser(prog="cvae", description="Coupled-VAE: train and evaluate text VAEs.")
     sub = top.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("presets", help="list the named presets (Table 1 rows and their coupled twins)")

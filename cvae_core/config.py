@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, get_type_hints
 
@@ -255,6 +256,10 @@ def validate(config: Config) -> None:
     _check_choice("coupling.distance", config.coupling.distance, DISTANCES)
     _check_choice("model.vmf_sampler", config.model.vmf_sampler, VMF_SAMPLERS)
     _check_choice("data.batching", config.data.batching, BATCHINGS)
+    # nan passes every "< 0" check below, and an inf LR or weight trains into NaN: refuse both here
+    for key, value in config.flat().items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CvaeError(f"{key} must be a finite number, got {value}")
     non_negative = {
         "coupling.lambda_r": config.coupling.lambda_r,
         "coupling.lambda_m": config.coupling.lambda_m,

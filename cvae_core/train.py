@@ -34,7 +34,7 @@ from .checkpoint import load_checkpoint, point_link, restore_rng, save_checkpoin
 from .config import Config, validate
 from .data import BucketBatcher, Corpus, load_corpus
 from .data.batching import POOL_BATCHES, make_batch
-from .errors import CvaeError
+from .errors import CvaeError, Diverged
 from .metrics import evaluate
 from .metrics.dynamics import GRAD_BATCH, encoding_module, held_out_gradient_norms
 from .metrics.text import response_diversity
@@ -208,13 +208,16 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
                                                                step, config, autocast) if aggressive else 0)
         # in the aggressive phase the step itself updates the decoder side only
         with _frozen(optimizer.param_groups[0]["params"] if aggressive else ()):
-            with autocast:
-                output = model(batch)
-                loss, parts = objective(model, output, step)
+            with _divergence_as_outcome(step, config):
+                with autocast:
+                    output = model(batch)
+                    loss, parts = objective(model, output, step)
             _check_finite(loss, step, config)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.train.clip_norm)
+        if not torch.isfinite(grad_norm):  # stepping would write NaN/inf into the parameters
+            raise Diverged(step, f"gradient norm is {grad_norm.item()} ({config.preset}); lower train.lr")
         optimizer.step()
         kl_weight = objective.kl_weight(step)
         progress.add(parts, batch.n_tokens, {"grad_norm": grad_norm.item(), **extra})
@@ -228,11 +231,12 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
                        **(dynamics.means() if dynamics is not None else {})}
             progress.reset()
             eval_start = time.perf_counter()
-            scores = evaluate(model, corpus["valid"], n_samples=config.train.val_samples,
-                              mi_samples=config.train.mi_samples, seed=config.train.seed)
-            if getattr(model, "conditional", False):  # Table 8's diversity: one response per validation post
-                scores.update(response_diversity(model, corpus["valid"], seed=config.train.seed,
-                                                 max_steps=config.data.max_len))
+            with _divergence_as_outcome(step, config):
+                scores = evaluate(model, corpus["valid"], n_samples=config.train.val_samples,
+                                  mi_samples=config.train.mi_samples, seed=config.train.seed)
+                if getattr(model, "conditional", False):  # Table 8's diversity: one response per validation post
+                    scores.update(response_diversity(model, corpus["valid"], seed=config.train.seed,
+                                                     max_steps=config.data.max_len))
             metrics.update({f"val_{k}": float(v) for k, v in scores.items() if v is not None})
             if config.train.aggressive:
                 aggressive, previous_mi = _lagging_switch(aggressive, previous_mi, metrics["val_mi_batch"], step, log)
@@ -303,8 +307,21 @@ class _Dynamics:
 
 def _check_finite(loss: torch.Tensor, step: int, config: Config) -> None:
     if not torch.isfinite(loss):
-        raise CvaeError(f"training diverged: loss is {loss.item()} at step {step} ({config.preset}); "
-                        "lower train.lr or check the posterior's numerics")
+        raise Diverged(step, f"loss is {loss.item()} ({config.preset}); lower train.lr or check the "
+                             "posterior's numerics")
+
+
+@contextlib.contextmanager
+def _divergence_as_outcome(step: int, config: Config):
+    """torch.distributions refuse non-finite parameters with a ValueError (and a tensor dump)
+    when activations overflowed: that is divergence, reported in one line."""
+    try:
+        yield
+    except ValueError as exc:
+        if "invalid values" not in str(exc):
+            raise
+        raise Diverged(step, f"non-finite activations in the forward pass ({config.preset}); "
+                             "lower train.lr") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,7 +374,7 @@ def aggressive_encoder_updates(model: nn.Module, objective: Objective, optimizer
     inner = 0
     with _frozen(optimizer.param_groups[1]["params"]):
         for inner in range(1, t.aggressive_max_inner + 1):
-            with autocast:
+            with _divergence_as_outcome(step, config), autocast:
                 loss, _ = objective(model, model(batch), step)
             _check_finite(loss, step, config)
             optimizer.zero_grad(set_to_none=True)

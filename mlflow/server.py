@@ -27,6 +27,13 @@ Settings (flag > environment variable > default):
                         without a port is also allowed as name:PORT. Default: the bind address
                         plus localhost/127.0.0.1, each with and without the port.
   --workers             CVAE_MLFLOW_WORKERS      2 (uvicorn worker processes)
+  --auth-file           CVAE_MLFLOW_AUTH_FILE    turn on MLflow's basic-auth app. The file holds one
+                        line ``username:password`` (the admin; password >= 12 characters), is
+                        owned by this user and readable by nobody else (mode 0600), and is never
+                        echoed: the credentials reach MLflow through an owner-only auth config
+                        written beside it (``<file>.ini``, users in ``<file>.db``), never through
+                        the command line. Clients set MLFLOW_TRACKING_USERNAME/PASSWORD.
+                        Without it, a bind that is not loopback prints a warning.
   --pidfile PATH        write the server pid there; a server still running under the pid in an
                         existing pidfile is stopped first (so re-running `ray up` restarts it).
   --stop                only stop the server recorded in --pidfile (if running) and exit 0.
@@ -42,6 +49,7 @@ import argparse
 import ipaddress
 import os
 import re
+import secrets
 import shlex
 import signal
 import sys
@@ -186,11 +194,53 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--host")
     parser.add_argument("--port")
     parser.add_argument("--allowed-hosts")
+    parser.add_argument("--auth-file")
     parser.add_argument("--workers")
     parser.add_argument("--pidfile")
     parser.add_argument("--stop", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
     return parser.parse_args(argv)
+
+
+MIN_PASSWORD_CHARS = 12
+
+
+def read_auth_file(path: Path) -> tuple[str, str]:
+    """-> (username, password) from an owner-only ``username:password`` file."""
+    try:
+        info = path.stat()
+    except OSError:
+        raise BadInput(f"auth file {path} does not exist; create it with: umask 077; "
+                       f"printf '%s:%s\\n' admin \"$(openssl rand -hex 16)\" > {path}") from None
+    if not path.is_file():
+        raise BadInput(f"auth file {path} is not a regular file")
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise BadInput(f"auth file {path} must be owned by this user and private (mode {info.st_mode & 0o777:o} "
+                       f"found; run: chmod 600 {path})")
+    line = path.read_text(encoding="utf-8").strip()
+    username, sep, password = line.partition(":")
+    if not sep or not username or "\n" in line:
+        raise BadInput(f"auth file {path} must hold one line username:password")
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise BadInput(f"auth file {path}: the password must have at least {MIN_PASSWORD_CHARS} characters")
+    return username, password
+
+
+def write_auth_config(auth_file: Path) -> Path:
+    """The basic-auth app's config (admin credentials, users DB, no access by default), owner-only."""
+    username, password = read_auth_file(auth_file)
+    ini = auth_file.with_name(auth_file.name + ".ini")
+    text = ("[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{auth_file.resolve().with_name(auth_file.name + '.db')}\n"
+            f"admin_username = {username}\n"
+            f"admin_password = {password}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(ini, 0o600)
+    return ini
 
 
 def _positive_int(value: str, source: str, upper: int | None = None) -> int:
@@ -229,6 +279,14 @@ def build_command(args: argparse.Namespace) -> list[str]:
         )
     allowed = allowed_hosts_list(explicit_hosts, address, port)
 
+    auth_value, _ = _setting(args.auth_file, "--auth-file", "CVAE_MLFLOW_AUTH_FILE")
+    if auth_value:
+        read_auth_file(Path(auth_value).expanduser())  # refuse a bad or readable file before starting
+    elif not address.is_loopback:
+        print(f"{PROG}: warning: serving {host} without authentication: anyone who reaches it can read, change "
+              "or delete runs; pass --auth-file (see mlflow/README.md)", file=sys.stderr)
+    auth = ["--app-name", "basic-auth"] if auth_value else []
+
     # Validate the destination last: for a local directory it creates the folder.
     dest = check_artifacts_destination(dest)
 
@@ -241,6 +299,7 @@ def build_command(args: argparse.Namespace) -> list[str]:
         "--port", str(port),
         "--allowed-hosts", ",".join(allowed),
         "--workers", str(workers),
+        *auth,
     ]
 
 
@@ -305,6 +364,14 @@ def main(argv: list[str] | None = None) -> None:
 
     env = dict(os.environ)
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    if "basic-auth" in command:
+        auth_file, _ = _setting(args.auth_file, "--auth-file", "CVAE_MLFLOW_AUTH_FILE")
+        try:
+            env["MLFLOW_AUTH_CONFIG_PATH"] = str(write_auth_config(Path(auth_file).expanduser()))
+        except BadInput as error:
+            fail(str(error))
+        # the auth app's CSRF protection needs one key shared by the workers (they inherit it)
+        env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
     print(f"{PROG}: exec {printable}", file=sys.stderr, flush=True)
     os.execve(sys.executable, command, env)
 

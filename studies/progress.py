@@ -57,6 +57,10 @@ class StudyProgress(tune.Callback):
         self._print(f"start  {trial.trial_id}  {self._label(trial)}")
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        if result.get("diverged"):
+            self._print(f"DIVERGED {trial.trial_id}  at step {int(result.get('step', 0))}: "
+                        f"{result.get('diverged_reason', '')}  (an outcome: not retried)")
+            return
         self._print(
             f"eval   {trial.trial_id}  {result.get('training_iteration', '?')}/{self.evaluations} "
             f"step {int(result.get('step', 0))}  val_nll {self._num(result, 'val_nll')}  "
@@ -66,7 +70,11 @@ class StudyProgress(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         last = trial.last_result or {}
         n = int(last.get("training_iteration", 0) or 0)
-        how = "done   " if n >= self.evaluations else f"stopped by ASHA after {n}/{self.evaluations} evals,"
+        if last.get("diverged"):
+            n -= 1  # the divergence report is not an evaluation
+            how = f"diverged after {n}/{self.evaluations} evals,"
+        else:
+            how = "done   " if n >= self.evaluations else f"stopped by ASHA after {n}/{self.evaluations} evals,"
         finished = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR") or t is trial)
         self._print(f"{how} {trial.trial_id}  best val_nll {self._num(last, 'best_val_nll')}  "
                     f"({finished}/{self.total_trials} trials finished)")

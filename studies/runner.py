@@ -16,11 +16,13 @@ Where things go (all absolute):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import secrets
 import statistics
 import sys
 import time
@@ -29,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvae_core.errors import CvaeError
+from cvae_core.errors import CvaeError, OneLineArgumentParser
+from cvae_core.guards import adopt_tracking_credentials, check_name, check_sqlite_uri, check_tracking_server, redact
 
 from .spec import Objective, Resources, Scheduler, StudySpec, load_spec, parse_objectives, validate_spec
 
@@ -43,7 +46,7 @@ EXIT_INTERRUPTED = 130
 # Command line
 
 def build_parser(prog: str, default_spec: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
+    p = OneLineArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Flags without a default here take the spec's value (studies/specs/*.yaml).")
     p.add_argument("--profile", "--spec", dest="profile", default=default_spec,
@@ -65,7 +68,7 @@ def build_parser(prog: str, default_spec: str, description: str) -> argparse.Arg
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
                    help=f"MLflow experiment name (default: {DEFAULT_EXPERIMENT})")
     p.add_argument("--root", default=None, help="study folder root; default <cwd>/studies_out")
-    p.add_argument("--study-name", default=None, help="default <spec>-<YYYYmmdd-HHMMSS>")
+    p.add_argument("--study-name", default=None, help="default <spec>-<YYYYmmdd-HHMMSS>-<4 hex digits>")
     p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions such as 0.5 share a GPU")
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (torch threads)")
     p.add_argument("--max-concurrent", type=int, default=None, help="max concurrent trials")
@@ -114,7 +117,7 @@ def main(default_spec: str, description: str, argv: list[str] | None = None, pro
     try:
         outcome = run_study(options)
     except (CvaeError, StudyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     return outcome.exit_code
 
@@ -133,11 +136,13 @@ def _absolute_sqlite(uri: str, cwd: Path) -> str:
 
 
 def resolve_tracking_uri(flag: str | None, cwd: Path) -> str:
+    """-> the absolute tracking URI, without credentials: ``user:password@`` moves into MLflow's
+    client variables (see cvae_core.guards.adopt_tracking_credentials)."""
     uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cwd / 'mlflow.db'}"
     if uri.startswith("file:") or "://" not in uri:
-        raise StudyError(f"tracking URI {uri!r}: MLflow 3's file store is in maintenance mode; use "
+        raise StudyError(f"tracking URI {redact(uri)!r}: MLflow 3's file store is in maintenance mode; use "
                          "sqlite:////abs/path/mlflow.db or an http(s):// tracking server")
-    return _absolute_sqlite(uri, cwd)
+    return _absolute_sqlite(adopt_tracking_credentials(uri), cwd)
 
 
 def resolve_storage_path(flag: str | None, root: Path) -> str:
@@ -295,7 +300,7 @@ class TrialRow:
     label: str
     config: dict[str, Any]
     seed: int | None
-    status: str  # done | stopped | error | interrupted | pending
+    status: str  # done | stopped | diverged | error | interrupted | pending
     evaluations: int
     best: dict[str, float]  # metrics at the evaluation with the lowest val_nll
     run_id: str = ""
@@ -315,6 +320,13 @@ class StudyOutcome:
 
 def run_study(options: Options) -> StudyOutcome:
     """Run (or resume) one study end to end; see the module docstring."""
+    try:
+        return _run_study(options)
+    finally:
+        release_study_folders()
+
+
+def _run_study(options: Options) -> StudyOutcome:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     # A resumed trial re-reports the steps after its checkpoint; Optuna ignores the repeats.
     warnings.filterwarnings("ignore", message="The reported value is ignored because this")
@@ -328,7 +340,13 @@ def run_study(options: Options) -> StudyOutcome:
     cwd = Path.cwd().resolve()
     root = Path(options.root).expanduser().resolve() if options.root else cwd / "studies_out"
 
-    # 1. settings: the saved ones of the study to resume, or the spec plus flags
+    # 1. settings: the saved ones of the study to resume, or the spec plus flags. Names become
+    #    folder names and the tracking server is asked before anything is written or started.
+    check_name(options.experiment, "--experiment")
+    if options.study_name is not None:
+        check_name(options.study_name, "--study-name")
+    if options.resume and options.resume != "latest":
+        check_name(options.resume, "--resume")
     state: StudyState | None = None
     if options.resume:
         state = find_resumable(root, load_spec_name(options.profile), options.resume)
@@ -344,9 +362,14 @@ def run_study(options: Options) -> StudyOutcome:
                    if value is not None]
         if ignored:
             print(f"note: resuming {state.study_name} with its saved settings; ignoring {', '.join(ignored)}")
+        check_tracking_server(state.tracking_uri)
+        lock_study_folder(Path(state.folder))
     else:
         spec = apply_flags(load_spec(options.profile), options)
         tracking_uri = resolve_tracking_uri(options.tracking_uri, cwd)
+        with sqlite_store_lock(tracking_uri):  # another driver may be creating the store right now
+            check_sqlite_uri(tracking_uri)
+        check_tracking_server(tracking_uri)
         storage_path = resolve_storage_path(options.storage_path, root)
         if options.address and "://" not in storage_path:
             print(f"note: Tune storage {storage_path} is a local path; on a multi-node cluster it must be "
@@ -409,23 +432,26 @@ def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: st
 
     from .tracking import code_version, ensure_experiment
 
-    study_name = options.study_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # a random suffix: two studies started in the same second get distinct names
+    study_name = options.study_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     folder = root / study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_study_folder(folder)
     if (folder / "study.json").exists():
         raise StudyError(f"study {study_name} already exists at {folder}; use --resume {study_name}")
-    folder.mkdir(parents=True, exist_ok=True)
     experiment_path = f"{storage_path.rstrip('/')}/{study_name}"
     optuna_storage = f"sqlite:///{folder / 'optuna.db'}"
-    client = MlflowClient(tracking_uri=tracking_uri)
     artifact_location = None if tracking_uri.startswith(("http://", "https://")) else (root / "mlartifacts").as_uri()
-    experiment_id = ensure_experiment(client, options.experiment, artifact_location)
     version = code_version()
-    parent = client.create_run(experiment_id, run_name=study_name, tags={
-        "cvae.role": "study", "cvae.study": study_name, "cvae.spec": spec.name,
-        "optuna.storage": optuna_storage, "optuna.study_name": study_name,
-        "ray.experiment_path": experiment_path, "cvae.code_version": version,
-        "mlflow.note.content": spec.description,
-    })
+    with sqlite_store_lock(tracking_uri):  # MLflow creates a fresh store's schema on first use
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment_id = ensure_experiment(client, options.experiment, artifact_location)
+        parent = client.create_run(experiment_id, run_name=study_name, tags={
+            "cvae.role": "study", "cvae.study": study_name, "cvae.spec": spec.name,
+            "optuna.storage": optuna_storage, "optuna.study_name": study_name,
+            "ray.experiment_path": experiment_path, "cvae.code_version": version,
+            "mlflow.note.content": spec.description,
+        })
     client.log_batch(parent.info.run_id,
                      params=[Param(k, v) for k, v in spec.summary_params(spec.search).items()][:100])
     state = StudyState(
@@ -440,6 +466,60 @@ def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: st
     print(f"  MLflow {tracking_uri} (experiment {options.experiment!r}, parent run {parent.info.run_id})")
     print(f"  Ray results {experiment_path}", flush=True)
     return state
+
+
+_held_locks: dict[Path, Any] = {}
+
+
+def lock_study_folder(folder: Path) -> None:
+    """Hold ``<folder>/.lock`` exclusively while this driver runs the study (released by
+    :func:`release_study_folders`, or by the OS when the driver dies): a second driver of the
+    same study refuses at once instead of sharing its Optuna study and parent run."""
+    import fcntl
+
+    if folder in _held_locks:
+        return
+    handle = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise StudyError(f"study {folder.name} is being run by another driver ({owner}); wait for it to end, "
+                         "or pick another --study-name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    handle.flush()
+    _held_locks[folder] = handle
+
+
+def release_study_folders() -> None:
+    while _held_locks:
+        _, handle = _held_locks.popitem()
+        handle.close()
+
+
+@contextlib.contextmanager
+def sqlite_store_lock(tracking_uri: str):
+    """Serialise first use of a SQLite MLflow store across drivers (``<db>-lock`` beside it):
+    two drivers creating a fresh store's schema at once make one of them crash."""
+    import fcntl
+
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    if not path.parent.is_dir():
+        yield  # check_sqlite_uri names the missing folder
+        return
+    with open(f"{path}-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_spec_name(profile: str) -> str:
@@ -557,12 +637,16 @@ def collect_rows(spec: StudySpec, state: StudyState, results, trials, statuses: 
     for result, trial in zip(results, trials):
         history = result.metrics_dataframe
         records = history.to_dict("records") if history is not None and len(history) else []
+        diverged = next((r for r in records if _finite(r.get("diverged")) and r["diverged"]), None)
+        records = [r for r in records if r is not diverged]  # the divergence report is no evaluation
         scored = [r for r in records if _finite(r.get("val_nll"))]
         best = min(scored, key=lambda r: r["val_nll"]) if scored else {}
         # A trial resumed from an older checkpoint re-reports the steps after it: count steps once.
         n_evals = len({r.get("step") for r in records})
         ray_status = statuses.get(trial.trial_id, trial.status)
-        if ray_status == "ERROR":
+        if diverged is not None:
+            status = "diverged"
+        elif ray_status == "ERROR":
             status = "error"
         elif ray_status == "TERMINATED":
             status = "done" if n_evals >= spec.evaluations else "stopped"
@@ -584,7 +668,9 @@ def collect_rows(spec: StudySpec, state: StudyState, results, trials, statuses: 
             seed=config.get("train.seed"), status=status, evaluations=n_evals,
             best={k: float(best[k]) for k in SUMMARY_KEYS if k in best and _finite(best[k])},
             run_id=run.info.run_id if run else "", config_id=run.data.tags.get("cvae.config_id", "") if run else "",
-            checkpoint=checkpoint, error=str(result.error).strip().splitlines()[-1][:200] if result.error else ""))
+            checkpoint=checkpoint,
+            error=(f"diverged at step {int(diverged['step'])}: {diverged.get('diverged_reason', '')}" if diverged
+                   else str(result.error).strip().splitlines()[-1][:200] if result.error else "")))
     return rows
 
 
@@ -651,11 +737,13 @@ def finalize(spec: StudySpec, state: StudyState, rows: list[TrialRow], interrupt
         if run.info.status != "RUNNING":
             continue
         row = by_trial.get(run.data.tags.get("ray_trial_id", ""))
-        status = {"done": "FINISHED", "stopped": "FINISHED", "error": "FAILED"}.get(row.status if row else "", "KILLED")
+        status = {"done": "FINISHED", "stopped": "FINISHED", "diverged": "FINISHED",
+                  "error": "FAILED"}.get(row.status if row else "", "KILLED")
         retry(lambda: finish_run(client, run.info.run_id, status))
 
     ranked = rank(spec, [r for r in rows if r.best])
-    counts = {s: sum(1 for r in rows if r.status == s) for s in ("done", "stopped", "error", "interrupted", "pending")}
+    counts = {s: sum(1 for r in rows if r.status == s)
+              for s in ("done", "stopped", "diverged", "error", "interrupted", "pending")}
     groups = group_by_config(rows) if spec.seeds > 1 else []
     front: set[str] = set()
     if spec.multi_objective:
@@ -764,6 +852,8 @@ def _status_text(row: TrialRow, evaluations: int) -> str:
         return f"stopped@{row.evaluations}/{evaluations} (ASHA)"
     if row.status == "error":
         return "error"
+    if row.status == "diverged":
+        return row.error.split(":", 1)[0]  # "diverged at step N"
     return row.status
 
 
@@ -833,7 +923,8 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
     front = set(summary["pareto_front"])
     print()
     print(f"Study {state.study_name} {'INTERRUPTED' if interrupted else 'finished'}: "
-          f"{counts['done']} done, {counts['stopped']} stopped early by ASHA, {counts['error']} failed"
+          f"{counts['done']} done, {counts['stopped']} stopped early by ASHA, {counts['diverged']} diverged, "
+          f"{counts['error']} failed"
           + (f", {counts['interrupted'] + counts['pending']} unfinished" if interrupted else "")
           + f" ({summary['elapsed_s'] / 60:.1f} min this session)")
     print(f"Ranked by {spec.objectives[0]} at each trial's best checkpoint (lowest val NLL):")

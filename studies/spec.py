@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from cvae_core.config import PRESETS, build_config
+from cvae_core.config import PRESETS, build_config, resolve_key
 from cvae_core.errors import CvaeError
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
@@ -238,6 +238,13 @@ def validate_spec(spec: StudySpec) -> None:
                          {**spec.overrides, **{k: v for k, v in baseline.items() if k != "preset"}})
         except CvaeError as exc:
             raise SpecError(f"{where}: baselines[{i}] is invalid: {exc}") from None
+    owned = sorted(searched_keys(spec) & {resolve_key(k) for k in spec.overrides})
+    if owned:
+        raise SpecError(f"{where}: {', '.join(owned)} is set per trial by the {spec.search} search "
+                        f"({spec.space if spec.search == 'tpe' else spec.grid}), so a base override (--set) of it "
+                        "would be silently replaced; drop it, or write a spec whose space leaves it alone")
+    if spec.search == "tpe" and not spec.baselines and spec.num_samples == 0:
+        raise SpecError(f"{where}: nothing to run: no baselines and num_samples 0 (use --num-samples N)")
     if spec.scheduler.type != "asha":
         raise SpecError(f"{where}: scheduler.type {spec.scheduler.type!r} is not supported; use asha "
                         "(it stops trials and never pauses them, so it works with any searcher)")
@@ -265,6 +272,26 @@ def validate_spec(spec: StudySpec) -> None:
         raise SpecError(f"{where}: budget needs num_samples >= 0 and seeds >= 1, got {spec.num_samples}, {spec.seeds}")
 
 
+def searched_keys(spec: StudySpec) -> set[str]:
+    """Core config keys the search sets per trial (the grid's cells, or what the define-by-run
+    space suggests or returns over a fixed sample of 32 draws)."""
+    from .spaces import GRIDS, SEARCH_PREFIX, SPACES
+
+    if spec.search == "grid":
+        cells = GRIDS[spec.grid]()
+    else:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        cells = []
+        for _ in range(32):
+            trial = study.ask()
+            constants = SPACES[spec.space](trial) or {}
+            cells.append({**trial.params, **constants})
+    return {resolve_key(k) for cell in cells for k in cell if k != "preset" and not k.startswith(SEARCH_PREFIX)}
+
+
 def spec_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
@@ -280,6 +307,8 @@ def load_spec(name_or_path: str) -> StudySpec:
         raise SpecError(f"study spec not found: {path} (available in {SPEC_DIR}: {available})")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # its text spans several lines; keep the position and the problem
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', None) or type(exc).__name__}") from None
     return parse_spec(raw, str(path))

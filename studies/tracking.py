@@ -75,16 +75,20 @@ def config_id(config: Config) -> str:
     return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def transient(exc: Exception) -> bool:
+    """A store error worth retrying (SQLite "database is locked", a busy or unreachable server)."""
+    text = str(exc).lower()
+    return any(s in text for s in ("locked", "busy", "timed out", "timeout", "connection", "temporarily",
+                                   "503", "502", "max retries", "refused"))
+
+
 def retry(fn: Callable[[], T], attempts: int = 5, delay_s: float = 0.5) -> T:
     """Retry transient store errors (SQLite "database is locked", a busy server)."""
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - MLflow wraps store errors in several types
-            text = str(exc).lower()
-            transient = any(s in text for s in ("locked", "busy", "timed out", "timeout", "connection",
-                                                "temporarily", "503", "502"))
-            if not transient or attempt == attempts - 1:
+            if not transient(exc) or attempt == attempts - 1:
                 raise
             time.sleep(delay_s * (2**attempt))
     raise AssertionError("unreachable")
@@ -130,11 +134,19 @@ def finish_run(client: MlflowClient, run_id: str, status: str) -> None:
         client.set_terminated(run_id, status=status)
 
 
+MAX_PENDING_METRICS = 200_000  # ~ thousands of evaluations: beyond that, fail the trial (retried later)
+
+
 class TrialRun:
-    """The MLflow child run of one Ray trial, reused across retries and restores."""
+    """The MLflow child run of one Ray trial, reused across retries and restores.
+
+    Metrics are buffered while the tracking server is unreachable: :meth:`log_metrics` tries
+    once and returns (training goes on), the next call sends the backlog first, and
+    :meth:`flush` waits for it, bounded, where a trial may end."""
 
     def __init__(self, client: MlflowClient, run_id: str, logged_steps: set[int]):
         self.client, self.run_id, self.logged_steps = client, run_id, logged_steps
+        self.pending: list[Metric] = []
 
     @classmethod
     def open(cls, study: StudyContext, trial_id: str, trial_name: str, config: Config,
@@ -172,10 +184,32 @@ class TrialRun:
         if step in self.logged_steps:
             return False
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        for start in range(0, len(batch), 1000):
-            retry(lambda: self.client.log_batch(self.run_id, metrics=batch[start:start + 1000]))
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.logged_steps.add(step)
+        if len(self.pending) > MAX_PENDING_METRICS:
+            raise RuntimeError(f"{len(self.pending)} metrics could not reach the MLflow server; stopping this "
+                               "attempt (Ray retries it from its last checkpoint)")
+        self.flush(wait_s=0)
+        return True
+
+    def flush(self, wait_s: float = 0.0) -> bool:
+        """Send buffered metrics, in order. A transient failure keeps them for later; with
+        ``wait_s`` > 0 it keeps trying that long (short, capped waits). -> whether all were sent."""
+        deadline = time.monotonic() + wait_s
+        delay = 0.5
+        while self.pending:
+            chunk = self.pending[:1000]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as exc:  # noqa: BLE001 - MLflow wraps connection errors in several types
+                if not transient(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    return False
+                time.sleep(delay)
+                delay = min(5.0, delay * 2)
+                continue
+            del self.pending[:len(chunk)]
         return True
 
     def log_checkpoint(self, checkpoint_dir: Path) -> None:

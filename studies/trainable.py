@@ -34,12 +34,14 @@ from cvae_core import build_config, train
 from cvae_core.checkpoint import point_link
 from cvae_core.config import Config, resolve_key
 from cvae_core.data import Corpus
-from cvae_core.errors import CvaeError
+from cvae_core.errors import CvaeError, Diverged
 
 from .spaces import SEARCH_PREFIX
+from .spec import DEFAULT_MODES
 from .tracking import StudyContext, TrialRun
 
 RESERVED = {"preset"}
+FINAL_FLUSH_S = 300.0
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
@@ -100,11 +102,29 @@ def _restore_checkpoint(checkpoint: tune.Checkpoint, output_dir: Path) -> int:
     return step
 
 
+DIVERGED = "diverged"
+
+
+def report_divergence(run: TrialRun, exc: Diverged, log_path: Path) -> None:
+    """A diverged trial is an outcome, not a crash: the MLflow run ends FINISHED with
+    ``cvae.outcome=diverged``, and one last result with ``diverged=1`` and a NaN objective
+    tells Ray (the trial ends TERMINATED, never retried) and Optuna (a NaN value is a FAIL)."""
+    run.set_tags({"cvae.outcome": DIVERGED, "cvae.diverged_at_step": str(exc.step), "cvae.diverged_reason": exc.reason})
+    run.log_file(log_path)
+    run.finish("FINISHED")
+    objectives = {metric: float("nan") for metric in (*DEFAULT_MODES, "val_kl")}
+    tune.report({"step": float(exc.step), DIVERGED: 1.0, "diverged_reason": exc.reason, **objectives})
+
+
 def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: StudyContext | None = None) -> None:
     """Function trainable. ``corpus`` and ``study`` come from ``tune.with_parameters``."""
     if study is None:
         raise CvaeError("train_trial needs the study context: wrap it with tune.with_parameters(..., study=...)")
     torch.set_num_threads(max(1, int(study.cpus_per_trial)))
+    # The MLflow client's own retries wait up to minutes with growing back-off; a trial buffers
+    # instead (TrialRun.flush), so each request fails fast while the server is down.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     context = tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
     core_config = resolve_trial_config(study, config)
@@ -131,11 +151,16 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
 
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
         # Everything MLflow needs is logged *before* tune.report: Tune may end this process
-        # inside or right after it (ASHA, and the max_t stop at the last evaluation).
+        # inside or right after it (ASHA, and the max_t stop at the last evaluation). While the
+        # server is down, metrics wait in a bounded buffer and training goes on; at the last
+        # evaluation the trial waits (bounded) for the backlog to go out.
         run.log_metrics(metrics)
-        if metrics.get("is_best", 0.0) >= 1.0:
-            run.log_checkpoint(checkpoint_dir)
-        run.log_file(log_path)
+        if metrics["step"] >= core_config.train.steps and not run.flush(wait_s=FINAL_FLUSH_S):
+            log(f"warning: {len(run.pending)} metrics could not reach MLflow within {FINAL_FLUSH_S} s")
+        if not run.pending:  # artifacts follow the metrics once the server answers again
+            if metrics.get("is_best", 0.0) >= 1.0:
+                run.log_checkpoint(checkpoint_dir)
+            run.log_file(log_path)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     with open(log_path, "a", encoding="utf-8") as log_file:
@@ -149,6 +174,11 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
         except SystemExit:
             shutil.rmtree(output_dir, ignore_errors=True)
             raise  # Tune stopped the trial inside tune.report; the driver closes the MLflow run
+        except Diverged as exc:
+            log(str(exc))
+            report_divergence(run, exc, log_path)
+            shutil.rmtree(output_dir, ignore_errors=True)
+            return
         except BaseException:
             run.log_file(log_path)
             run.finish("FAILED")  # a retry reopens it

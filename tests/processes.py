@@ -66,20 +66,21 @@ def kill_group(proc: subprocess.Popen) -> list[int]:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path):
-    """mlflow/server.py on 127.0.0.1 (free port, SQLite backend and proxied artifacts under `root`).
+def mlflow_server(root: Path, extra_args: tuple[str, ...] = (), port: int | None = None):
+    """mlflow/server.py on 127.0.0.1 (free port, SQLite backend and proxied artifacts under `root`;
+    `extra_args` such as ("--auth-file", PATH) are passed on).
 
     Yields {"url", "port", "artifacts", "cwd"}; on exit kills the whole process group (uvicorn
     workers included) and fails if any of it survives."""
     artifacts, workdir = root / "artifacts", root / "cwd"
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()  # a fixed port: the same server restarted
     env = env_without_mlflow(CVAE_MLFLOW_BACKEND_URI=f"sqlite:///{root / 'mlflow.db'}",
                              CVAE_MLFLOW_ARTIFACTS_DESTINATION=str(artifacts))
     log_path = root / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(MLFLOW_LAUNCHER), "--host", "127.0.0.1", "--port", str(port),
-                                 "--workers", "1"], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                                 "--workers", "1", *extra_args], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # own process group: the workers die with it
     url = f"http://127.0.0.1:{port}"
     try:

@@ -57,6 +57,9 @@ class Corpus:
         return self.splits[split]
 
 
+MAX_LINE_CHARS = 100_000
+
+
 def read_lines(path: str | Path) -> tuple[list[str], str]:
     """Read a UTF-8 text file -> (lines without newlines, md5 of the bytes)."""
     path = Path(path)
@@ -71,7 +74,12 @@ def read_lines(path: str | Path) -> tuple[list[str], str]:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise CvaeError(f"{path}: line {line} is not valid UTF-8 (byte {raw[exc.start]:#x})") from None
-    return text.splitlines(), hashlib.md5(raw).hexdigest()
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
+        if len(line) > MAX_LINE_CHARS:  # e.g. a binary file or one without newlines: not sentences
+            raise CvaeError(f"{path}: line {number} is {len(line):,} characters long (limit {MAX_LINE_CHARS:,}); "
+                            "expected one sentence per line")
+    return lines, hashlib.md5(raw).hexdigest()
 
 
 def _ptb_lines(split: str) -> tuple[list[str], str]:

@@ -1,0 +1,139 @@
+"""Guards for input that reaches files, logs and network calls (standard library only).
+
+* :func:`redact` hides the password of any ``scheme://user:password@host`` in a text; every
+  line, file or record that may carry a tracking or database URI goes through it.
+* :func:`check_name` keeps a user-chosen name (study, experiment, folder) to one harmless path
+  component, so that ``root / name`` can never leave ``root``.
+* :func:`check_tracking_server` asks an http(s) MLflow server's ``/health`` with a short
+  timeout, so an unreachable server is reported in seconds, not after minutes of client retries.
+* :func:`check_sqlite_uri` refuses a ``sqlite:///`` URI whose folder does not exist, instead of
+  letting a typo silently create a new, empty store somewhere else.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from .errors import CvaeError
+
+_CREDENTIALS = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):(?P<password>[^/\s@]+)@")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+MAX_NAME_CHARS = 128
+HEALTH_TIMEOUT_S = 5.0
+
+
+def redact(text: str) -> str:
+    """``http://user:secret@host`` -> ``http://user:***@host`` anywhere in ``text``."""
+    return _CREDENTIALS.sub(r"\g<head>:***@", text)
+
+
+def check_name(name: str, what: str) -> str:
+    """A name that becomes a file or folder name: letters, digits, ``._+-``; no separator, no
+    leading dot, at most MAX_NAME_CHARS characters."""
+    if not isinstance(name, str) or not name.strip():
+        raise CvaeError(f"{what} is empty; give a name such as lambda-2026")
+    if len(name) > MAX_NAME_CHARS or not _NAME.fullmatch(name):
+        raise CvaeError(f"{what} {name!r} is not allowed: use letters, digits and . _ + - only (no '/', no "
+                        f"leading dot, at most {MAX_NAME_CHARS} characters), so it stays inside its folder")
+    return name
+
+
+def split_credentials(uri: str) -> tuple[str, str | None]:
+    """-> (the URI without ``user:password@``, the ``Authorization`` header value or None)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None:
+        return uri, None
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    return (urllib.parse.urlunsplit(parts._replace(netloc=netloc)),
+            "Basic " + base64.b64encode(token.encode()).decode())
+
+
+def check_tracking_server(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+    """Raise CvaeError naming the (redacted) URI unless an http(s) server answers ``/health``.
+    Other schemes are not servers and pass."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    bare, authorization = split_credentials(uri)
+    if authorization is None and os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        token = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        authorization = "Basic " + base64.b64encode(token.encode()).decode()
+    request = urllib.request.Request(bare.rstrip("/") + "/health")
+    if authorization:
+        request.add_header("Authorization", authorization)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code} {exc.reason}"
+    except (OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", exc)) or type(exc).__name__
+    raise CvaeError(f"MLflow tracking server {redact(uri)} is not reachable within {timeout_s:g} s ({reason}); "
+                    "start it (python mlflow/server.py) or fix --tracking-uri / MLFLOW_TRACKING_URI")
+
+
+def check_sqlite_uri(uri: str, must_exist: bool = False) -> Path | None:
+    """For ``sqlite:////abs/file.db``: the folder must exist, and the file, if there (or when
+    ``must_exist``), must be an MLflow store, never another database MLflow would add its
+    tables to. -> the file (None for other schemes)."""
+    import sqlite3
+
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if not path.parent.is_dir():
+        raise CvaeError(f"tracking URI {redact(uri)}: folder {path.parent} does not exist (a typo?); create it "
+                        "first or fix the path")
+    if not path.exists():
+        if must_exist:
+            raise CvaeError(f"no MLflow store at {path} (tracking URI {redact(uri)}); pass --tracking-uri or set "
+                            "MLFLOW_TRACKING_URI")
+        return path
+    if not path.is_file():
+        raise CvaeError(f"tracking URI {redact(uri)}: {path} is not a file")
+    if path.stat().st_size == 0 and not must_exist:
+        return path
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(16)
+        if header != b"SQLite format 3\x00":
+            raise sqlite3.DatabaseError("not an SQLite file")
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in connection.execute("select name from sqlite_master where type='table'")}
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        raise CvaeError(f"{path} is not an MLflow store ({exc})") from None
+    if (tables or must_exist) and not {"experiments", "runs", "alembic_version"} <= tables:
+        raise CvaeError(f"{path} is not an MLflow store (an SQLite file without MLflow's tables); "
+                        "check --tracking-uri")
+    return path
+
+
+def adopt_tracking_credentials(uri: str, environ=None) -> str:
+    """Move ``user:password@`` out of an http(s) tracking URI into MLflow's client variables
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of this process, inherited by the Ray
+    workers it starts) and return the bare URI, which is then the only form ever printed, saved
+    in study.json or summaries, tagged, or pickled by Ray."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None:
+        return uri
+    environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
+    return split_credentials(uri)[0]
