@@ -262,7 +262,9 @@ def init_ray(address: str | None, verbose: bool) -> bool:
     else:
         # Workers must import `studies` even from a checkout that is not pip-installed.
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        # address="local": a bare ray.init() would join the newest `ray start` cluster on this
+        # machine (Ray records it under /tmp/ray) instead of the study's own local instance.
+        ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **kwargs)
     return True
 
