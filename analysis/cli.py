@@ -182,7 +182,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=0, help="greedy decoding length for BLEU/Dist (0 = data.max_len)")
     p.add_argument("--json", action="store_true", help="print the evaluation as one JSON object")
     p.add_argument("--no-log", action="store_true", help="do not log an evaluation run to MLflow")
-    p.add_argument("--no-register", action="store_true", help="do not register the model version")
+    p.add_argument("--register", action=argparse.BooleanOptionalAction, default=None,
+                   help="register the checkpoint and move the alias (default: only after a full evaluation; "
+                        "any of --limit, --n-samples/--mi-samples/--bleu-samples/--dist-samples below the "
+                        "paper's, --max-steps make it partial)")
     p.add_argument("--model-name", default="coupled-vae", help="registered model name (default %(default)s)")
     p.add_argument("--alias", default="champion", help="alias set on the registered version (default %(default)s)")
     p.set_defaults(func=_best)

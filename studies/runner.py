@@ -695,6 +695,7 @@ def record_grid_in_optuna(spec: StudySpec, state: StudyState, rows: list[TrialRo
     from optuna.trial import TrialState, create_trial
 
     from .searcher import name_objectives
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=state.optuna_storage, study_name=state.study_name, load_if_exists=True,
                                 directions=["minimize" if o.mode == "min" else "maximize" for o in spec.objectives])

@@ -84,7 +84,7 @@ def _cvae_evaluate(checkpoint: Path) -> dict:
 def test_best_evaluates_the_right_checkpoint_logs_it_and_registers_it(trained, tmp_path):
     best = min(trained["trials"], key=lambda t: t["best_val_nll"])
     result = run_cli("best", "--tracking-uri", trained["uri"], "--metric", "val_nll", *EVAL_ARGS, *EXTRA_ARGS,
-                     "--out", str(tmp_path / "download"), "--json")
+                     "--out", str(tmp_path / "download"), "--json", "--register")
     assert result.returncode == 0, result.stderr
     evaluation = json.loads(result.stdout)
     downloaded = tmp_path / "download" / "checkpoint"
@@ -114,6 +114,29 @@ def test_best_evaluates_the_right_checkpoint_logs_it_and_registers_it(trained, t
     assert version.run_id == best["run_id"] and version.source.endswith("/checkpoint")
     assert version.tags["test_nll"] == f"{evaluation['nll']:.4f}"
     assert version.tags["cvae.evaluation_run_id"] == run.info.run_id
+
+
+def test_a_partial_evaluation_registers_nothing_unless_asked_and_says_what_it_rests_on(trained, tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    client = trained["client"]
+    result = run_cli("best", "--tracking-uri", trained["uri"], *EVAL_ARGS, "--no-bleu", "--no-dist",
+                     "--no-grad-norms", "--model-name", "quick-look", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "not registered: a partial evaluation (--limit 24, --n-samples 4 < 100, --mi-samples 4 < 100)" in result.stdout
+    with pytest.raises(MlflowException):
+        client.get_registered_model("quick-look")
+    run = client.search_runs([trained["experiment_id"]], "tags.`cvae.role` = 'evaluation'",
+                             order_by=["attributes.start_time DESC"])[0]
+    described = run.data.tags["cvae.evaluation"]
+    assert described.startswith("test split, 24 sentences, IS-NLL/KL/PPL with N=4, MI with 4 samples; PARTIAL")
+    assert run.info.run_name.endswith("-test-partial") and run.data.params["n_sentences"] == "24"
+
+    forced = run_cli("best", "--tracking-uri", trained["uri"], *EVAL_ARGS, "--no-bleu", "--no-dist",
+                     "--no-grad-norms", "--model-name", "quick-look", "--out", str(tmp_path), "--no-log", "--register")
+    assert forced.returncode == 0, forced.stderr
+    version = client.get_model_version_by_alias("quick-look", "champion")
+    assert "PARTIAL (--limit 24" in version.tags["cvae.evaluation"]
 
 
 def test_best_by_another_metric_and_the_pareto_listing(trained, tmp_path):
