@@ -306,7 +306,6 @@ class StudyOutcome:
 
 def run_study(options: Options) -> StudyOutcome:
     """Run (or resume) one study end to end; see the module docstring."""
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
     # A resumed trial re-reports the steps after its checkpoint; Optuna ignores the repeats.
     warnings.filterwarnings("ignore", message="The reported value is ignored because this")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -397,7 +396,7 @@ def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: st
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    from .tracking import code_version, ensure_experiment
+    from .tracking import code_version, ensure_experiment, source_tags
 
     study_name = options.study_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = root / study_name
@@ -414,7 +413,7 @@ def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: st
         "cvae.role": "study", "cvae.study": study_name, "cvae.spec": spec.name,
         "optuna.storage": optuna_storage, "optuna.study_name": study_name,
         "ray.experiment_path": experiment_path, "cvae.code_version": version,
-        "mlflow.note.content": spec.description,
+        "mlflow.note.content": spec.description, **source_tags(f"studies spec {spec.name}"),
     })
     client.log_batch(parent.info.run_id,
                      params=[Param(k, v) for k, v in spec.summary_params(spec.search).items()][:100])

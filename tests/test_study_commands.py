@@ -124,6 +124,24 @@ def test_printed_commands_run_and_optuna_matches_the_record(tmp_path):
             assert len(trial.intermediate_values) == row["evaluations"]
     assert any(row["status"] == "stopped" for row in summary["trials"]), "ASHA stopped nothing: nothing checked"
 
+    # the MLflow UI opens on training runs; runs say what they are; the baseline has no coupling values
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    experiment = client.get_experiment_by_name("coupled-vae-studies")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([experiment.experiment_id], "tags.`cvae.role` = 'trial'")
+    names = {r.data.tags["ray_trial_id"]: r.info.run_name for r in runs}
+    for row in summary["trials"]:
+        assert names[row["trial_id"]] == f"{row['label']} seed=0"
+    for run in runs:
+        assert run.data.tags["mlflow.source.name"] == "studies spec lambda_sweep"
+        if run.data.tags["cvae.preset"] == "vae":
+            assert all(run.data.params[k] == "none" for k in ("coupling.lambda_m", "coupling.lambda_r",
+                                                               "coupling.distance"))
+        else:
+            assert float(run.data.params["coupling.lambda_r"]) >= 0
+
 
 def test_killed_driver_and_resume_leave_no_running_or_phantom_optuna_trial(tmp_path):
     args = ["--num-samples", "3", "--study-name", "killed"]
