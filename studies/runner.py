@@ -795,12 +795,12 @@ def group_lines(spec: StudySpec, groups: list[dict[str, Any]], front: set[str]) 
 
 def mlflow_ui_command(tracking_uri: str, experiment_id: str, artifacts: Path) -> str:
     """The line that opens this study's runs: the server's URL, or a command that starts the
-    project's lean server launcher (job runner off, 2 workers) on the local SQLite store.
+    project's server launcher (MLflow's job runner off, one worker: 2 processes) on the local store.
     Absolute paths and this interpreter, so it runs as printed from any folder and shell."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}"
     return shlex.join([sys.executable, str(REPO_ROOT / "mlflow" / "server.py"), "--backend-store-uri", tracking_uri,
-                       "--artifacts-destination", str(artifacts)]) + "   # then open http://127.0.0.1:5000"
+                       "--artifacts-destination", str(artifacts), "--workers", "1"]) + "   # then open http://127.0.0.1:5000"
 
 
 def analysis_command(state: "StudyState") -> str:
