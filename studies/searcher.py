@@ -107,6 +107,7 @@ class StudySearcher(Searcher):
         super().__init__(metric=metric, mode=mode)
         self.evaluations = evaluations
         self.best_results: dict[str, dict] = {}  # trial id -> its report with the lowest val_nll
+        self.reported: dict[str, int] = {}  # trial id -> last training_iteration told to the searcher
         self.searcher = searcher
         self.fixed = [dict(c) for c in fixed]
         self.n_search = n_search
@@ -180,7 +181,10 @@ class StudySearcher(Searcher):
                 best is None or value < best[RANK_METRIC]):
             self.best_results[trial_id] = dict(result)
         group = self._group(trial_id)
-        if group and group["source"] == "search" and len(self.seeds) == 1:
+        iteration = result.get("training_iteration")
+        if (group and group["source"] == "search" and len(self.seeds) == 1
+                and self.reported.get(trial_id) != iteration):
+            self.reported[trial_id] = iteration
             self.searcher.on_trial_result(group["primary"], result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -188,6 +192,10 @@ class StudySearcher(Searcher):
         if index is None:
             return
         group = self.groups[index]
+        if result and not error:
+            # A report on which the scheduler stops the trial (ASHA's rung, or max_t) reaches the
+            # searcher only here, not through on_trial_result: count it as an evaluation too.
+            self.on_trial_result(trial_id, result)
         reports = int((result or {}).get("training_iteration", 0) or 0)
         stopped = not error and self.evaluations is not None and reports < self.evaluations
         at_best = self.best_results.get(trial_id, result)

@@ -31,11 +31,12 @@ def _searchers(storage_url: str, name: str = "truth"):
 
 
 def _report(searcher: StudySearcher, trial_id: str, values: list[float]) -> dict:
-    result = {}
-    for i, value in enumerate(values, 1):
-        result = {"val_nll": value, "training_iteration": i, "step": 10 * i}
+    """Report like Tune: the report on which the scheduler stops a trial (its ASHA rung, or the
+    last one at max_t) goes to the searcher only as the result of on_trial_complete."""
+    results = [{"val_nll": value, "training_iteration": i, "step": 10 * i} for i, value in enumerate(values, 1)]
+    for result in results[:-1]:
         searcher.on_trial_result(trial_id, result)
-    return result
+    return results[-1]
 
 
 def test_stopped_trials_are_pruned_and_complete_ones_carry_the_recorded_best(tmp_path):
@@ -47,12 +48,17 @@ def test_stopped_trials_are_pruned_and_complete_ones_carry_the_recorded_best(tmp
     searcher.suggest("full")
     last = _report(searcher, "full", [130.0, 120.5, 125.0, 128.0])  # best at report 2, last 128
     searcher.on_trial_complete("full", last)
+    searcher.suggest("best-last")
+    last = _report(searcher, "best-last", [130.0, 125.0, 124.0, 119.0])  # the stopping report is the best
+    searcher.on_trial_complete("best-last", last)
 
     study = optuna.load_study(study_name="truth", storage=url)
-    stopped, full = study.trials
+    stopped, full, best_last = study.trials
     assert stopped.state == TrialState.PRUNED
     assert stopped.intermediate_values == {1: 168.9, 2: 150.91}
     assert full.state == TrialState.COMPLETE and full.value == 120.5  # the record's best, not 128
+    assert full.intermediate_values == {1: 130.0, 2: 120.5, 3: 125.0, 4: 128.0}
+    assert best_last.value == 119.0
     assert study.metric_names == ["val_nll"]
 
 
