@@ -9,9 +9,9 @@
    (checked with ``inspect.signature``) and the model supports them.
 4. Log an evaluation run (``cvae.role=evaluation``, nested under the source trial run, tag
    ``cvae.source_run_id``) with ``test_*`` metrics and ``evaluation.json``.
-5. Register the checkpoint as a model version (source ``<artifact_uri>/checkpoint``: a plain
-   artifact directory cannot go through ``register_model("runs:/...")`` in MLflow 3) and point the
-   alias ``champion`` at it, unless the evaluation was partial (``--limit``, fewer samples than
+5. Log the checkpoint as an MLflow Model (``analysis/champion.py``: a pyfunc whose ``predict``
+   gives per-sentence NLL, reconstructions or samples), register it and point the alias
+   ``champion`` at it, unless the evaluation was partial (``--limit``, fewer samples than
    the paper's, ...) and ``--register`` was not given: a quick look never moves the champion.
    Every logged number carries its split, sample counts and sentence count (tag
    ``cvae.evaluation`` on the evaluation run and the model version).
@@ -194,9 +194,10 @@ def log_evaluation(client, experiment_id: str, source: pd.Series, study: str, re
 
 
 def register(client, name: str, source: pd.Series, alias: str, evaluation_run_id: str | None,
-             result: dict[str, Any], evaluation: str = "") -> tuple[int, int | None]:
-    """Register the source run's checkpoint (reusing a version already made from that run) and point
-    ``alias`` at it.  -> (version, previous version under the alias or None)."""
+             result: dict[str, Any], evaluation: str, checkpoint: Path, tracking_uri: str,
+             experiment_id: str) -> tuple[int, int | None]:
+    """Register the source run's checkpoint as an MLflow Model (reusing a version already made
+    from that run) and point ``alias`` at it.  -> (version, previous version under the alias or None)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -210,12 +211,16 @@ def register(client, name: str, source: pd.Series, alias: str, evaluation_run_id
         previous = int(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         pass
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{source['run_id']}'")
+    existing = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{source['run_id']}'")
+                if v.source.startswith("models:/")]  # a pyfunc model, not a bare checkpoint folder
     if existing:
         version = int(max(existing, key=lambda v: int(v.version)).version)
     else:
+        from .champion import log_champion
+
+        model_uri, model_id = log_champion(source["run_id"], experiment_id, checkpoint, tracking_uri)
         version = int(client.create_model_version(
-            name, source=f"{source['artifact_uri']}/checkpoint", run_id=source["run_id"],
+            name, source=model_uri, run_id=source["run_id"], model_id=model_id,
             description=f"{run_label(source)} on {source['dataset']}, study {source['study']}").version)
     split = result.get("fingerprint", {}).get("split", "test")
     tags = {f"{split}_{k}": f"{result[k]:.4f}" for k in ("nll", "kl", "ppl", "mi_loo", "au")
@@ -336,7 +341,8 @@ def run_best(args, progress: Progress) -> dict[str, Any] | None:
         say(f"not registered: a partial evaluation ({', '.join(partial)}) leaves @{args.alias} where it is; "
             "pass --register to register it anyway")
     elif args.register is not False:
-        version, previous = register(client, args.model_name, source, args.alias, eval_run, result, evaluation)
+        version, previous = register(client, args.model_name, source, args.alias, eval_run, result, evaluation,
+                                     checkpoint, uri, study.experiment.experiment_id)
         moved = "" if previous in (None, version) else f" (was version {previous})"
         say(f"registered {args.model_name} version {version}; alias @{args.alias} -> version {version}{moved}; "
             f"load with models:/{args.model_name}@{args.alias}")

@@ -43,7 +43,7 @@ def _env() -> dict[str, str]:
     return env_without_mlflow(PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
 
 
-def _run_sweep(cwd: Path, *args: str, timeout_s: int = 600) -> subprocess.CompletedProcess:
+def _run_sweep(cwd: Path, *args: str, timeout_s: int = 1500) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SWEEP), *args, *TINY_FLAGS], cwd=cwd, env=_env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s)
 
@@ -148,7 +148,7 @@ def test_killed_driver_and_resume_leave_no_running_or_phantom_optuna_trial(tmp_p
     proc = subprocess.Popen([sys.executable, str(SWEEP), *args, *TINY_FLAGS], cwd=tmp_path, env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     seen, killed_after = [], None
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 1200
     for line in proc.stdout:
         seen.append(line)
         match = START.match(line)
