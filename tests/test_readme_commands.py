@@ -4,24 +4,23 @@ copied from the README at test time and run as written, in a bash shell after th
 
 Study commands get extra flags that shrink the budget (the README's text comes first, unchanged);
 `best` gets flags for a quick evaluation. The MLflow UI command is started on a free loopback
-port (its launcher reads CVAE_MLFLOW_PORT), asked for /health and stopped by its process group.
+port (its launcher reads CVAE_MLFLOW_PORT), asked for /health and the study's experiment, and
+stopped by its process group.
 The cluster commands need AWS: offline, each `ray` subcommand and every flag the README passes it
 are checked against the installed CLI's help, and the sweep's flags against its own parser."""
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from processes import env_without_mlflow, free_port, kill_group
+from processes import env_without_mlflow, kill_group
+from test_study_commands import serve_mlflow_ui
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.prefix)
@@ -135,24 +134,7 @@ def test_every_study_and_analysis_command_of_the_readme_runs_as_written(checkout
         assert result.returncode == 0, f"{command}\n{result.stdout[-4000:]}"
         assert "finished:" in result.stdout, result.stdout[-2000:]
 
-    port = free_port()
-    env = env_without_mlflow(CVAE_MLFLOW_PORT=str(port))
-    proc = subprocess.Popen(["bash", "-c", f"source .venv/bin/activate && exec {server[0]}"], cwd=checkout, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"{server[0]} exited with {proc.returncode}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"{server[0]} never answered"
-            time.sleep(0.5)
-    finally:
-        assert not kill_group(proc)
+    serve_mlflow_ui(f"source .venv/bin/activate && exec {server[0]}", checkout)
 
     for command in commands(AFTER):
         result = bash(shrink(command), checkout)

@@ -66,7 +66,7 @@ def _optuna_trials_by_config(summary: dict) -> list[tuple[optuna.trial.FrozenTri
     return pairs
 
 
-def _serve(command: str, cwd: Path) -> None:
+def serve_mlflow_ui(command: str, cwd: Path) -> None:
     """Start the printed MLflow UI command on a free loopback port, check it answers and is lean
     (no job-runner processes), then stop it by its process group."""
     port = free_port()
@@ -108,7 +108,7 @@ def test_printed_commands_run_and_optuna_matches_the_record(tmp_path):
     analyse = subprocess.run(["bash", "-c", _printed(output, "Analyse")], cwd=elsewhere, env=_env(), text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
     assert analyse.returncode == 0 and "Table 3 layout" in analyse.stdout, analyse.stdout
-    _serve(_printed(output, "Compare runs"), elsewhere)
+    serve_mlflow_ui(_printed(output, "Compare runs"), elsewhere)
     assert "optuna-dashboard" not in output  # not installed by the project: never printed
 
     # Optuna: PRUNED with intermediate values for ASHA-stopped trials, the record's number otherwise
