@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -43,9 +45,33 @@ def _env() -> dict[str, str]:
     return env_without_mlflow(PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
 
 
-def _run_sweep(cwd: Path, *args: str, timeout_s: int = 1500) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SWEEP), *args, *TINY_FLAGS], cwd=cwd, env=_env(), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s)
+def _run_sweep(cwd: Path, *args: str, timeout_s: int = 1500, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SWEEP), *args, *TINY_FLAGS], cwd=cwd, env={**_env(), **env},
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s)
+
+
+def _processes_using(path: str) -> list[int]:
+    """Live processes whose command line names `path` (the local Ray a killed driver started)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and path.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _wait_gone(path: str, timeout_s: float = 60) -> None:
+    """Ray's own processes follow a SIGKILLed driver within seconds; whatever is left is ended by PID."""
+    deadline = time.monotonic() + timeout_s
+    while _processes_using(path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _processes_using(path):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _printed(output: str, label: str) -> str:
@@ -145,8 +171,12 @@ def test_printed_commands_run_and_optuna_matches_the_record(tmp_path):
 
 def test_killed_driver_and_resume_leave_no_running_or_phantom_optuna_trial(tmp_path):
     args = ["--num-samples", "3", "--study-name", "killed"]
-    proc = subprocess.Popen([sys.executable, str(SWEEP), *args, *TINY_FLAGS], cwd=tmp_path, env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    # a Ray temp dir of its own (short: Ray's socket paths must fit 107 bytes), so this study's local
+    # Ray is told apart from any other on the machine
+    ray_tmp = tempfile.mkdtemp(prefix="cvae-ray-", dir="/tmp")
+    proc = subprocess.Popen([sys.executable, str(SWEEP), *args, *TINY_FLAGS], cwd=tmp_path,
+                            env={**_env(), "RAY_TMPDIR": ray_tmp}, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     seen, killed_after = [], None
     deadline = time.monotonic() + 1200
     for line in proc.stdout:
@@ -160,8 +190,13 @@ def test_killed_driver_and_resume_leave_no_running_or_phantom_optuna_trial(tmp_p
         assert time.monotonic() < deadline, "".join(seen[-40:])
     assert killed_after, "".join(seen[-40:])
     kill_group(proc)
+    _wait_gone(ray_tmp)
 
-    result = _run_sweep(tmp_path, "--resume", "killed")
+    try:
+        result = _run_sweep(tmp_path, "--resume", "killed", RAY_TMPDIR=ray_tmp)
+    finally:
+        _wait_gone(ray_tmp, timeout_s=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert result.returncode == 0, result.stdout[-4000:]
     summary = json.loads((tmp_path / "studies_out" / "killed" / "summary.json").read_text())
     assert summary["status"] == "completed"
