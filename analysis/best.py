@@ -9,9 +9,12 @@
    (checked with ``inspect.signature``) and the model supports them.
 4. Log an evaluation run (``cvae.role=evaluation``, nested under the source trial run, tag
    ``cvae.source_run_id``) with ``test_*`` metrics and ``evaluation.json``.
-5. Register the checkpoint as a model version (source ``<artifact_uri>/checkpoint``: a plain
-   artifact directory cannot go through ``register_model("runs:/...")`` in MLflow 3) and point the
-   alias ``champion`` at it.
+5. Log the checkpoint as an MLflow Model (``analysis/champion.py``: a pyfunc whose ``predict``
+   gives per-sentence NLL, reconstructions or samples), register it and point the alias
+   ``champion`` at it, unless the evaluation was partial (``--limit``, fewer samples than
+   the paper's, ...) and ``--register`` was not given: a quick look never moves the champion.
+   Every logged number carries its split, sample counts and sentence count (tag
+   ``cvae.evaluation`` on the evaluation run and the model version).
 """
 from __future__ import annotations
 
@@ -167,7 +170,7 @@ def evaluate(checkpoint: Path, *, split: str, n_samples: int, mi_samples: int, s
 
 
 def log_evaluation(client, experiment_id: str, source: pd.Series, study: str, result: dict[str, Any],
-                   params: dict[str, Any]) -> str:
+                   params: dict[str, Any], evaluation: str = "") -> str:
     """An evaluation run nested under the source trial run: ``<split>_*`` metrics + evaluation.json."""
     from mlflow.entities import Metric, Param
 
@@ -177,8 +180,10 @@ def log_evaluation(client, experiment_id: str, source: pd.Series, study: str, re
             "cvae.source_run_id": source["run_id"], "cvae.preset": str(source["preset"]),
             "cvae.dataset": str(source["dataset"]), "cvae.seed": str(source["seed"]), "cvae.split": split,
             "cvae.data_md5": str(fingerprint.get("md5", "")),
-            "mlflow.note.content": f"Evaluation of {source['run_name']} ({source['run_id']}) on {split}."}
-    run = client.create_run(experiment_id, run_name=f"eval-{source['run_name']}-{split}", tags=tags)
+            "cvae.evaluation": evaluation,
+            "mlflow.note.content": f"Evaluation of {source['run_name']} ({source['run_id']}): {evaluation}."}
+    partial = "-partial" if "PARTIAL" in evaluation else ""
+    run = client.create_run(experiment_id, run_name=f"eval-{source['run_name']}-{split}{partial}", tags=tags)
     now = int(time.time() * 1000)
     metrics = [Metric(f"{split}_{k}", float(v), now, 0) for k, v in result.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -189,9 +194,10 @@ def log_evaluation(client, experiment_id: str, source: pd.Series, study: str, re
 
 
 def register(client, name: str, source: pd.Series, alias: str, evaluation_run_id: str | None,
-             result: dict[str, Any]) -> tuple[int, int | None]:
-    """Register the source run's checkpoint (reusing a version already made from that run) and point
-    ``alias`` at it.  -> (version, previous version under the alias or None)."""
+             result: dict[str, Any], evaluation: str, checkpoint: Path, tracking_uri: str,
+             experiment_id: str) -> tuple[int, int | None]:
+    """Register the source run's checkpoint as an MLflow Model (reusing a version already made
+    from that run) and point ``alias`` at it.  -> (version, previous version under the alias or None)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -205,12 +211,16 @@ def register(client, name: str, source: pd.Series, alias: str, evaluation_run_id
         previous = int(client.get_model_version_by_alias(name, alias).version)
     except MlflowException:
         pass
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{source['run_id']}'")
+    existing = [v for v in client.search_model_versions(f"name = '{name}' and run_id = '{source['run_id']}'")
+                if v.source.startswith("models:/")]  # a pyfunc model, not a bare checkpoint folder
     if existing:
         version = int(max(existing, key=lambda v: int(v.version)).version)
     else:
+        from .champion import log_champion
+
+        model_uri, model_id = log_champion(source["run_id"], experiment_id, checkpoint, tracking_uri)
         version = int(client.create_model_version(
-            name, source=f"{source['artifact_uri']}/checkpoint", run_id=source["run_id"],
+            name, source=model_uri, run_id=source["run_id"], model_id=model_id,
             description=f"{run_label(source)} on {source['dataset']}, study {source['study']}").version)
     split = result.get("fingerprint", {}).get("split", "test")
     tags = {f"{split}_{k}": f"{result[k]:.4f}" for k in ("nll", "kl", "ppl", "mi_loo", "au")
@@ -219,10 +229,34 @@ def register(client, name: str, source: pd.Series, alias: str, evaluation_run_id
                  "cvae.study": str(source["study"])})
     if evaluation_run_id:
         tags["cvae.evaluation_run_id"] = evaluation_run_id
+    if evaluation:
+        tags["cvae.evaluation"] = evaluation
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
     client.set_registered_model_alias(name, alias, str(version))
     return version, previous
+
+
+# The paper's evaluation settings (the `best` defaults); a run with less is a partial evaluation.
+FULL_EVALUATION = {"n_samples": 100, "mi_samples": 100, "bleu_samples": 10, "dist_samples": 3200}
+
+
+def partial_settings(args) -> list[str]:
+    """The flags that make this a partial (quick-look) evaluation; empty for a full one."""
+    flags = [f"--limit {args.limit}"] if args.limit else []
+    flags += [f"--{name.replace('_', '-')} {getattr(args, name)} < {full}" for name, full in FULL_EVALUATION.items()
+              if getattr(args, name) < full]
+    if args.max_steps:
+        flags.append(f"--max-steps {args.max_steps}")
+    return flags
+
+
+def describe_evaluation(result: dict[str, Any], mi_samples: int, partial: list[str]) -> str:
+    """What every number of one evaluation rests on: split, sample counts, sentence count."""
+    fp = result.get("fingerprint", {})
+    text = (f"{fp.get('split', '?')} split, {result.get('n_sentences', fp.get('n_sentences', '?'))} sentences, "
+            f"IS-NLL/KL/PPL with N={fp.get('n_samples', '?')}, MI with {mi_samples} samples")
+    return text + (f"; PARTIAL ({', '.join(partial)})" if partial else "; full (the paper's settings)")
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -287,18 +321,28 @@ def run_best(args, progress: Progress) -> dict[str, Any] | None:
     else:
         print(f"{args.split} evaluation of {checkpoint}:")
         print(format_result(result))
+    partial = partial_settings(args)
+    evaluation = describe_evaluation(result, args.mi_samples, partial)
+    say(f"evaluation: {evaluation}")
     eval_run = None
     if not args.no_log:
         params = {"split": args.split, "n_samples": args.n_samples, "mi_samples": args.mi_samples,
-                  "seed": args.seed, "limit": args.limit, "source_run_id": source["run_id"],
+                  "seed": args.seed, "limit": args.limit, "n_sentences": result.get("n_sentences"),
+                  "partial": bool(partial), "source_run_id": source["run_id"],
                   "selection_metric": metric, "checkpoint_uri": f"{source['artifact_uri']}/checkpoint",
                   **{k: v for k, v in options.items()}}
-        eval_run = log_evaluation(client, study.experiment.experiment_id, source, study.name, result, params)
+        eval_run = log_evaluation(client, study.experiment.experiment_id, source, study.name, result, params,
+                                  evaluation)
         link = (f": {uri.rstrip('/')}/#/experiments/{study.experiment.experiment_id}/runs/{eval_run}"
                 if uri.startswith(("http://", "https://")) else "")
         say(f"logged evaluation run {eval_run} (nested under trial run {source['run_id']}){link}")
-    if not args.no_register:
-        version, previous = register(client, args.model_name, source, args.alias, eval_run, result)
+    # A quick look (any partial-evaluation flag) never moves the champion unless asked to.
+    if args.register is None and partial:
+        say(f"not registered: a partial evaluation ({', '.join(partial)}) leaves @{args.alias} where it is; "
+            "pass --register to register it anyway")
+    elif args.register is not False:
+        version, previous = register(client, args.model_name, source, args.alias, eval_run, result, evaluation,
+                                     checkpoint, uri, study.experiment.experiment_id)
         moved = "" if previous in (None, version) else f" (was version {previous})"
         say(f"registered {args.model_name} version {version}; alias @{args.alias} -> version {version}{moved}; "
             f"load with models:/{args.model_name}@{args.alias}")

@@ -98,7 +98,7 @@ def _plots(args) -> None:
     runs = study.runs if args.all_runs else study.runs[study.runs["status"] == "FINISHED"]
     out = Path(args.out or f"analysis-plots/{study.name}")
     paths = make_plots(runs, study.history, study.parent.data.tags, out, at=args.at, top_k=args.top_k,
-                       note=lambda text: _progress(text))
+                       note=lambda text: _progress(text), fmt=args.format)
     for path in paths:
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     if paths and not args.no_log:
@@ -156,7 +156,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the PNGs (default analysis-plots/<study>)")
     p.add_argument("--at", default="best", choices=("best", "final"), help=at_help)
     p.add_argument("--top-k", type=int, default=5, help="trials in the validation-curve plot")
-    p.add_argument("--no-log", action="store_true", help="do not log the PNGs to the MLflow study run")
+    p.add_argument("--format", default="png", choices=("png", "pdf", "svg"), help="figure file format")
+    p.add_argument("--no-log", action="store_true", help="do not log the figures to the MLflow study run")
     p.set_defaults(func=_plots)
 
     p = sub.add_parser("best", parents=[common],
@@ -184,7 +185,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=0, help="greedy decoding length for BLEU/Dist (0 = data.max_len)")
     p.add_argument("--json", action="store_true", help="print the evaluation as one JSON object")
     p.add_argument("--no-log", action="store_true", help="do not log an evaluation run to MLflow")
-    p.add_argument("--no-register", action="store_true", help="do not register the model version")
+    p.add_argument("--register", action=argparse.BooleanOptionalAction, default=None,
+                   help="register the checkpoint and move the alias (default: only after a full evaluation; "
+                        "any of --limit, --n-samples/--mi-samples/--bleu-samples/--dist-samples below the "
+                        "paper's, --max-steps make it partial)")
     p.add_argument("--model-name", default="coupled-vae", help="registered model name (default %(default)s)")
     p.add_argument("--alias", default="champion", help="alias set on the registered version (default %(default)s)")
     p.set_defaults(func=_best)

@@ -42,9 +42,23 @@ GRAD_TITLES = {
 Note = Callable[[str], None]
 
 
+FORMATS = ("png", "pdf", "svg")
+_format = {"suffix": "png"}  # set for one make_plots call (--format)
+
+# Optuna parameter names as readers know them (the define-by-run spaces of studies/spaces.py).
+PARAM_LABELS = {
+    "search.matching": "matching term on (λ_m > 0)", "coupling.lambda_m": "λ_m", "coupling.lambda_r": "λ_r",
+    "coupling.distance": "matching distance", "coupling.rq_c": "RQ's C", "model.posterior": "posterior family",
+    "coupling.enabled": "coupled", "model.n_flows": "planar flows K",
+}
+FEW_TRIALS = 20  # below this, importances are rough
+
+
 def _save(fig, path: Path) -> Path:
+    """Save with every label inside the canvas (bbox_inches="tight"), in the chosen format."""
+    path = path.with_suffix(f".{_format['suffix']}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -269,13 +283,17 @@ def plot_optuna(parent_tags: dict[str, str], out_dir: Path, note: Note = print) 
                                  constrained_layout=True, squeeze=False)
         for ax, (name, importances) in zip(axes[0], results.items()):
             values = [importances.get(p, 0.0) for p in params][::-1]
-            bars = ax.barh(params[::-1], values, color="tab:blue")
+            bars = ax.barh([PARAM_LABELS.get(p, p) for p in params[::-1]], values, color="tab:blue")
             ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=3, fontsize=8)
             ax.set_xlim(0, max(1.0, max(values) * 1.15))
             ax.set_xlabel(f"importance for {target_name} (normalised)")
             ax.set_title(name)
             ax.grid(axis="x", alpha=0.3)
-        fig.suptitle(f"Hyperparameter importances, Optuna study {study.study_name!r} ({len(complete)} trials)")
+        pruned = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,)))
+        caveat = (f"\nfrom only {len(complete)} complete trials" + (f" ({pruned} pruned early, left out)" if pruned else "")
+                  + ": a rough ranking, not a measurement") if len(complete) < FEW_TRIALS else ""
+        fig.suptitle(f"Hyperparameter importances for {target_name}, Optuna study {study.study_name!r} "
+                     f"({len(complete)} trials){caveat}")
         paths.append(_save(fig, out_dir / "importances.png"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -288,6 +306,7 @@ def plot_optuna(parent_tags: dict[str, str], out_dir: Path, note: Note = print) 
                 if lines.get_array() is not None:
                     lines.set_cmap("viridis")
             ax.set_title("")
+            ax.set_xticklabels([PARAM_LABELS.get(t.get_text(), t.get_text()) for t in ax.get_xticklabels()])
             fig.suptitle(f"Parallel coordinates, {len(complete)} trials (colour: {target_name})\n"
                          f"Optuna study {study.study_name!r}")
             fig.tight_layout()
@@ -329,13 +348,17 @@ def plot_top_k(runs: pd.DataFrame, history: pd.DataFrame, out_dir: Path, k: int 
 
 
 def make_plots(runs: pd.DataFrame, history: pd.DataFrame, parent_tags: dict[str, str], out_dir: str | Path,
-               at: str = "best", top_k: int = 5, note: Note = print) -> list[Path]:
+               at: str = "best", top_k: int = 5, note: Note = print, fmt: str = "png") -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    paths += plot_lambda_m(runs, out_dir, at, note=note)
-    paths += plot_pareto(runs, out_dir, at, note=note)
-    paths += plot_grad_norms(runs, history, out_dir, note=note)
-    paths += plot_optuna(parent_tags, out_dir, note=note)
-    paths += plot_top_k(runs, history, out_dir, top_k, note=note)
+    previous, _format["suffix"] = _format["suffix"], fmt
+    try:
+        paths += plot_lambda_m(runs, out_dir, at, note=note)
+        paths += plot_pareto(runs, out_dir, at, note=note)
+        paths += plot_grad_norms(runs, history, out_dir, note=note)
+        paths += plot_optuna(parent_tags, out_dir, note=note)
+        paths += plot_top_k(runs, history, out_dir, top_k, note=note)
+    finally:
+        _format["suffix"] = previous
     return paths

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import secrets
+import shlex
 import statistics
 import sys
 import time
@@ -329,7 +330,6 @@ def run_study(options: Options) -> StudyOutcome:
 
 
 def _run_study(options: Options) -> StudyOutcome:
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
     # A resumed trial re-reports the steps after its checkpoint; Optuna ignores the repeats.
     warnings.filterwarnings("ignore", message="The reported value is ignored because this")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -432,7 +432,7 @@ def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: st
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    from .tracking import code_version, ensure_experiment
+    from .tracking import code_version, ensure_experiment, source_tags
 
     # a random suffix: two studies started in the same second get distinct names
     study_name = options.study_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -452,7 +452,7 @@ def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: st
             "cvae.role": "study", "cvae.study": study_name, "cvae.spec": spec.name,
             "optuna.storage": optuna_storage, "optuna.study_name": study_name,
             "ray.experiment_path": experiment_path, "cvae.code_version": version,
-            "mlflow.note.content": spec.description,
+            "mlflow.note.content": spec.description, **source_tags(f"studies spec {spec.name}"),
         })
     client.log_batch(parent.info.run_id,
                      params=[Param(k, v) for k, v in spec.summary_params(spec.search).items()][:100])
@@ -537,9 +537,8 @@ def total_trials(spec: StudySpec) -> int:
 
 def build_searcher(spec: StudySpec, state: StudyState):
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
-    from .searcher import NoSearch, StudySearcher
+    from .searcher import NoSearch, StudyOptunaSearch, StudySearcher
     from .spaces import GRIDS, SPACES
 
     metrics = [o.metric for o in spec.objectives]
@@ -549,14 +548,14 @@ def build_searcher(spec: StudySpec, state: StudyState):
     seeds = [spec.seed + i for i in range(spec.seeds)]
     if spec.search == "grid":
         return StudySearcher(NoSearch(metric, mode), fixed=GRIDS[spec.grid](), n_search=0, seeds=seeds,
-                             metric=metric, mode=mode)
+                             metric=metric, mode=mode, evaluations=spec.evaluations)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    inner = OptunaSearch(space=SPACES[spec.space], metric=metric, mode=mode,
+    inner = StudyOptunaSearch(space=SPACES[spec.space], metric=metric, mode=mode,
                          sampler=optuna.samplers.TPESampler(seed=spec.seed),
                          study_name=state.study_name,
                          storage=optuna.storages.RDBStorage(state.optuna_storage))
     return StudySearcher(inner, fixed=spec.baselines, n_search=spec.num_samples, seeds=seeds,
-                         metric=metric, mode=mode)
+                         metric=metric, mode=mode, evaluations=spec.evaluations)
 
 
 def _trainable(spec: StudySpec, state: StudyState, corpus):
@@ -796,9 +795,12 @@ def record_grid_in_optuna(spec: StudySpec, state: StudyState, rows: list[TrialRo
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState, create_trial
 
+    from .searcher import name_objectives
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=state.optuna_storage, study_name=state.study_name, load_if_exists=True,
                                 directions=["minimize" if o.mode == "min" else "maximize" for o in spec.objectives])
+    name_objectives(study, [o.metric for o in spec.objectives])
     recorded = {t.user_attrs.get("config") for t in study.get_trials(deepcopy=False)}
     groups: dict[str, list[TrialRow]] = {}
     for row in rows:
@@ -895,10 +897,20 @@ def group_lines(spec: StudySpec, groups: list[dict[str, Any]], front: set[str]) 
     return lines
 
 
-def mlflow_ui_command(tracking_uri: str, experiment_id: str) -> str:
+def mlflow_ui_command(tracking_uri: str, experiment_id: str, artifacts: Path) -> str:
+    """The line that opens this study's runs: the server's URL, or a command that starts the
+    project's server launcher (MLflow's job runner off, one worker: 2 processes) on the local store.
+    Absolute paths and this interpreter, so it runs as printed from any folder and shell."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri.rstrip('/')}/#/experiments/{experiment_id}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}"
+    return shlex.join([sys.executable, str(REPO_ROOT / "mlflow" / "server.py"), "--backend-store-uri", tracking_uri,
+                       "--artifacts-destination", str(artifacts), "--workers", "1"]) + "   # then open http://127.0.0.1:5000"
+
+
+def analysis_command(state: "StudyState") -> str:
+    """The documented next step, for this study, runnable as printed from any folder."""
+    return shlex.join([sys.executable, "-m", "analysis", "table", "--tracking-uri", state.tracking_uri,
+                       "--experiment", state.experiment_name, "--study", state.study_name])
 
 
 def render_markdown(spec: StudySpec, state: StudyState, rows: list[TrialRow], summary: dict[str, Any]) -> str:
@@ -947,13 +959,14 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
         if best["run_id"]:
             print(f"  checkpoint (MLflow): runs:/{best['run_id']}/checkpoint")
     print(f"\nSummary:      {Path(state.folder) / 'summary.md'}")
-    print(f"Compare runs: {mlflow_ui_command(state.tracking_uri, state.experiment_id)}")
+    print(f"Compare runs: {mlflow_ui_command(state.tracking_uri, state.experiment_id, Path(state.folder).parent / 'mlartifacts')}")
+    print(f"Analyse:      {analysis_command(state)}")
     if state.optuna_storage != "none":
-        print(f"Optuna study: optuna-dashboard {state.optuna_storage}   (study {state.study_name})")
+        print(f"Optuna study: {state.study_name} in {state.optuna_storage}")
     if interrupted:
-        print(f"\nInterrupted. Continue with: python studies/{_script_for(spec)} --resume {state.study_name}"
-              + (f" --root {Path(state.folder).parent}" if Path(state.folder).parent != Path.cwd() / "studies_out"
-                 else ""))
+        resume = [sys.executable, str(REPO_ROOT / "studies" / _script_for(spec)), "--resume", state.study_name,
+                  "--root", str(Path(state.folder).parent)]
+        print(f"\nInterrupted. Continue with: {shlex.join(resume)}")
     sys.stdout.flush()
 
 

@@ -11,7 +11,11 @@ studies) and adds what a paper-style study needs:
 * multi-objective results (a list of metrics), which Tune's ``Repeater`` does not handle, and
   its own state in Tune's experiment checkpoint, so ``Tuner.restore`` keeps the grouping;
 * no configuration trains twice: when the inner searcher proposes one that already finished
-  (mostly categorical spaces do), it is told the known result again and asked anew.
+  (mostly categorical spaces do), it is told the known result again and asked anew;
+* Optuna is told what the record says: a configuration that ran its whole budget reports the
+  objective(s) at its best evaluation (lowest ``val_nll``: the checkpoint the trial keeps, the
+  numbers of the summary and MLflow); one that a scheduler stopped early (ASHA) is PRUNED, with
+  the intermediate values it reported, never COMPLETE with a half-budget number.
 
 Tune finds the inner searcher through the ``searcher`` attribute: the base searcher is saved
 with its own ``save`` (OptunaSearch pickles its study handle) and this wrapper with
@@ -22,11 +26,52 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
 from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
 
 MAX_REPEATS = 50  # re-asks when the inner searcher proposes configurations that already ran
+RANK_METRIC = "val_nll"  # a trial's best evaluation (and kept checkpoint) is its lowest val_nll
+
+
+def name_objectives(study: optuna.Study, metrics: list[str]) -> None:
+    """Name the study's objectives (plots and dashboard show ``val_nll``, not "Objective 0")."""
+    with warnings.catch_warnings():  # experimental since Optuna 3.2 and unchanged since: say it once here
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(metrics)
+
+
+class StudyOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` whose persisted Optuna study stays truthful.
+
+    * The objectives carry their names (``study.set_metric_names``), so Optuna's plots and
+      dashboard say ``val_nll``, not "Objective 0".
+    * After a killed driver, Tune restores this searcher from its last experiment snapshot.
+      Optuna trials asked after that snapshot are still RUNNING in the storage and no Tune
+      trial knows them.  Instead of leaving them RUNNING and asking the sampler again (a
+      phantom trial per lost ask), the next suggestions adopt them: same Optuna trial, same
+      parameters (a define-by-run space re-reads parameters a trial already has).
+    """
+
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        name_objectives(self._ot_study, [self._metric] if isinstance(self._metric, str) else list(self._metric))
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        known = {trial._trial_id for trial in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        self._orphans = [t._trial_id for t in sorted(running, key=lambda t: t.number) if t._trial_id not in known]
+
+    def suggest(self, trial_id: str) -> dict | None:
+        orphans = getattr(self, "_orphans", None)
+        if orphans and trial_id not in self._ot_trials:
+            self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphans.pop(0))
+        return super().suggest(trial_id)
 
 
 class NoSearch(Searcher):
@@ -52,12 +97,17 @@ class NoSearch(Searcher):
 class StudySearcher(Searcher):
     """Fixed configurations, then ``n_search`` proposals of ``searcher``, each for every seed.
 
-    ``metric``/``mode`` are the objective(s) told to the inner searcher (str or list).
+    ``metric``/``mode`` are the objective(s) told to the inner searcher (str or list);
+    ``evaluations`` is a trial's full budget in reports (``training_iteration``): a trial that
+    ends earlier without an error was stopped by the scheduler.
     """
 
     def __init__(self, searcher: Searcher, fixed: list[dict[str, Any]], n_search: int, seeds: list[int],
-                 metric: str | list[str], mode: str | list[str]):
+                 metric: str | list[str], mode: str | list[str], evaluations: int | None = None):
         super().__init__(metric=metric, mode=mode)
+        self.evaluations = evaluations
+        self.best_results: dict[str, dict] = {}  # trial id -> its report with the lowest val_nll
+        self.reported: dict[str, int] = {}  # trial id -> last training_iteration told to the searcher
         self.searcher = searcher
         self.fixed = [dict(c) for c in fixed]
         self.n_search = n_search
@@ -65,7 +115,7 @@ class StudySearcher(Searcher):
         self.groups: list[dict[str, Any]] = []  # {"config", "primary", "source", "trials": {id: result}}
         self.trial_group: dict[str, int] = {}
         self.told: set[int] = set()
-        self.known_results: dict[str, dict[str, float]] = {}  # config -> objective means told
+        self.known_results: dict[str, dict[str, float] | None] = {}  # config -> means told (None: pruned)
         self.exhausted = False
 
     @property
@@ -106,12 +156,13 @@ class StudySearcher(Searcher):
                 if config == Searcher.FINISHED:
                     self.exhausted = True
                     return -1
-                known = self.known_results.get(_key(config))
-                if known is None:
+                key = _key(config)
+                if key not in self.known_results:
                     break
                 # A configuration that already ran (likely in mostly categorical spaces): tell
-                # the searcher its result again instead of training it twice, and ask anew.
-                self.searcher.on_trial_complete(primary, result=known)
+                # the searcher its result again (or that it was pruned) instead of training it
+                # twice, and ask anew.
+                self.searcher.on_trial_complete(primary, result=self.known_results[key])
                 primary = f"{trial_id}~{attempt}"
             else:  # the searcher keeps proposing what already ran: treat the space as exhausted
                 self.exhausted = True
@@ -124,8 +175,16 @@ class StudySearcher(Searcher):
         return len(self.groups) - 1
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        value = result.get(RANK_METRIC)
+        best = self.best_results.get(trial_id)
+        if isinstance(value, (int, float)) and math.isfinite(value) and (
+                best is None or value < best[RANK_METRIC]):
+            self.best_results[trial_id] = dict(result)
         group = self._group(trial_id)
-        if group and group["source"] == "search" and len(self.seeds) == 1:
+        iteration = result.get("training_iteration")
+        if (group and group["source"] == "search" and len(self.seeds) == 1
+                and self.reported.get(trial_id) != iteration):
+            self.reported[trial_id] = iteration
             self.searcher.on_trial_result(group["primary"], result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -133,22 +192,36 @@ class StudySearcher(Searcher):
         if index is None:
             return
         group = self.groups[index]
-        group["trials"][trial_id] = {"result": _objective_values(result, self.metric), "error": error}
+        if result and not error:
+            # A report on which the scheduler stops the trial (ASHA's rung, or max_t) reaches the
+            # searcher only here, not through on_trial_result: count it as an evaluation too.
+            self.on_trial_result(trial_id, result)
+        reports = int((result or {}).get("training_iteration", 0) or 0)
+        stopped = not error and self.evaluations is not None and reports < self.evaluations
+        at_best = self.best_results.get(trial_id, result)
+        group["trials"][trial_id] = {"result": _objective_values(at_best, self.metric), "error": error,
+                                     "stopped": stopped}
         done = [v for v in group["trials"].values() if v is not None]
         if group["source"] != "search" or index in self.told or len(done) < len(self.seeds):
             return
         self.told.add(index)
+        all_failed = all(v["error"] for v in done)
+        if any(v.get("stopped") for v in done) and not all_failed:
+            # Stopped early: PRUNED in Optuna (result None, no error), keeping the intermediate
+            # values already reported, so TPE and importances never mistake it for a final number.
+            self.known_results[_key(group["config"])] = None
+            self.searcher.on_trial_complete(group["primary"], result=None, error=False)
+            return
         metrics = [self.metric] if isinstance(self.metric, str) else list(self.metric)
         means: dict[str, float] = {}
         for metric in metrics:
             values = [v["result"][metric] for v in done if v["result"].get(metric) is not None]
             if values:
                 means[metric] = sum(values) / len(values)
-        all_failed = all(v["error"] for v in done)
         result = means if len(means) == len(metrics) else None
         if result is not None:
             self.known_results[_key(group["config"])] = result
-        self.searcher.on_trial_complete(group["primary"], result=result, error=all_failed)
+        self.searcher.on_trial_complete(group["primary"], result=result, error=result is None or all_failed)
 
     def _group(self, trial_id: str) -> dict[str, Any] | None:
         index = self.trial_group.get(trial_id)

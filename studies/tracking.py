@@ -98,6 +98,11 @@ def quote(value: str) -> str:
     return value.replace("'", "\\'")
 
 
+# Tells the MLflow 3 UI that the experiment holds training runs, so it opens on the runs table
+# instead of the GenAI traces page.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     """Create the experiment once, on the driver (trials never race to create it)."""
     experiment = client.get_experiment_by_name(name)
@@ -105,8 +110,36 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         if experiment.lifecycle_stage == "deleted":
             raise RuntimeError(f"MLflow experiment {name!r} is deleted; restore it in the UI or pick another "
                                "name with --experiment")
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in experiment.tags:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+
+
+def source_tags(script: str) -> dict[str, str]:
+    """MLflow's source tags (the UI's Source and Version columns): the study script and the commit."""
+    tags = {"mlflow.source.name": script, "mlflow.source.type": "LOCAL"}
+    try:
+        tags["mlflow.source.git.commit"] = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+# Settings a plain (uncoupled) model never uses: logged as "none" so that a filter on lambda_m or
+# the distance never mixes the baseline into coupled results.
+UNUSED_WITHOUT_COUPLING = ("coupling.lambda_r", "coupling.lambda_m", "coupling.distance", "coupling.rq_c")
+
+
+def run_params(config: Config) -> dict[str, str]:
+    """``Config.flat()`` as MLflow params, with the settings this model does not use as "none"."""
+    params = {k: str(v) for k, v in config.flat().items()}
+    if not config.coupling.enabled:
+        params.update({key: "none" for key in UNUSED_WITHOUT_COUPLING})
+    return params
 
 
 def find_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
@@ -150,7 +183,7 @@ class TrialRun:
 
     @classmethod
     def open(cls, study: StudyContext, trial_id: str, trial_name: str, config: Config,
-             extra_tags: dict[str, str]) -> "TrialRun":
+             extra_tags: dict[str, str], run_name: str | None = None) -> "TrialRun":
         client = MlflowClient(tracking_uri=study.tracking_uri)
         existing = retry(lambda: find_runs(
             client, study.experiment_id,
@@ -160,7 +193,7 @@ class TrialRun:
             "ray_trial_id": trial_id, "ray_trial_name": trial_name, "cvae.preset": config.preset,
             "cvae.dataset": config.data.dataset, "cvae.seed": str(config.train.seed),
             "cvae.code_version": study.code_version, "cvae.config_id": config_id(config),
-            **extra_tags,
+            **source_tags(f"studies spec {study.spec_name}"), **extra_tags,
         }
         if existing:
             run_id = sorted(existing, key=lambda r: r.info.start_time)[0].info.run_id
@@ -168,10 +201,10 @@ class TrialRun:
             logged = {int(m.step) for m in retry(lambda: client.get_metric_history(run_id, "val_nll"))}
             retry(lambda: client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in extra_tags.items()]))
             return cls(client, run_id, logged)
-        run = retry(lambda: client.create_run(study.experiment_id, run_name=trial_name,
+        run = retry(lambda: client.create_run(study.experiment_id, run_name=run_name or trial_name,
                                               tags={k: str(v) for k, v in tags.items()}))
         run_id = run.info.run_id
-        params = [Param(k, str(v)) for k, v in config.flat().items()]
+        params = [Param(k, v) for k, v in run_params(config).items()]
         for start in range(0, len(params), 100):  # MLflow's per-batch param limit
             retry(lambda: client.log_batch(run_id, params=params[start:start + 100]))
         retry(lambda: client.log_dict(run_id, config.to_dict(), "config.json"))

@@ -36,7 +36,7 @@ from cvae_core.config import Config, resolve_key
 from cvae_core.data import Corpus
 from cvae_core.errors import CvaeError, Diverged
 
-from .spaces import SEARCH_PREFIX
+from .spaces import SEARCH_PREFIX, describe
 from .spec import DEFAULT_MODES
 from .tracking import StudyContext, TrialRun
 
@@ -143,7 +143,9 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
 
     import ray
 
-    run = TrialRun.open(study, trial_id, trial_name, core_config, extra_tags={
+    # the run's name says what the trial is (e.g. "rq λr=3 λm=0.12 seed=0"); its id is a tag
+    run_name = f"{describe(config, study.preset)} seed={core_config.train.seed}"
+    run = TrialRun.open(study, trial_id, trial_name, core_config, run_name=run_name, extra_tags={
         "cvae.device": device, "ray.gpu_ids": ",".join(gpu_ids) or "none",
         "ray.node_id": ray.get_runtime_context().get_node_id(), "ray.pid": str(os.getpid()),
         "ray.resumed_from_step": str(resumed_step) if resumed_step is not None else "none",

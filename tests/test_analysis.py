@@ -573,3 +573,15 @@ def test_plots_skip_what_the_study_lacks_with_a_reason(store, tmp_path):
     assert [p.name for p in paths] == ["pareto_nll_mi.png", "top_k_curves.png"]
     text = "\n".join(notes)
     assert "fewer than two λ_m values" in text and "no run logged grad_*" in text and "optuna.storage" in text
+
+
+@pytest.mark.parametrize("fmt, magic", [("pdf", b"%PDF"), ("svg", b"<?xml")])
+def test_plots_in_paper_formats_with_readable_parameter_names(store, tmp_path, fmt, magic):
+    result = run_cli("plots", "--tracking-uri", store["uri"], "--out", str(tmp_path / fmt), "--format", fmt,
+                     "--no-log")
+    assert result.returncode == 0, result.stderr
+    files = sorted((tmp_path / fmt).iterdir())
+    assert len(files) == 6 and all(f.suffix == f".{fmt}" and f.read_bytes().startswith(magic) for f in files)
+    if fmt == "svg":
+        importances = (tmp_path / fmt / "importances.svg").read_text()
+        assert "search.matching" not in importances and "rough ranking" in importances

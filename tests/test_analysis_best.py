@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -84,7 +85,7 @@ def _cvae_evaluate(checkpoint: Path) -> dict:
 def test_best_evaluates_the_right_checkpoint_logs_it_and_registers_it(trained, tmp_path):
     best = min(trained["trials"], key=lambda t: t["best_val_nll"])
     result = run_cli("best", "--tracking-uri", trained["uri"], "--metric", "val_nll", *EVAL_ARGS, *EXTRA_ARGS,
-                     "--out", str(tmp_path / "download"), "--json")
+                     "--out", str(tmp_path / "download"), "--json", "--register")
     assert result.returncode == 0, result.stderr
     evaluation = json.loads(result.stdout)
     downloaded = tmp_path / "download" / "checkpoint"
@@ -111,9 +112,106 @@ def test_best_evaluates_the_right_checkpoint_logs_it_and_registers_it(trained, t
     assert stored == evaluation
 
     version = client.get_model_version_by_alias("coupled-vae", "champion")
-    assert version.run_id == best["run_id"] and version.source.endswith("/checkpoint")
+    # the champion is an MLflow Model (a pyfunc around the checkpoint), made from the best trial run
+    assert version.run_id == best["run_id"] and version.source.startswith("models:/")
     assert version.tags["test_nll"] == f"{evaluation['nll']:.4f}"
     assert version.tags["cvae.evaluation_run_id"] == run.info.run_id
+    assert client.get_run(best["run_id"]).info.status == "FINISHED"
+
+
+def _sentences(data_dir: Path, n: int) -> list[str]:
+    return (data_dir / "test.txt").read_text().splitlines()[:n]
+
+
+def test_the_champion_loads_as_a_pyfunc_model_and_predicts_per_sentence_nll(trained, tiny_data_dir):
+    import mlflow
+    import pandas as pd
+
+    from cvae_core.checkpoint import load_model
+    from cvae_core.data.batching import make_batch
+    from cvae_core.generate import seeded
+    from cvae_core.metrics.likelihood import importance_sampled_nll
+
+    mlflow.set_tracking_uri(trained["uri"])
+    model = mlflow.pyfunc.load_model("models:/coupled-vae@champion")
+    sentences = _sentences(tiny_data_dir, 5)
+    nll = model.predict(pd.DataFrame({"sentence": sentences}), params={"n_samples": 8, "seed": 1})
+    assert list(nll.columns) == ["nll", "n_tokens"] and len(nll) == 5
+
+    best = min(trained["trials"], key=lambda t: t["best_val_nll"])
+    core, _, vocab = load_model(best["checkpoint"])
+    ids = [vocab.encode(s.split()) for s in sentences]
+    with seeded(1):
+        expected = importance_sampled_nll(core, make_batch(ids), 8)["nll"].tolist()
+    assert nll["nll"].tolist() == pytest.approx(expected, rel=1e-6)
+    assert nll["n_tokens"].tolist() == [len(x) + 1 for x in ids]
+
+    again = model.predict(pd.DataFrame({"sentence": sentences}), params={"n_samples": 8, "seed": 1})
+    assert again.equals(nll)  # seeded: the same request gives the same answer
+    recon = model.predict(pd.DataFrame({"sentence": sentences[:2]}), params={"output": "reconstruction"})
+    samples = model.predict(pd.DataFrame({"sentence": ["", "", ""]}), params={"output": "sample"})
+    assert len(recon) == 2 and len(samples) == 3
+    assert all(set(t.split()) <= set(vocab.itos) for t in [*recon["text"], *samples["text"]])
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_for_the_champion(trained, tiny_data_dir, tmp_path):
+    import urllib.request
+
+    from processes import env_without_mlflow, free_port, kill_group
+
+    port = free_port()
+    # as in the README's activated shell: `mlflow models serve` starts `uvicorn` from the PATH
+    venv_bin = Path(sys.executable).parent
+    env = env_without_mlflow(MLFLOW_TRACKING_URI=trained["uri"], PYTHONPATH=str(REPO),
+                             PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}")
+    mlflow_cli = venv_bin / "mlflow"
+    proc = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", "models:/coupled-vae@champion",
+                             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=tmp_path, env=env, stdout=open(tmp_path / "serve.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        body = json.dumps({"dataframe_records": [{"sentence": s} for s in _sentences(tiny_data_dir, 3)],
+                           "params": {"n_samples": 4}}).encode()
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow models serve never answered"
+                time.sleep(1)
+        rows = answer["predictions"]
+        assert len(rows) == 3 and all(row["nll"] > 0 and row["n_tokens"] > 1 for row in rows)
+    finally:
+        assert not kill_group(proc)
+
+
+def test_a_partial_evaluation_registers_nothing_unless_asked_and_says_what_it_rests_on(trained, tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    client = trained["client"]
+    result = run_cli("best", "--tracking-uri", trained["uri"], *EVAL_ARGS, "--no-bleu", "--no-dist",
+                     "--no-grad-norms", "--model-name", "quick-look", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "not registered: a partial evaluation (--limit 24, --n-samples 4 < 100, --mi-samples 4 < 100)" in result.stdout
+    with pytest.raises(MlflowException):
+        client.get_registered_model("quick-look")
+    run = client.search_runs([trained["experiment_id"]], "tags.`cvae.role` = 'evaluation'",
+                             order_by=["attributes.start_time DESC"])[0]
+    described = run.data.tags["cvae.evaluation"]
+    assert described.startswith("test split, 24 sentences, IS-NLL/KL/PPL with N=4, MI with 4 samples; PARTIAL")
+    assert run.info.run_name.endswith("-test-partial") and run.data.params["n_sentences"] == "24"
+
+    forced = run_cli("best", "--tracking-uri", trained["uri"], *EVAL_ARGS, "--no-bleu", "--no-dist",
+                     "--no-grad-norms", "--model-name", "quick-look", "--out", str(tmp_path), "--no-log", "--register")
+    assert forced.returncode == 0, forced.stderr
+    version = client.get_model_version_by_alias("quick-look", "champion")
+    assert "PARTIAL (--limit 24" in version.tags["cvae.evaluation"]
 
 
 def test_best_by_another_metric_and_the_pareto_listing(trained, tmp_path):
@@ -165,12 +263,15 @@ def test_best_works_against_a_remote_server_with_proxied_artifacts(mlflow_server
     best_remote = min(copies, key=lambda r: copies[r]["best_val_nll"])
 
     result = run_cli("best", "--tracking-uri", mlflow_server["url"], *EVAL_ARGS, "--no-bleu", "--no-dist",
-                     "--out", str(tmp_path / "download"), "--json")
+                     "--out", str(tmp_path / "download"), "--json", "--register")
     assert result.returncode == 0, result.stderr
     evaluation = json.loads(result.stdout)
     assert _manifest(tmp_path / "download" / "checkpoint") == _manifest(copies[best_remote]["checkpoint"])
     assert evaluation["nll"] > 0 and "grad_rec" in evaluation
     version = client.get_model_version_by_alias("coupled-vae", "champion")
-    assert version.run_id == best_remote and version.source.startswith("mlflow-artifacts:")
+    assert version.run_id == best_remote and version.source.startswith("models:/")
+    mlflow.set_tracking_uri(mlflow_server["url"])
+    model = mlflow.pyfunc.load_model(f"models:/coupled-vae/{version.version}")  # through the artifact proxy
+    assert model.metadata.get_model_info().flavors["python_function"]
     evaluations = client.search_runs([experiment_id], "tags.`cvae.role` = 'evaluation'")
     assert [r.data.tags["cvae.source_run_id"] for r in evaluations] == [best_remote]

@@ -150,3 +150,26 @@ def test_every_node_exports_tracking_uri_and_storage_path(raw, tmp_path):
     assert storage.startswith("s3://") and storage.endswith("/ray_results")
     assert auth_mode == "token"
     assert head_ip == "10.0.0.5"
+
+
+def test_every_placeholder_is_listed_in_the_readme_with_the_token_step():
+    import re
+
+    placeholders = set(re.findall(r"\bami-YOUR-[A-Z-]+\b|\bYOUR-[A-Z-]+\b", CONFIG_PATH.read_text()))
+    placeholders = {p for p in placeholders if not any(p != q and q.endswith(p) for q in placeholders)}
+    assert placeholders == {"YOUR-BUCKET", "ami-YOUR-DLAMI-ID", "YOUR-ACCOUNT-ID"}
+    readme = (REPO / "README.md").read_text()
+    cluster = readme[readme.index("### On a cluster"):readme.index("### Resume")]
+    for placeholder in placeholders:
+        assert f"`{placeholder}`" in cluster, placeholder
+    assert "ray get-auth-token --generate" in cluster and '.[cluster]"' in cluster
+
+
+def test_the_aws_provider_imports_with_the_cluster_extra():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [r for r in extras["cluster"] if r.startswith("boto3==")]
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider  # imports boto3
+
+    assert AWSNodeProvider

@@ -322,7 +322,8 @@ def test_interrupted_study_resumes_without_rerunning_or_duplicating(cluster, mlf
     output = _wait(proc, lines, 300, on_line)
     assert sent, "the study finished before it could be interrupted:\n" + output
     assert proc.returncode == 130, output
-    assert "Interrupted. Continue with: python studies/lambda_sweep.py --resume resumable" in output
+    assert (f"Interrupted. Continue with: {sys.executable} {REPO / 'studies' / 'lambda_sweep.py'} --resume resumable "
+            f"--root {tmp_path / 'out'}") in output
 
     client = _client(mlflow_server["url"])
     parents, children = _study_runs(client, "resumable")
