@@ -170,6 +170,8 @@ def main() -> None:
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, QUICK[key] if args.quick else default)
+    if args.study_steps < 2:  # two evaluations, every study_steps // 2 steps
+        parser.error(f"--study-steps must be at least 2, got {args.study_steps}")
     sys.path.insert(0, str(BENCH))
     sys.path.insert(1, str(BENCH.parent))  # `studies` from this checkout
     if args.part:
