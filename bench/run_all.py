@@ -1,12 +1,15 @@
 """Every throughput figure of the project in one table, against this machine's measured limit.
 
-    python bench/run_all.py [--json PATH] [--is-sentences 200] [--train-steps 20]
+    python bench/run_all.py [--json PATH] [--quick] [--skip-study | --only-study]
 
 Rows: training tokens/s (VAE, Coupled-VAE; PTB paper configuration, bucketed batches), IS-NLL
 sentences/s (N = 100, PTB test sentences) and its projected whole-test-set time, MI seconds
 (whole PTB test set, N = 100), peak RSS of training and of evaluation (each measured in its own
 child process), the analytic FLOPs it assumes and the dense fp32 matmul rate measured in this
 run.  limit = matmul rate / FLOPs per unit; ratio = achieved / limit (JSON fields *_ratio).
+Study overhead (bench/bench_study.py): the default study's VAE trial run directly vs as a
+one-trial study (local Ray, SQLite MLflow; Ray start-up and study set-up reported apart), and two
+1-CPU trials at once vs one 2-CPU trial (summed training tokens/s).
 Runs unchanged on CUDA (``--device cuda``).  Models are freshly initialised: throughput does not
 depend on the weights for the Gaussian posterior.
 """
@@ -123,6 +126,15 @@ def part_eval(args) -> dict:
             "mi_seconds": mi_seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def part_study(args) -> dict:
+    import bench_study
+
+    if args.part == "direct":
+        return bench_study.run_direct(args.study_steps, cpus=2)
+    trials, cpus = (1, 2) if args.part == "study-one" else (2, 1)
+    return bench_study.run_study_timed(args.study_steps, trials=trials, cpus=cpus)
+
+
 def run_part(name: str, argv: list[str]) -> dict:
     """One part in a child process, so its peak RSS is its own."""
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--part", name, *argv],
@@ -130,24 +142,95 @@ def run_part(name: str, argv: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+QUICK = {"is_sentences": 32, "train_steps": 6, "train_rounds": 1, "study_steps": 20}
+DEFAULTS = {"is_sentences": 200, "train_steps": 20, "train_rounds": 2, "study_steps": 100}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--is-sentences", type=int, default=200, help="PTB test sentences for the IS-NLL rate")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced sizes (" + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+                             + "); explicit flags still win")
+    parser.add_argument("--is-sentences", type=int, help=f"PTB test sentences for the IS-NLL rate "
+                                                          f"(default {DEFAULTS['is_sentences']})")
     parser.add_argument("--n-samples", type=int, default=100, help="IS and MI samples per sentence")
-    parser.add_argument("--train-steps", type=int, default=20, help="training steps per round and model")
-    parser.add_argument("--train-rounds", type=int, default=2)
-    parser.add_argument("--part", choices=("train", "eval"), help=argparse.SUPPRESS)
+    parser.add_argument("--train-steps", type=int, help=f"training steps per round and model "
+                                                        f"(default {DEFAULTS['train_steps']})")
+    parser.add_argument("--train-rounds", type=int, help=f"default {DEFAULTS['train_rounds']}")
+    parser.add_argument("--study-steps", type=int, help=f"training steps of the study-overhead run "
+                                                        f"(default {DEFAULTS['study_steps']})")
+    rows = parser.add_mutually_exclusive_group()
+    rows.add_argument("--skip-study", action="store_true", help="leave out the study-overhead rows")
+    rows.add_argument("--only-study", action="store_true", help="only the study-overhead rows")
+    parser.add_argument("--part", choices=("train", "eval", "direct", "study-one", "study-two"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for key, default in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, QUICK[key] if args.quick else default)
+    if args.study_steps < 2:  # two evaluations, every study_steps // 2 steps
+        parser.error(f"--study-steps must be at least 2, got {args.study_steps}")
     sys.path.insert(0, str(BENCH))
+    sys.path.insert(1, str(BENCH.parent))  # `studies` from this checkout
     if args.part:
-        print(json.dumps(part_train(args) if args.part == "train" else part_eval(args)))
+        parts = {"train": part_train, "eval": part_eval}
+        print(json.dumps(parts.get(args.part, part_study)(args)))
         return
     child_argv = [f"--device={args.device}", f"--is-sentences={args.is_sentences}",
                   f"--n-samples={args.n_samples}", f"--train-steps={args.train_steps}",
-                  f"--train-rounds={args.train_rounds}"]
+                  f"--train-rounds={args.train_rounds}", f"--study-steps={args.study_steps}"]
     started = time.perf_counter()
+    figures = {} if args.only_study else throughput_figures(args, child_argv)
+    if not args.skip_study:
+        figures.update(study_figures(args, child_argv))
+    figures["bench_seconds"] = time.perf_counter() - started
+    print(f"(benchmark took {figures['bench_seconds']:.0f} s)")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def study_figures(args, child_argv: list[str]) -> dict:
+    """The study-overhead rows (see bench/bench_study.py), printed; -> their JSON fields."""
+    import bench_study
+
+    direct = run_part("direct", child_argv)
+    one = run_part("study-one", child_argv)
+    two = run_part("study-two", child_argv)
+    cost = bench_study.overhead(direct["seconds"], one["trials_s"])
+    figures = {
+        "study_steps": args.study_steps,
+        "study_direct_run_s": direct["seconds"], "study_trial_s": one["trials_s"],
+        "study_ray_start_s": one["ray_start_s"], "study_setup_s": one["setup_s"],
+        "study_overhead_fraction": cost["fraction"], "study_overhead_limit": bench_study.OVERHEAD_LIMIT,
+        "study_overhead_ratio": cost["ratio"],
+        "study_direct_tokens_per_s": direct["tokens_per_s"], "study_trial_tokens_per_s": one["tokens_per_s"][0],
+        "study_two_1cpu_tokens_per_s": sum(two["tokens_per_s"]),
+        "study_two_1cpu_trials_s": two["trials_s"],
+        "study_two_1cpu_per_one_2cpu_throughput": sum(two["tokens_per_s"]) / one["tokens_per_s"][0],
+    }
+    print(f"Study overhead: the default study's VAE trial (studies/specs/lambda_sweep.yaml), {args.study_steps} "
+          "steps, 2 evaluations; local Ray, SQLite MLflow; 2 torch threads unless said")
+    print(f"{'figure':<44} {'achieved':>10} {'limit':>10} {'ratio':>6}")
+    print(f"{'direct cvae_core.train, s':<44} {direct['seconds']:10.1f}")
+    print(f"{'one-trial study, per-trial time, s':<44} {one['trials_s']:10.1f}")
+    print(f"{'study overhead per trial':<44} {cost['fraction']:10.1%} {bench_study.OVERHEAD_LIMIT:10.0%} "
+          f"{cost['ratio']:6.2f}")
+    print(f"{'Ray start-up (once per study), s':<44} {one['ray_start_s']:10.1f}")
+    print(f"{'study set-up (once per study), s':<44} {one['setup_s']:10.1f}")
+    print(f"{'training tokens/s: direct / in the trial':<44} {direct['tokens_per_s']:10,.0f} "
+          f"{one['tokens_per_s'][0]:10,.0f}")
+    print(f"{'tokens/s: two 1-CPU trials (sum) / one 2-CPU':<44} {sum(two['tokens_per_s']):10,.0f} "
+          f"{one['tokens_per_s'][0]:10,.0f} {figures['study_two_1cpu_per_one_2cpu_throughput']:6.2f}")
+    print("(per-trial time: the study's elapsed_s, from the Tuner's start to the summary written, so trial "
+          "process start-up, MLflow logging and result collection count as overhead; ratio = overhead / limit, "
+          "<= 1 meets the target; tokens/s are the trials' own training-only figures logged to MLflow)")
+    return figures
+
+
+def throughput_figures(args, child_argv: list[str]) -> dict:
+    """The training / evaluation rows, printed; -> their JSON fields."""
     device = torch.device(args.device)
     rates = {"square_1024": matmul_rate(1024, 1024, 1024, device),
              "input_projection": matmul_rate(3200, 400, 768, device),
@@ -179,7 +262,6 @@ def main() -> None:
         "is_nll_test_set_minutes": evaluation["test_sentences"] / is_rate / 60,
         "mi_seconds": evaluation["mi_seconds"],
         "peak_rss_train_mb": training["peak_rss_mb"], "peak_rss_eval_mb": evaluation["peak_rss_mb"],
-        "bench_seconds": time.perf_counter() - started,
     }
     print(f"{figures['machine']} ({figures['device']}), {figures['threads']} threads, torch {figures['torch']}")
     print("matmul fp32 GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
@@ -203,9 +285,7 @@ def main() -> None:
     print(f"{'MI (PTB test, N=100), s':<34} {figures['mi_seconds']:10.1f}")
     print(f"{'peak RSS training, MB':<34} {figures['peak_rss_train_mb']:10,.0f}")
     print(f"{'peak RSS evaluation, MB':<34} {figures['peak_rss_eval_mb']:10,.0f}")
-    print(f"(benchmark took {figures['bench_seconds']:.0f} s)")
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
 
 
 if __name__ == "__main__":

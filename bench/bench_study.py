@@ -1,0 +1,99 @@
+"""Study overhead: one short training run directly vs as trials of a real study.
+
+    python bench/run_all.py --only-study [--study-steps 200]   (prints these rows of its table)
+
+The run is the VAE baseline trial of the default study (studies/specs/lambda_sweep.yaml: its
+small model, data subset, evaluations and gradient-norm measurements), shortened to ``steps``
+with two evaluations; ``--num-samples 0`` leaves only that baseline, ``--seeds N`` makes it N
+identical trials (seeds 0..N-1).
+
+* direct: ``cvae_core.train.train`` on the same resolved config, timed around the call only
+  (imports and the corpus are loaded before, as the study's driver loads them before its trials).
+* study: ``studies.runner.run_study`` on a local Ray with a SQLite MLflow store in a temp dir.
+  Ray start-up = ``init_ray``; per-trial time = the study's own ``elapsed_s`` (Tuner created ->
+  trial process started -> training with MLflow logging and checkpoint upload -> results collected
+  -> summary written); study set-up = the rest (data, MLflow store, experiment and parent run).
+  Tokens/s are the trials' own ``tokens_per_s`` (training only) read back from MLflow.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SPEC = "lambda_sweep"
+OVERHEAD_LIMIT = 0.05  # issue target: a trial costs at most 5% more than the same run done directly
+
+
+def study_options(root: Path, steps: int, trials: int, cpus: int):
+    """The flags of ``python studies/lambda_sweep.py`` for ``trials`` concurrent copies of the
+    study's VAE baseline trial, ``steps`` long, ``cpus`` torch threads each."""
+    from studies.runner import Options
+
+    return Options(profile=SPEC, num_samples=0, seeds=trials, cpus_per_trial=cpus, max_concurrent=trials,
+                   root=str(root), tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+                   overrides=[f"train.steps={steps}", f"train.eval_every={steps // 2}"])
+
+
+def run_direct(steps: int, cpus: int) -> dict[str, float]:
+    """The study's first trial config trained by the core alone. -> {seconds, tokens_per_s}."""
+    from cvae_core.data import load_corpus
+    from cvae_core.train import train
+    from studies.runner import apply_flags
+    from studies.spec import load_spec
+    from studies.tracking import StudyContext
+    from studies.trainable import resolve_trial_config
+
+    torch.set_num_threads(cpus)  # what the trainable does with cpus_per_trial
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = apply_flags(load_spec(SPEC), study_options(Path(tmp), steps, 1, cpus))
+        context = StudyContext(study_name="direct", spec_name=spec.name, tracking_uri="", experiment_name="",
+                               experiment_id="", parent_run_id="", preset=spec.preset, dataset=spec.dataset,
+                               scale=spec.scale, overrides=dict(spec.overrides))
+        config = resolve_trial_config(context, {**spec.baselines[0], "train.seed": spec.seed})
+        corpus = load_corpus(config.data, ("train", "valid"))
+        start = time.perf_counter()
+        result = train(config, Path(tmp) / "run", corpus=corpus, log=lambda text: None)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens_per_s": result.last_metrics["tokens_per_s"]}
+
+
+def run_study_timed(steps: int, trials: int, cpus: int) -> dict:
+    """``trials`` copies of the run as one study. -> {ray_start_s, setup_s, trials_s, tokens_per_s: [...]}."""
+    import ray
+    from mlflow import MlflowClient
+
+    from studies.runner import init_ray, run_study
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
+        start = time.perf_counter()
+        init_ray(None, verbose=False)  # the study's own call; run_study then finds Ray running
+        ray_start_s = time.perf_counter() - start
+        try:
+            start = time.perf_counter()
+            outcome = run_study(study_options(Path(tmp), steps, trials, cpus))
+            study_s = time.perf_counter() - start
+        finally:
+            ray.shutdown()
+        statuses = [row.status for row in outcome.rows]
+        if outcome.exit_code or statuses != ["done"] * trials:
+            raise RuntimeError(f"benchmark study failed: exit code {outcome.exit_code}, trials {statuses}")
+        client = MlflowClient(tracking_uri=outcome.state.tracking_uri)
+        tokens = [max(client.get_metric_history(row.run_id, "tokens_per_s"), key=lambda m: m.step).value
+                  for row in outcome.rows]
+    trials_s = outcome.summary["elapsed_s"]
+    return {"ray_start_s": ray_start_s, "setup_s": study_s - trials_s, "trials_s": trials_s,
+            "tokens_per_s": tokens}
+
+
+def overhead(direct_s: float, trial_s: float, limit: float = OVERHEAD_LIMIT) -> dict[str, float]:
+    """Per-trial overhead of the study service. -> {fraction: trial_s / direct_s - 1,
+    ratio: fraction / limit (achieved / limit: <= 1 meets the target)}."""
+    if direct_s <= 0:
+        raise ValueError(f"direct run time must be positive, got {direct_s}")
+    fraction = trial_s / direct_s - 1
+    return {"fraction": fraction, "ratio": fraction / limit}
