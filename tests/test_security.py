@@ -99,7 +99,7 @@ def test_credentials_in_the_tracking_uri_leak_nowhere(tmp_path, capsys, monkeypa
         outcome = run_study(Options(profile=str(spec), root=str(root), tracking_uri=secret_uri, study_name="secret"))
         out, err = capsys.readouterr()
         assert outcome.exit_code == 0 and [r.status for r in outcome.rows] == ["done"], out + err
-        assert f"open {url}/#/experiments/" in out  # the bare URI is printed
+        assert f"Compare runs: {url}/#/experiments/" in out  # the bare URI is printed
 
         assert PASSWORD not in out + err
         leaks = [str(p) for p in root.rglob("*") if p.is_file() and PASSWORD.encode() in p.read_bytes()]
