@@ -84,21 +84,26 @@ def mlflow_server(root: Path, extra_args: tuple[str, ...] = (), port: int | None
                                 start_new_session=True)  # own process group: the workers die with it
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + MLFLOW_STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"MLflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"MLflow server not healthy after {MLFLOW_STARTUP_TIMEOUT_S} s:\n"
-                                   f"{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
+        wait_until_healthy(proc, url, MLFLOW_STARTUP_TIMEOUT_S, lambda: log_path.read_text()[-3000:])
         yield {"url": url, "port": port, "artifacts": artifacts, "cwd": workdir}
     finally:
         survivors = kill_group(proc)
         assert not survivors, f"MLflow server processes survived teardown: {survivors}"
+
+
+def wait_until_healthy(proc: subprocess.Popen, url: str, timeout_s: float, output) -> None:
+    """Poll ``url``/health until it answers 200; fail (with ``output()``, the server's last words)
+    if ``proc`` exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"MLflow server exited with {proc.returncode}:\n{output()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"MLflow server not healthy after {timeout_s} s:\n{output()}")
+        time.sleep(0.25)

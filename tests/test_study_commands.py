@@ -25,7 +25,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from processes import env_without_mlflow, free_port, group_members, kill_group
+from processes import env_without_mlflow, free_port, group_members, kill_group, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -99,17 +99,7 @@ def serve_mlflow_ui(command: str, cwd: Path) -> None:
     proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env={**_env(), "CVAE_MLFLOW_PORT": str(port)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"the printed MLflow UI command exited:\n{proc.stdout.read()}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the printed MLflow UI command never answered"
-            time.sleep(0.5)
+        wait_until_healthy(proc, f"http://127.0.0.1:{port}", 90, proc.stdout.read)
         time.sleep(2)
         # the launcher (exec'd into `mlflow server`) and one uvicorn process: no job runner, no huey consumers
         assert len(group_members(proc.pid)) == 2, group_members(proc.pid)
