@@ -30,11 +30,13 @@ else
 fi
 
 # Start every cluster that is down (containers have no systemd, so nothing else starts it).
+# Its messages ("Removed stale pid file.") go to stderr: stdout carries only the URI, which
+# callers capture with $(...).
 clusters="$(pg_lsclusters --no-header)"
 [ -n "$clusters" ] || die "no PostgreSQL cluster exists (pg_createcluster <version> main)"
 while read -r version name _port status _rest; do
     if [ "$status" != "online" ]; then
-        as_root pg_ctlcluster "$version" "$name" start
+        as_root pg_ctlcluster "$version" "$name" start >&2
     fi
 done <<< "$clusters"
 
