@@ -1,0 +1,115 @@
+"""The published layout of a study's MLflow record: what the study service writes and
+``analysis/`` reads.  No ray or mlflow import, so that ``analysis`` may import it (the one
+module of ``studies`` it is allowed to import; see docs/architecture.md).
+
+Runs, all in one experiment (tag ``Tag.ROLE``):
+
+* ``study``      one parent run per study: ``Tag.STUDY``, ``Tag.SPEC``, ``Tag.CODE_VERSION``,
+                 ``Tag.EXPERIMENT_PATH``; at the end ``Tag.STATUS`` and the ``Tag.BEST_*`` tags.
+* ``trial``      one child run per Ray trial (``mlflow.parentRunId`` = the study run):
+                 ``Tag.TRIAL_ID`` (one run per trial, reopened on a retry), ``Tag.PRESET``,
+                 ``Tag.DATASET``, ``Tag.SEED``, ``Tag.CONFIG_ID``, ``Tag.CODE_VERSION``; params =
+                 the flattened core config; metrics per evaluation with ``step`` = training step;
+                 at the end ``Tag.OUTCOME`` (one of :class:`Outcome`) and ``Tag.OUTCOME_REASON``.
+* ``evaluation`` a test evaluation of a trial's checkpoint (``analysis best``), nested under the
+                 trial run: ``Tag.SOURCE_RUN_ID``, ``Tag.SPLIT``, ``Tag.EVALUATION``; ``test_*``
+                 metrics.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+# Tells the MLflow 3 UI that the experiment holds training runs, so it opens on the runs table
+# instead of the GenAI traces page.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own nesting tag
+
+
+class Tag:
+    ROLE = "cvae.role"
+    STUDY = "cvae.study"
+    SPEC = "cvae.spec"
+    CODE_VERSION = "cvae.code_version"
+    EXPERIMENT_PATH = "ray.experiment_path"
+    # trial runs
+    TRIAL_ID = "ray_trial_id"
+    TRIAL_NAME = "ray_trial_name"
+    PRESET = "cvae.preset"
+    DATASET = "cvae.dataset"
+    SEED = "cvae.seed"
+    CONFIG_ID = "cvae.config_id"
+    DEVICE = "cvae.device"
+    OUTCOME = "cvae.outcome"
+    OUTCOME_REASON = "cvae.outcome_reason"
+    DIVERGED_AT_STEP = "cvae.diverged_at_step"
+    # study runs, at the end
+    STATUS = "cvae.status"
+    BEST_TRIAL_ID = "cvae.best_trial_id"
+    BEST_RUN_ID = "cvae.best_run_id"
+    BEST_CONFIG = "cvae.best_config"
+    BEST_LABEL = "cvae.best_label"
+    BEST_CHECKPOINT = "cvae.best_checkpoint"
+    # evaluation runs and registered model versions
+    SOURCE_RUN_ID = "cvae.source_run_id"
+    SPLIT = "cvae.split"
+    DATA_MD5 = "cvae.data_md5"
+    EVALUATION = "cvae.evaluation"  # "full" or a description of a partial evaluation
+    EVALUATION_RUN_ID = "cvae.evaluation_run_id"
+
+
+class Role:
+    STUDY = "study"
+    TRIAL = "trial"
+    EVALUATION = "evaluation"
+
+
+class Outcome:
+    """How a trial ended (``Tag.OUTCOME``), written by the study service, never guessed."""
+    DONE = "done"  # trained for train.steps
+    STOPPED_EARLY = "stopped_early"  # the scheduler (ASHA) stopped it; Tag.OUTCOME_REASON says why
+    DIVERGED = "diverged"  # a non-finite loss or metric; an outcome, not retried
+    ERROR = "error"  # crashed after its retries
+    INTERRUPTED = "interrupted"  # the study was interrupted before the trial ended
+    ALL = (DONE, STOPPED_EARLY, DIVERGED, ERROR, INTERRUPTED)
+
+
+# Settings a plain (uncoupled) model never uses: logged as "none" so that a filter on lambda_m or
+# the distance never mixes the baseline into coupled results.
+UNUSED_WITHOUT_COUPLING = ("coupling.lambda_r", "coupling.lambda_m", "coupling.distance", "coupling.rq_c")
+UNUSED = "none"
+
+
+def quote(value: str) -> str:
+    """A value as a quoted literal of an MLflow search filter."""
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
+def tag_filter(**tags: str) -> str:
+    """``tag_filter(ROLE="trial", STUDY="s")`` -> a search filter on those :class:`Tag` names."""
+    return " and ".join(f"tags.`{getattr(Tag, key)}` = {quote(value)}" for key, value in tags.items())
+
+
+def study_runs_filter() -> str:
+    return tag_filter(ROLE=Role.STUDY)
+
+
+def trial_runs_filter(study: str) -> str:
+    return tag_filter(ROLE=Role.TRIAL, STUDY=study)
+
+
+def child_runs_filter(parent_run_id: str) -> str:
+    return f"tags.`{PARENT_RUN_ID}` = {quote(parent_run_id)}"
+
+
+def search_all(client: Any, experiment_id: str, filter_string: str, order_by: list[str] | None = None,
+               call: Callable[[Callable[[], Any]], Any] = lambda fn: fn()) -> list:
+    """Every run matching ``filter_string``, following MLflow's page tokens.  ``client`` is an
+    ``MlflowClient``; ``call`` wraps each request (e.g. with retries)."""
+    runs, token = [], None
+    while True:
+        page = call(lambda: client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
+                                               order_by=order_by, page_token=token))
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
