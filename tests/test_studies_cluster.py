@@ -6,7 +6,10 @@ real MLflow server on loopback (mlflow/server.py, SQLite backend, proxied artifa
   histories, checkpoint artifacts that load with cvae_core, placement on the GPU node, the
   persisted Optuna study;
 * the CLI interrupted with SIGINT mid-study, then `--resume`: finished trials are not re-run,
-  interrupted ones reopen their own MLflow run, and nothing is duplicated or left RUNNING.
+  interrupted ones reopen their own MLflow run, and nothing is duplicated or left RUNNING;
+* a worker node removed mid-study (as a lost spot instance): its trials continue on the node
+  that is left, from their checkpoints, in their own MLflow runs (the last test: it changes the
+  cluster).
 
 The server's process group and the cluster are torn down in the fixtures, with bounded waits,
 and the teardown checks that none of their processes survive."""
@@ -104,7 +107,7 @@ def cluster(ray_env):
         nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
         assert len(nodes) == 2 and all(n["NodeManagerAddress"] == "127.0.0.1" for n in nodes.values())
         yield {"address": cluster.address, "worker_node_id": worker.node_id,
-               "head_node_id": cluster.head_node.node_id}
+               "head_node_id": cluster.head_node.node_id, "cluster": cluster, "pids": pids}
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -378,3 +381,64 @@ def test_interrupted_study_resumes_without_rerunning_or_duplicating(cluster, mlf
 
     study = optuna.load_study(study_name="resumable", storage=parents[0].data.tags["optuna.storage"])
     assert len(study.trials) == 3  # the proposals only; none repeated by the restore
+
+
+def _remove_node_after(cluster_info, url, study_name, n_evals, removed, stop):
+    """Remove (hard: its raylet and workers are killed) the node that runs the first trial having
+    logged ``n_evals`` evaluations."""
+    client = _client(url)
+    nodes = {n.node_id: n for n in cluster_info["cluster"].worker_nodes}
+    while not stop.is_set() and not removed:
+        try:
+            _, children = _study_runs(client, study_name)
+        except Exception:  # noqa: BLE001 - the experiment may not exist yet
+            children = []
+        for child in children:
+            node_id = child.data.tags.get("ray.node_id")
+            if child.info.status != "RUNNING" or node_id not in nodes:
+                continue
+            if len(client.get_metric_history(child.info.run_id, "val_nll")) >= n_evals:
+                removed.update(node_id=node_id, trial=child.data.tags["ray_trial_id"], pid=child.data.tags["ray.pid"])
+                cluster_info["cluster"].remove_node(nodes[node_id], allow_graceful=False)
+                return
+        time.sleep(0.3)
+
+
+def test_a_removed_node_costs_its_trials_minutes_not_the_study(cluster, mlflow_server, tmp_path):
+    from studies.runner import Options, run_study
+
+    spare = cluster["cluster"].add_node(num_cpus=2, num_gpus=1, object_store_memory=100 * MB, memory=4096 * MB,
+                                        resources={"gpu_worker": 1})
+    cluster["cluster"].wait_for_nodes(timeout=60)
+    cluster["pids"].extend(p.process.pid for infos in spare.all_processes.values() for p in infos if p.process)
+    spec_path = _tiny_spec(tmp_path / "tiny_node_loss.yaml", steps=60, num_samples=2, grace_period=6)
+    removed: dict[str, str] = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_remove_node_after, args=(cluster, mlflow_server["url"], "node-loss", 2,
+                                                                removed, stop), daemon=True)
+    watcher.start()
+    try:
+        outcome = run_study(Options(profile=str(spec_path), root=str(tmp_path / "out"),
+                                    tracking_uri=mlflow_server["url"], address=cluster["address"],
+                                    study_name="node-loss"))
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    assert removed, "no node was removed"
+    assert outcome.exit_code == 0 and not outcome.interrupted
+    # grace period = all 6 evaluations: no trial may stop early, so every one trained to the end
+    assert len(outcome.rows) == 3 and all(r.status == "done" for r in outcome.rows), outcome.rows
+
+    _, children = _study_runs(_client(mlflow_server["url"]), "node-loss")
+    client = _client(mlflow_server["url"])
+    ids = [c.data.tags["ray_trial_id"] for c in children]
+    assert len(ids) == len(set(ids)) == 3, "a retried trial created a second MLflow run"
+    moved = [c for c in children if c.data.tags["ray.resumed_from_step"] != "none"]
+    assert removed["trial"] in {c.data.tags["ray_trial_id"] for c in moved}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_nll")]
+        assert steps == [10, 20, 30, 40, 50, 60], (child.data.tags["ray_trial_id"], steps)
+    for child in moved:  # continued from a checkpoint, on a node that is still there
+        assert int(child.data.tags["ray.resumed_from_step"]) >= 10
+        assert child.data.tags["ray.node_id"] != removed["node_id"]
