@@ -7,14 +7,14 @@
 3. ``cvae_core.evaluation.evaluate_checkpoint`` on the test split: IS-NLL with N importance samples,
    KL, PPL, ELBO, both MI estimators, AU, and BLEU/Dist/gradient norms when the core offers them
    (checked with ``inspect.signature``) and the model supports them.
-4. Log an evaluation run (``cvae.role=evaluation``, nested under the source trial run, tag
-   ``cvae.source_run_id``) with ``test_*`` metrics and ``evaluation.json``.
+4. Log an evaluation run (``Role.EVALUATION``, nested under the source trial run, tag
+   ``Tag.SOURCE_RUN_ID``; :mod:`studies.record`) with ``test_*`` metrics and ``evaluation.json``.
 5. Log the checkpoint as an MLflow Model (``analysis/champion.py``: a pyfunc whose ``predict``
    gives per-sentence NLL, reconstructions or samples), register it and point the alias
    ``champion`` at it, unless the evaluation was partial (``--limit``, fewer samples than
    the paper's, ...) and ``--register`` was not given: a quick look never moves the champion.
    Every logged number carries its split, sample counts and sentence count (tag
-   ``cvae.evaluation`` on the evaluation run and the model version).
+   ``Tag.EVALUATION`` on the evaluation run and the model version).
 """
 from __future__ import annotations
 
@@ -28,17 +28,22 @@ from typing import Any, Callable
 import pandas as pd
 
 from cvae_core.train import format_duration
+from cvae_core.errors import CvaeError
+from cvae_core.metrics.names import direction, pareto_mask
+from studies.record import PARENT_RUN_ID, Role, Tag
 
-from .runs import AnalysisError, Study, connect, dumps, fetch_study, json_safe, run_label
-from .stats import pareto_mask
+from .runs import Study, dumps, fetch_study, json_safe, run_label
+from .store import AnalysisError, connect
 
-MAX_IS_BETTER = ("mi_loo", "mi_batch", "au", "bleu1", "bleu2", "dist1", "dist2", "elbo")
 Progress = Callable[[str], None]
 
 
 def default_mode(metric: str) -> str:
-    bare = metric.split("_", 1)[1] if metric.startswith(("val_", "train_", "test_")) else metric
-    return "max" if bare in MAX_IS_BETTER else "min"
+    """The registry's better direction of ``metric``; an error naming --mode for one it cannot rank."""
+    try:
+        return direction(metric)
+    except CvaeError as exc:
+        raise AnalysisError(f"{exc}; or pass --mode min|max") from None
 
 
 def resolve_metric(runs: pd.DataFrame, metric: str) -> str:
@@ -63,18 +68,16 @@ def rank_runs(runs: pd.DataFrame, metric: str = "val_nll", mode: str | None = No
     return candidates.sort_values(column, ascending=(mode == "min"), kind="stable")
 
 
-def pareto_front(runs: pd.DataFrame, objectives: tuple[tuple[str, str], ...] = (("val_nll", "min"),
-                                                                                   ("val_mi_loo", "max"))
-                 ) -> pd.DataFrame:
+def pareto_front(runs: pd.DataFrame, objectives: tuple[str, ...] = ("val_nll", "val_mi_loo")) -> pd.DataFrame:
     """FINISHED runs on the Pareto front of ``objectives`` (per dataset: NLLs of datasets differ)."""
-    columns = [f"best.{resolve_metric(runs, m)}" for m, _ in objectives]
+    columns = [f"best.{resolve_metric(runs, m)}" for m in objectives]
     data = runs[(runs["status"] == "FINISHED")].dropna(subset=columns)
     fronts = []
     for _, group in data.groupby("dataset", sort=True):
-        mask = pareto_mask(group[columns].to_numpy().tolist(), [d for _, d in objectives])
+        mask = pareto_mask(group[columns].to_numpy().tolist(), [direction(m) for m in objectives])
         fronts.append(group[mask].sort_values(columns[0]))
     if not fronts:
-        raise AnalysisError("no FINISHED run has all of " + ", ".join(m for m, _ in objectives))
+        raise AnalysisError("no FINISHED run has all of " + ", ".join(objectives))
     return pd.concat(fronts)
 
 
@@ -176,11 +179,11 @@ def log_evaluation(client, experiment_id: str, source: pd.Series, study: str, re
 
     fingerprint = result.get("fingerprint", {})
     split = fingerprint.get("split", params.get("split", "test"))
-    tags = {"mlflow.parentRunId": source["run_id"], "cvae.role": "evaluation", "cvae.study": study,
-            "cvae.source_run_id": source["run_id"], "cvae.preset": str(source["preset"]),
-            "cvae.dataset": str(source["dataset"]), "cvae.seed": str(source["seed"]), "cvae.split": split,
-            "cvae.data_md5": str(fingerprint.get("md5", "")),
-            "cvae.evaluation": evaluation,
+    tags = {PARENT_RUN_ID: source["run_id"], Tag.ROLE: Role.EVALUATION, Tag.STUDY: study,
+            Tag.SOURCE_RUN_ID: source["run_id"], Tag.PRESET: str(source["preset"]),
+            Tag.DATASET: str(source["dataset"]), Tag.SEED: str(source["seed"]), Tag.SPLIT: split,
+            Tag.DATA_MD5: str(fingerprint.get("md5", "")),
+            Tag.EVALUATION: evaluation,
             "mlflow.note.content": f"Evaluation of {source['run_name']} ({source['run_id']}): {evaluation}."}
     partial = "-partial" if "PARTIAL" in evaluation else ""
     run = client.create_run(experiment_id, run_name=f"eval-{source['run_name']}-{split}{partial}", tags=tags)
@@ -225,12 +228,12 @@ def register(client, name: str, source: pd.Series, alias: str, evaluation_run_id
     split = result.get("fingerprint", {}).get("split", "test")
     tags = {f"{split}_{k}": f"{result[k]:.4f}" for k in ("nll", "kl", "ppl", "mi_loo", "au")
             if isinstance(result.get(k), (int, float))}
-    tags.update({"cvae.preset": str(source["preset"]), "cvae.dataset": str(source["dataset"]),
-                 "cvae.study": str(source["study"])})
+    tags.update({Tag.PRESET: str(source["preset"]), Tag.DATASET: str(source["dataset"]),
+                 Tag.STUDY: str(source["study"])})
     if evaluation_run_id:
-        tags["cvae.evaluation_run_id"] = evaluation_run_id
+        tags[Tag.EVALUATION_RUN_ID] = evaluation_run_id
     if evaluation:
-        tags["cvae.evaluation"] = evaluation
+        tags[Tag.EVALUATION] = evaluation
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
     client.set_registered_model_alias(name, alias, str(version))

@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .runs import DEFAULT_EXPERIMENT, AnalysisError
+from .store import DEFAULT_EXPERIMENT, AnalysisError
 
 
 def _quiet() -> None:
@@ -68,7 +68,8 @@ def _export(args) -> None:
 
 
 def _table(args) -> None:
-    from .tables import build_table, render
+    from .render import render
+    from .tables import build_table
 
     study = _study(args)
     options = {}
@@ -102,7 +103,7 @@ def _plots(args) -> None:
     for path in paths:
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     if paths and not args.no_log:
-        from .runs import connect
+        from .store import connect
 
         client, _ = connect(study.tracking_uri)
         for path in paths:

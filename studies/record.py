@@ -5,7 +5,7 @@ module of ``studies`` it is allowed to import; see docs/architecture.md).
 Runs, all in one experiment (tag ``Tag.ROLE``):
 
 * ``study``      one parent run per study: ``Tag.STUDY``, ``Tag.SPEC``, ``Tag.CODE_VERSION``,
-                 ``Tag.EXPERIMENT_PATH``; at the end ``Tag.STATUS`` and the ``Tag.BEST_*`` tags.
+                 ``Tag.EXPERIMENT_PATH``, ``Tag.OPTUNA_STORAGE``, ``Tag.OPTUNA_STUDY_NAME``; at the end ``Tag.STATUS`` and the ``Tag.BEST_*`` tags.
 * ``trial``      one child run per Ray trial (``mlflow.parentRunId`` = the study run):
                  ``Tag.TRIAL_ID`` (one run per trial, reopened on a retry), ``Tag.PRESET``,
                  ``Tag.DATASET``, ``Tag.SEED``, ``Tag.CONFIG_ID``, ``Tag.CODE_VERSION``; params =
@@ -31,6 +31,8 @@ class Tag:
     SPEC = "cvae.spec"
     CODE_VERSION = "cvae.code_version"
     EXPERIMENT_PATH = "ray.experiment_path"
+    OPTUNA_STORAGE = "optuna.storage"  # study runs: where the persisted Optuna study lives
+    OPTUNA_STUDY_NAME = "optuna.study_name"
     # trial runs
     TRIAL_ID = "ray_trial_id"
     TRIAL_NAME = "ray_trial_name"
