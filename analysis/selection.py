@@ -12,6 +12,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from cvae_core.metrics.names import sort_key
+
 from .runs import BEST_PREFIX, CONFIG_PREFIX, FINAL_PREFIX
 from .stats import PairedDifference, Summary, paired_difference, summarize
 
@@ -72,8 +74,9 @@ def pick_config(runs: pd.DataFrame, at: str) -> tuple[pd.DataFrame, str]:
     groups = {k: runs.loc[keys == k] for k in dict.fromkeys(keys)}
     if len(groups) <= 1:
         return runs, ""
-    column = metric_column("nll", at) if metric_column("nll", at) in runs.columns else metric_column("rec", at)
-    best = min(groups.values(), key=lambda g: (summarize(g[column].tolist()).mean
+    name = "nll" if metric_column("nll", at) in runs.columns else "rec"
+    column = metric_column(name, at)
+    best = min(groups.values(), key=lambda g: (sort_key(name, summarize(g[column].tolist()).mean)
                                                if column in g.columns else math.inf))
     differing = sorted({c for k in groups for c, v in k if any(dict(o).get(c) != v for o in groups)})
     names = ", ".join(c[len(CONFIG_PREFIX):] for c in differing[:4]) + (" ..." if len(differing) > 4 else "")
