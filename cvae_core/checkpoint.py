@@ -8,6 +8,11 @@
 Written atomically: into a temporary sibling directory, then renamed into place; ``best`` and
 ``latest`` are symlinks replaced atomically.  Loaded with ``torch.load(weights_only=True)``, so
 a checkpoint can never execute pickled code.
+
+A run keeps its checkpoints in a private tree, ``<output_dir>/checkpoints/``: ``step-NNNNNNN``
+directories plus the ``latest`` and ``best`` links.  Code outside the core never names these
+files: it asks :func:`is_checkpoint`, :func:`read_config`, :func:`checkpoint_step`, and resumes
+from any checkpoint directory with ``train(..., resume_from=path)`` (:func:`install_checkpoint`).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -30,6 +35,9 @@ from .errors import CvaeError
 
 TENSOR_FILES = ("weights.pt", "optimizer.pt", "rng.pt")
 JSON_FILES = ("state.json", "config.json", "vocab.json")
+MANIFEST = "manifest.json"
+CHECKPOINT_FILES = (*TENSOR_FILES, *JSON_FILES, MANIFEST)
+LATEST, BEST = "latest", "best"  # links in a run's checkpoint tree
 
 
 @dataclass
@@ -92,7 +100,7 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
         (tmp / "config.json").write_text(config.to_json())
         vocab.save(tmp / "vocab.json")
         manifest = {name: _sha256(tmp / name) for name in TENSOR_FILES + JSON_FILES}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.rename(tmp, directory)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay as they were
@@ -119,11 +127,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_dir():
         raise CvaeError(f"checkpoint not found (expected a directory): {path}")
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        raise CvaeError(f"checkpoint {path} is incomplete: manifest.json is missing") from None
+        raise CvaeError(f"checkpoint {path} is incomplete: {MANIFEST} is missing") from None
     except ValueError:
-        raise CvaeError(f"checkpoint {path} is corrupted: manifest.json is not valid JSON") from None
+        raise CvaeError(f"checkpoint {path} is corrupted: {MANIFEST} is not valid JSON") from None
     for name in TENSOR_FILES + JSON_FILES:
         file = path / name
         if not file.is_file():
@@ -165,3 +173,75 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         raise CvaeError(f"checkpoint {path}: weights.pt does not fit its config.json/vocab.json "
                         f"({len(data.vocab)} words; {first[-1].strip() if first else type(exc).__name__})") from None
     return model.eval(), data.config, data.vocab
+
+
+# ---------------------------------------------------------------------------------------------
+# Questions about a checkpoint directory, answered without loading its tensors.
+
+def has_checkpoint_files(names: Iterable[str]) -> bool:
+    """True when a listing of file names (e.g. an MLflow artifact folder) holds a whole checkpoint."""
+    return set(CHECKPOINT_FILES) <= {Path(name).name for name in names}
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True for a directory :func:`load_checkpoint` can read: every file present and a readable
+    manifest (checksums are verified on load, not here). Never raises."""
+    path = Path(path)
+    try:
+        if not path.is_dir() or not has_checkpoint_files(p.name for p in path.iterdir() if p.is_file()):
+            return False
+        return isinstance(json.loads((path / MANIFEST).read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _read_json(path: Path, name: str) -> Any:
+    if not is_checkpoint(path):
+        raise CvaeError(f"not a checkpoint directory (expected {', '.join(CHECKPOINT_FILES)}): {path}")
+    try:
+        return json.loads((path / name).read_text())
+    except ValueError:
+        raise CvaeError(f"checkpoint {path} is corrupted: {name} is not valid JSON") from None
+
+
+def read_config(path: str | Path) -> Config:
+    """The resolved :class:`Config` a checkpoint was trained with, without loading its tensors."""
+    path = Path(path)
+    raw = _read_json(path, "config.json")
+    try:
+        return Config.from_dict(raw)
+    except CvaeError as exc:
+        raise CvaeError(f"checkpoint {path}: {exc}") from None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The training step at which a checkpoint was written."""
+    return int(_read_json(Path(path), "state.json")["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's checkpoint tree: <output_dir>/checkpoints/{step-NNNNNNN, latest, best}.
+
+def step_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f"step-{step:07d}"
+
+
+def install_checkpoint(source: str | Path, ckpt_root: str | Path) -> int:
+    """Copy the checkpoint ``source`` (from anywhere, e.g. the directory Ray hands back on a
+    retry) into the tree ``ckpt_root`` as its step directory and point ``latest`` at it (and
+    ``best`` when it was the run's best).  Step directories of later steps are removed: they
+    belong to a future that resuming from ``source`` replaces.  -> the checkpoint's step."""
+    source, ckpt_root = Path(source), Path(ckpt_root)
+    step = checkpoint_step(source)
+    best_step = int(_read_json(source, "state.json").get("best_step", -1))
+    target = step_dir(ckpt_root, step)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    if not (target.exists() and target.resolve() == source.resolve()):
+        for path in ckpt_root.glob("step-*"):
+            if path.is_dir() and path.name >= target.name:
+                shutil.rmtree(path)
+        shutil.copytree(source, target)
+    point_link(ckpt_root / LATEST, target)
+    if best_step == step:
+        point_link(ckpt_root / BEST, target)
+    return step

@@ -543,10 +543,35 @@ def build_config(preset: str = "vae", dataset: str = "ptb", scale: str = "quick"
     config = Config(preset=preset, scale=scale)
     config.data.dataset = dataset
     SCALE_SETTERS[scale](config)
-    spec = PRESETS[preset]
     apply_overrides(config, DATASET_SIZES[dataset])
-    apply_overrides(config, _in_scale(spec.settings, scale))
-    apply_overrides(config, _in_scale(spec.per_dataset.get(dataset, spec.per_dataset.get("ptb", {})), scale))
+    apply_overrides(config, _preset_settings(preset, dataset, scale))
     apply_overrides(config, overrides or {})
     validate(config)
     return config
+
+
+def _preset_settings(preset: str, dataset: str, scale: str) -> dict[str, Any]:
+    """The preset's settings with its per-dataset ones on top (PTB's for a dataset it does not name)."""
+    spec = PRESETS[preset]
+    per_dataset = spec.per_dataset.get(dataset, spec.per_dataset.get("ptb", {}))
+    return {**_in_scale(spec.settings, scale), **_in_scale(per_dataset, scale)}
+
+
+def preset_coupling(preset: str, dataset: str = "ptb") -> CouplingConfig:
+    """The coupling settings (enabled, lambda_r, lambda_m, distance, rq_c) ``preset`` uses on
+    ``dataset``, equal to ``build_config(preset, dataset).coupling`` but without building a
+    Config (no data paths needed).  Unknown preset or dataset, or a preset that does not run on
+    ``dataset`` (a dialogue model on sentences, or the reverse): a one-line CvaeError."""
+    if preset not in PRESETS:
+        raise CvaeError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    if dataset not in DATASETS:
+        raise CvaeError(f"unknown dataset {dataset!r}; choose from: {', '.join(DATASETS)}")
+    if PRESETS[preset].conditional != (dataset in PAIR_DATASETS):
+        raise CvaeError(f"preset {preset!r} does not run on dataset {dataset!r}: the dialogue presets read "
+                        f"post/response pairs ({', '.join(PAIR_DATASETS)}), the others read sentences")
+    coupling = CouplingConfig()
+    for key, value in _preset_settings(preset, dataset, "paper").items():  # coupling keys are scale-free
+        section, name, ftype = FIELDS[resolve_key(key)]
+        if section == "coupling":
+            setattr(coupling, name, _coerce(key, value, ftype))
+    return coupling

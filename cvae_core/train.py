@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import load_checkpoint, point_link, restore_rng, save_checkpoint
+from .checkpoint import (BEST, LATEST, install_checkpoint, load_checkpoint, point_link, restore_rng,
+                         save_checkpoint, step_dir)
 from .config import Config, validate
 from .data import BucketBatcher, Corpus, load_corpus
 from .data.batching import POOL_BATCHES, make_batch
@@ -132,12 +133,15 @@ class _Progress:
 
 
 def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] = (), resume: bool = False,
-          corpus: Corpus | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
+          corpus: Corpus | None = None, log: Callable[[str], None] | None = None,
+          resume_from: str | Path | None = None) -> TrainResult:
     """Train ``config`` into ``output_dir`` (checkpoints under ``output_dir/checkpoints``).
 
     resume=True continues from ``checkpoints/latest`` if present (same config required, except
-    that ``train.steps`` may be raised).  ``corpus`` lets a caller share data already loaded
-    (the study service passes it through Ray's object store).
+    that ``train.steps`` may be raised).  ``resume_from`` continues from any checkpoint directory
+    (e.g. the one Ray hands back on a retry): it is installed into this run's checkpoint tree
+    first, then training resumes exactly as with resume=True.  ``corpus`` lets a caller share
+    data already loaded (the study service passes it through Ray's object store).
     """
     log = log or (lambda text: print(text, file=sys.stdout, flush=True))
     validate(config)
@@ -147,7 +151,10 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
     if corpus is None:
         log(f"loading {config.data.dataset} ...")
         corpus = load_corpus(config.data, ("train", "valid"))
-    latest = ckpt_root / "latest"
+    latest = ckpt_root / LATEST
+    if resume_from is not None:
+        install_checkpoint(resume_from, ckpt_root)
+        resume = True
     resuming = resume and latest.exists()
     dae_checkpoint = None if resuming else _prefb_dae(config, output_dir, corpus, log)
     torch.manual_seed(config.train.seed)  # after any pretraining stage, so the run is the same either way
@@ -254,11 +261,11 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
                      "best_step": best_step, "metrics": metrics, "history": history, "version": __version__}
             if config.train.aggressive:
                 state.update(aggressive=aggressive, previous_mi=previous_mi)
-            ckpt = save_checkpoint(ckpt_root / f"step-{step:07d}", model=model, optimizer=optimizer,
+            ckpt = save_checkpoint(step_dir(ckpt_root, step), model=model, optimizer=optimizer,
                                    state=state, config=config, vocab=corpus.vocab)
             point_link(latest, ckpt)
             if improved:
-                point_link(ckpt_root / "best", ckpt)
+                point_link(ckpt_root / BEST, ckpt)
             _prune(ckpt_root, config.train.keep_last)
             log(f"eval step {step} | " + _format_metrics(
                 metrics, ("val_nll", "val_kl", "val_ppl", "val_rec", "val_mi_loo", "val_au"))
@@ -270,7 +277,7 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
             except StopTraining:
                 log(f"stopped by a callback at step {step}")
                 break
-    best = ckpt_root / "best"
+    best = ckpt_root / BEST
     best_dir = best.resolve() if best.exists() else None
     best_metrics = next((m for m in history if m["step"] == best_step), {})
     return TrainResult(output_dir, best_dir, best_metrics, last_metrics or (history[-1] if history else {}),
@@ -445,7 +452,7 @@ def _check_resumable(saved: Config, requested: Config, path: Path) -> None:
 
 def _prune(ckpt_root: Path, keep_last: int) -> None:
     """Delete step checkpoints that are neither best, latest, nor among the last ``keep_last``."""
-    keep = {(ckpt_root / name).resolve() for name in ("best", "latest") if (ckpt_root / name).exists()}
+    keep = {(ckpt_root / name).resolve() for name in (BEST, LATEST) if (ckpt_root / name).exists()}
     steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     keep.update(p.resolve() for p in steps[-keep_last:] if keep_last)
     for path in steps:
