@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from cvae_core.train import format_duration
+from cvae_core.runtime import format_duration
 
 from .runs import AnalysisError, Study, connect, dumps, fetch_study, json_safe, run_label
 from .stats import pareto_mask

@@ -19,16 +19,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from . import __version__
 from .config import Config
 from .data.vocab import Vocab
 from .errors import CvaeError
@@ -41,6 +43,39 @@ LATEST, BEST = "latest", "best"  # links in a run's checkpoint tree
 
 
 @dataclass
+class TrainState:
+    """Where a run stands; written as ``state.json`` in every checkpoint and read back to resume.
+
+    ``best_value`` is the lowest selection metric so far (``val_nll``, ``val_rec`` for a DAE),
+    reached at ``best_step``; ``history`` holds the metrics of every evaluation.  ``aggressive``
+    and ``previous_mi`` are the Lagging-VAE phase (None in other runs: not written then)."""
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0  # position in the epoch's batch order
+    best_value: float = math.inf
+    best_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    aggressive: bool | None = None
+    previous_mi: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        raw = {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
+               "best_value": self.best_value, "best_step": self.best_step,
+               "metrics": self.history[-1] if self.history else {}, "history": self.history, "version": __version__}
+        if self.aggressive is not None:
+            raw.update(aggressive=self.aggressive, previous_mi=self.previous_mi)
+        return raw
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "TrainState":
+        """Every state.json this package has written, old ones included (no history, no Lagging keys)."""
+        return cls(step=int(raw["step"]), epoch=int(raw["epoch"]), batch_index=int(raw["batch_index"]),
+                   best_value=float(raw["best_value"]), best_step=int(raw["best_step"]),
+                   history=list(raw.get("history", [])), aggressive=raw.get("aggressive"),
+                   previous_mi=raw.get("previous_mi"))
+
+
+@dataclass
 class CheckpointData:
     path: Path
     config: Config
@@ -48,7 +83,11 @@ class CheckpointData:
     weights: dict[str, Any]
     optimizer: dict[str, Any] | None
     rng: dict[str, Any]
-    state: dict[str, Any]
+    state: dict[str, Any]  # the raw state.json; TrainState.from_json(state) reads it
+
+    @property
+    def train_state(self) -> TrainState:
+        return TrainState.from_json(self.state)
 
 
 def _sha256(path: Path) -> str:
@@ -82,7 +121,7 @@ def _save_tensors(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict[str, Any], config: Config, vocab: Vocab) -> Path:
+                    state: TrainState | dict[str, Any], config: Config, vocab: Vocab) -> Path:
     """Write a checkpoint directory atomically; ``directory`` must not exist yet."""
     directory = Path(directory)
     if directory.exists():
@@ -96,7 +135,8 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
         _save_tensors(model.state_dict(), tmp / "weights.pt")
         _save_tensors(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
         _save_tensors(rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        raw_state = state.to_json() if isinstance(state, TrainState) else state
+        (tmp / "state.json").write_text(json.dumps(raw_state, indent=2, sort_keys=True))
         (tmp / "config.json").write_text(config.to_json())
         vocab.save(tmp / "vocab.json")
         manifest = {name: _sha256(tmp / name) for name in TENSOR_FILES + JSON_FILES}
@@ -214,9 +254,14 @@ def read_config(path: str | Path) -> Config:
         raise CvaeError(f"checkpoint {path}: {exc}") from None
 
 
+def read_state(path: str | Path) -> TrainState:
+    """Where the run stood when the checkpoint was written (step, best so far, history)."""
+    return TrainState.from_json(_read_json(Path(path), "state.json"))
+
+
 def checkpoint_step(path: str | Path) -> int:
     """The training step at which a checkpoint was written."""
-    return int(_read_json(Path(path), "state.json")["step"])
+    return read_state(path).step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,8 +277,8 @@ def install_checkpoint(source: str | Path, ckpt_root: str | Path) -> int:
     ``best`` when it was the run's best).  Step directories of later steps are removed: they
     belong to a future that resuming from ``source`` replaces.  -> the checkpoint's step."""
     source, ckpt_root = Path(source), Path(ckpt_root)
-    step = checkpoint_step(source)
-    best_step = int(_read_json(source, "state.json").get("best_step", -1))
+    state = read_state(source)
+    step = state.step
     target = step_dir(ckpt_root, step)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     if not (target.exists() and target.resolve() == source.resolve()):
@@ -242,6 +287,6 @@ def install_checkpoint(source: str | Path, ckpt_root: str | Path) -> int:
                 shutil.rmtree(path)
         shutil.copytree(source, target)
     point_link(ckpt_root / LATEST, target)
-    if best_step == step:
+    if state.best_step == step:
         point_link(ckpt_root / BEST, target)
     return step

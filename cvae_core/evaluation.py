@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -12,14 +11,14 @@ import torch
 
 from . import __version__
 from .checkpoint import load_model
-from .data import load_corpus
 from .config import Config
+from .data import load_corpus
 from .data.corpus import KNOWN_CHECKSUMS, Split
 from .errors import CvaeError
 from .metrics.dynamics import GRAD_BATCH, encoding_module, gradient_norms
 from .metrics.likelihood import MI_BATCH, evaluate
 from .metrics.text import prior_diversity, reconstruction_bleu, response_diversity
-from .train import format_duration, resolve_device
+from .runtime import format_duration, resolve_device
 
 RESULT_KEYS = ("nll", "kl", "ppl", "elbo", "mi_loo", "mi_batch", "au", "n_sentences", "n_tokens")
 
@@ -169,14 +168,3 @@ class ProgressPrinter:
         print(f"[evaluate] {self.label}: {done:,}/{total:,} sentences ({done / total:.0%}) | "
               f"{format_duration(now - self.started)} elapsed, ETA {format_duration(eta)}",
               file=self.stream, flush=True)
-
-
-def json_safe(value: Any) -> Any:
-    """NaN/inf -> None, recursively: strict JSON for `cvae evaluate --json` and everything built on it."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value

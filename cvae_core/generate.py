@@ -32,15 +32,6 @@ DEFAULT_MAX_STEPS = 200  # the authors' fixed number of decoding steps (= max_le
 
 
 @contextlib.contextmanager
-def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
-    """Run the block on its own seeded RNG stream and restore the caller's RNG state afterwards."""
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """model.eval() (dropout off, BatchNorm running statistics) for the block, then restore."""
     was_training = model.training
@@ -117,7 +108,7 @@ def reconstruct(model: nn.Module, batch: Batch, n_samples: int = 1,
     """Decode each sentence of ``batch`` from ``n_samples`` codes z ~ q(z|x).
 
     -> [B][n_samples] token-id lists (sample k of sentence i at ``[i][k]``).  Uses the global
-    torch RNG; wrap in :func:`seeded` for reproducible samples.
+    torch RNG; wrap in :func:`cvae_core.runtime.seeded` for reproducible samples.
     """
     if n_samples < 1:
         raise CvaeError(f"n_samples must be >= 1, got {n_samples}")
@@ -152,7 +143,7 @@ def respond(model: nn.Module, batch: Batch, n_samples: int = 1,
     """Greedy responses to the posts of a pair batch (its responses are not read): for a CVAE
     each from its own z ~ p(z|post), for seq2seq the one deterministic response repeated.
 
-    -> [B][n_samples] token-id lists.  Uses the global torch RNG; wrap in :func:`seeded`.
+    -> [B][n_samples] token-id lists.  Uses the global torch RNG; wrap in :func:`cvae_core.runtime.seeded`.
     """
     if n_samples < 1:
         raise CvaeError(f"n_samples must be >= 1, got {n_samples}")

@@ -1,5 +1,6 @@
 """The checkpoint and preset questions the study service and the analysis ask the core."""
 import json
+import math
 import shutil
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from cvae_core import (PRESETS, StopTraining, build_config, checkpoint_step, is_checkpoint, load_checkpoint,
                        preset_coupling, read_config, train)
-from cvae_core.checkpoint import has_checkpoint_files
+from cvae_core.checkpoint import TrainState, has_checkpoint_files, read_state
 from cvae_core.config import DATASETS
 from cvae_core.errors import CvaeError
 
@@ -125,3 +126,32 @@ def test_preset_coupling_values_and_errors():
         preset_coupling("nope", "ptb")
     with pytest.raises(CvaeError, match="unknown dataset 'mnist'"):
         preset_coupling("vae", "mnist")
+
+
+def test_every_evaluation_says_which_is_the_best(tiny_config, tmp_path):
+    from cvae_core.metrics.names import BEST_STEP, IS_BEST, best_key, selection_metric
+
+    for preset in ("vae", "dae"):
+        config = tiny_config(preset, **{"train.steps": 30, "train.eval_every": 10})
+        result = train(config, tmp_path / preset, log=_quiet)
+        key = selection_metric(config.model.kind)
+        assert key == ("val_rec" if preset == "dae" else "val_nll") == result.selection_metric
+        lowest = min(result.history, key=lambda m: m[key])
+        assert result.best_step == lowest["step"] == result.history[-1][BEST_STEP]
+        assert result.history[-1][best_key(config.model.kind)] == lowest[key]
+        assert [m[IS_BEST] for m in result.history] == [
+            float(m[key] < min([math.inf] + [p[key] for p in result.history[:i]]))
+            for i, m in enumerate(result.history)]
+        assert read_state(result.best_checkpoint).step == result.best_step
+
+
+def test_an_old_state_json_still_reads():
+    """state.json as written before the loop state was typed: no history, no Lagging keys."""
+    old = {"step": 40, "epoch": 2, "batch_index": 7, "best_value": 101.5, "best_step": 30,
+           "metrics": {"step": 40.0}}
+    state = TrainState.from_json(old)
+    assert (state.step, state.epoch, state.batch_index, state.best_value, state.best_step) == (40, 2, 7, 101.5, 30)
+    assert state.history == [] and state.aggressive is None and state.previous_mi is None
+    lagging = TrainState.from_json({**old, "history": [{"step": 40.0}], "aggressive": False, "previous_mi": 0.9})
+    assert lagging.aggressive is False and lagging.previous_mi == 0.9
+    assert lagging.to_json()["metrics"] == {"step": 40.0} and "aggressive" not in state.to_json()

@@ -33,6 +33,7 @@ from ..data.corpus import Split
 from ..errors import CvaeError
 from ..models.text_vae import latent_model
 from ..modules.posteriors import DiagonalGaussian
+from ..runtime import seeded
 
 GRAD_KEYS = ("grad_rec", "grad_rec_coupled", "grad_total", "grad_reg", "dh_de")
 GRAD_BATCH = 16  # the authors' batch size for this analysis
@@ -139,8 +140,7 @@ def gradient_norms(model: nn.Module, split: Split, batch_size: int = GRAD_BATCH,
     sums: dict[str, float | None] = {key: 0.0 for key in GRAD_KEYS}
     model.train()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with seeded(seed, device):
             for batch in eval_batches(split.examples, batch_size):
                 for key, values in batch_gradient_norms(model, batch.to(device)).items():
                     if values is None:
@@ -165,8 +165,7 @@ def held_out_gradient_norms(model: nn.Module, batch, seed: int) -> dict[str, flo
     was_training = model.training
     model.train()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with seeded(seed, device):
             norms = batch_gradient_norms(model, batch)
     finally:
         model.train(was_training)

@@ -26,7 +26,8 @@ from torch import nn
 from ..data.batching import make_batch
 from ..data.corpus import Split
 from ..errors import CvaeError
-from ..generate import DEFAULT_MAX_STEPS, generator, model_device, reconstruct, respond, sample_prior, seeded
+from ..generate import DEFAULT_MAX_STEPS, generator, model_device, reconstruct, respond, sample_prior
+from ..runtime import seeded
 
 Tokens = Sequence[Hashable]
 
