@@ -1,12 +1,12 @@
 """Greedy decoding from latent codes: prior samples, reconstructions and interpolations.
 
-Decoding follows the authors (notes section 1): start from <bos>, mask <unk> at every step,
+Decoding follows the authors' code: start from <bos>, mask <unk> at every step,
 take the argmax, and cut the output at the first <eos>.  Beam size 1 everywhere.
 
 * Steps: the authors always run 200 steps and cut afterwards.  We stop as soon as every row of
   the batch has produced <eos>.  Greedy decoding is causal and deterministic, so the tokens
   before each row's first <eos> are the same either way, only faster.
-* Quirk 12: when the first generated token is <eos>, the authors' ``strip_eos`` keeps it, so
+* An output that starts with <eos>: the authors' ``strip_eos`` keeps that <eos>, so
   the output is the one-token sentence "<eos>".  We return an EMPTY sentence instead
   (``strip_eos(..., empty_as_eos=True)`` restores their behaviour).  This changes BLEU and
   Dist a little, and only when a model generates empty sentences.
@@ -59,7 +59,7 @@ def model_device(model: nn.Module) -> torch.device:
 def strip_eos(ids: Sequence[int], eos: int = EOS, empty_as_eos: bool = False) -> list[int]:
     """Token ids cut before the first <eos> (all of them if there is none).
 
-    empty_as_eos=True mimics the authors (quirk 12): an output that starts with <eos> becomes
+    empty_as_eos=True mimics the authors' ``strip_eos``: an output that starts with <eos> becomes
     ``[eos]`` instead of ``[]``.
     """
     ids = list(ids)

@@ -1,4 +1,4 @@
-"""Gradient norms with respect to the encoding e (paper Table 5 / Figure 2, notes section 6).
+"""Gradient norms with respect to the encoding e (paper Table 5 / Figure 2).
 
 As in the authors' ``analyze_saliency``: the model is in TRAIN mode (dropout on, z sampled),
 batches of 16 sentences, and with e = the encoder output [B, 2H] of each sentence:
@@ -10,8 +10,8 @@ batches of 16 sentences, and with e = the encoder output [B, 2H] of each sentenc
                                               unweighted (no annealing, whatever the training term)
 * ``dh_de``            = ||∂h_i/∂e_i||_F² / ||h_i||²   with h = signal(z) the decoding signal
 
-All are SQUARED norms (quirk 3), averaged over the sentences of the split.  ``grad_rec_coupled``
-is None for models without a coupled twin (then grad_total = grad_rec); ``grad_reg`` is None
+All are SQUARED norms (the authors' code squares them), averaged over the sentences of the
+split.  ``grad_rec_coupled`` is None for models without a coupled twin (then grad_total = grad_rec); ``grad_reg`` is None
 for the DAE.  Supported: Gaussian VAEs (VAE, beta-VAE and other Gaussian-posterior variants),
 their coupled forms, and the DAE (for which h = signal(Linear(e))).  Any decoder works; with the
 CNN decoder, BatchNorm in train mode mixes the sentences of a batch, so ∂rec/∂e_i then also
