@@ -32,7 +32,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cvae_core.evaluation import json_safe
+from cvae_core.metrics.names import BEST_STEP, best_key, selection_metric
+from cvae_core.runtime import json_safe
 from studies.record import PARENT_RUN_ID, Outcome, Role, Tag
 
 from .store import DEFAULT_EXPERIMENT, AnalysisError, connect, find_study, get_experiment, study_name, trial_runs
@@ -80,7 +81,6 @@ TAG_COLUMNS = {"study": Tag.STUDY, "parent_run_id": PARENT_RUN_ID, "outcome": Ta
 # study and checks that the study service writes each of them.
 READ_TAGS = {Role.STUDY: (Tag.ROLE, Tag.STUDY, Tag.OPTUNA_STORAGE, Tag.OPTUNA_STUDY_NAME),
              Role.TRIAL: (Tag.ROLE, *TAG_COLUMNS.values())}
-BEST_STEP = "best_step"  # logged by the core at every evaluation, with best_<metric it selects by>
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def tidy_runs(runs: Iterable, history: pd.DataFrame) -> pd.DataFrame:
         # last value per (metric, step): a metric re-logged at one step (e.g. a resumed trial) counts once
         last_at_step = hist.drop_duplicates(["metric", "step"], keep="last")
         final = last_at_step.drop_duplicates("metric", keep="last").set_index("metric")["value"]
-        best_by, best_step, best = best_evaluation(last_at_step, final)
+        best_by, best_step, best = best_evaluation(last_at_step, final, params.get("model.kind", "vae"))
         config = {key: _parse_param(key, value) for key, value in params.items()}
         config_keys.update(config)
         metric_keys.update(final.index)
@@ -191,17 +191,16 @@ def tidy_runs(runs: Iterable, history: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["start_time", "run_id"], kind="stable").reset_index(drop=True)
 
 
-def best_evaluation(last_at_step: pd.DataFrame, final: pd.Series) -> tuple[str | None, int | None, dict]:
-    """-> (best_by, best_step, {metric: value at best_step}) from what the core reported: its last
-    ``best_step`` and the ``best_<metric>`` it selects by; (None, None, {}) when the run reported
-    no evaluation at that step (no evaluation yet, or every value was NaN)."""
-    best_by = next((name[len("best_"):] for name in final.index if name.startswith("best_") and name != BEST_STEP),
-                   None)
+def best_evaluation(last_at_step: pd.DataFrame, final: pd.Series,
+                    model_kind: str) -> tuple[str | None, int | None, dict]:
+    """-> (best_by, best_step, {metric: value at best_step}): the evaluation the core reported as
+    its best (its last ``best_step``, beside ``best_<selection metric>``), whose checkpoint the run
+    saved; (None, None, {}) when the run reported none (no evaluation yet, or only NaN values)."""
     best_step = _to_int(final.get(BEST_STEP))
     at_best = last_at_step[last_at_step["step"] == best_step]
-    if best_by is None or best_step is None or not len(at_best):
+    if best_key(model_kind) not in final.index or best_step is None or not len(at_best):
         return None, None, {}
-    return best_by, best_step, dict(zip(at_best["metric"], at_best["value"]))
+    return selection_metric(model_kind), best_step, dict(zip(at_best["metric"], at_best["value"]))
 
 
 def column_types(frame: pd.DataFrame) -> dict[str, tuple[str, pa.DataType]]:

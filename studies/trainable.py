@@ -13,14 +13,13 @@ Steps 1-2 come first because Tune may end the trial's process inside or right af
 report (ASHA, and the ``max_t`` stop at the last evaluation): code after the core loop is not
 guaranteed to run, so the driver closes the MLflow run (``studies/progress.py``).
 
-It resumes from ``tune.get_checkpoint()`` (FailureConfig retries, ``Tuner.restore``) by
-materialising that checkpoint as the core's ``checkpoints/latest`` and calling
-``train(resume=True)``.  The corpus arrives through ``tune.with_parameters`` (object store),
+It resumes from ``tune.get_checkpoint()`` (FailureConfig retries, ``Tuner.restore``) with
+``train(resume_from=<that checkpoint's directory>)``: the core installs it in its own tree.  The corpus arrives through ``tune.with_parameters`` (object store),
 never through the config.  It runs on the GPU Ray assigned (fractions allowed), else on CPU.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import shutil
 import tempfile
@@ -30,8 +29,7 @@ from typing import Any
 import torch
 from ray import tune
 
-from cvae_core import build_config, train
-from cvae_core.checkpoint import point_link
+from cvae_core import build_config, checkpoint_step, train
 from cvae_core.config import Config, resolve_key
 from cvae_core.data import Corpus
 from cvae_core.errors import CvaeError, Diverged
@@ -85,23 +83,6 @@ def _scratch_dir(trial_id: str) -> Path:
     return base / f"cvae-run-{trial_id}"
 
 
-def _restore_checkpoint(checkpoint: tune.Checkpoint, output_dir: Path) -> int:
-    """Tune checkpoint -> ``output_dir/checkpoints/step-N`` + ``latest`` (+ ``best``). -> step."""
-    ckpt_root = output_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    with checkpoint.as_directory() as source:
-        state = json.loads((Path(source) / "state.json").read_text())
-        step = int(state["step"])
-        target = ckpt_root / f"step-{step:07d}"
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(source, target)
-    point_link(ckpt_root / "latest", target)
-    if int(state.get("best_step", -1)) == step:
-        point_link(ckpt_root / "best", target)
-    return step
-
-
 DIVERGED = "diverged"
 
 
@@ -137,7 +118,16 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
         shutil.rmtree(output_dir)  # a retry on the same node: the Tune checkpoint is the truth
     output_dir.mkdir(parents=True)
     checkpoint = tune.get_checkpoint()
-    resumed_step = _restore_checkpoint(checkpoint, output_dir) if checkpoint is not None else None
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as resume_from:
+        _run_trial(config, core_config, study, corpus, output_dir, resume_from, trial_id, trial_name, device, gpu_ids)
+
+
+def _run_trial(config: dict[str, Any], core_config: Config, study: StudyContext, corpus: Corpus | None,
+               output_dir: Path, resume_from: str | None, trial_id: str, trial_name: str, device: str,
+               gpu_ids: list[str]) -> None:
+    """One attempt of a trial: the MLflow run, the core loop (resumed from ``resume_from``, a
+    checkpoint directory, when Tune handed one back), and the trial's outcome."""
+    resumed_step = checkpoint_step(resume_from) if resume_from is not None else None
     # one log per attempt, so that a retry does not overwrite the first attempt's log in MLflow
     log_path = output_dir / ("train.log" if resumed_step is None else f"train-resumed-at-step-{resumed_step}.log")
 
@@ -171,8 +161,7 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
             log_file.flush()
 
         try:
-            train(core_config, output_dir, callbacks=[report], resume=resumed_step is not None,
-                  corpus=corpus, log=log)
+            train(core_config, output_dir, callbacks=[report], resume_from=resume_from, corpus=corpus, log=log)
         except SystemExit:
             shutil.rmtree(output_dir, ignore_errors=True)
             raise  # Tune stopped the trial inside tune.report; the driver closes the MLflow run
