@@ -11,7 +11,8 @@ plugs one callback into the core loop that, at every evaluation,
 
 Steps 1-2 come first because Tune may end the trial's process inside or right after any
 report (ASHA, and the ``max_t`` stop at the last evaluation): code after the core loop is not
-guaranteed to run, so the driver closes the MLflow run (``studies/progress.py``).
+guaranteed to run, so the driver ends the MLflow run and writes the trial's outcome
+(``studies/outcomes.py``).
 
 It resumes from ``tune.get_checkpoint()`` (FailureConfig retries, ``Tuner.restore``) by
 materialising that checkpoint as the core's ``checkpoints/latest`` and calling
@@ -35,9 +36,10 @@ from cvae_core.checkpoint import point_link
 from cvae_core.config import Config, resolve_key
 from cvae_core.data import Corpus
 from cvae_core.errors import CvaeError, Diverged
+from cvae_core.metrics.names import METRICS
 
 from .spaces import SEARCH_PREFIX, describe
-from .spec import DEFAULT_MODES
+from .record import Tag
 from .tracking import StudyContext, TrialRun
 
 RESERVED = {"preset"}
@@ -102,18 +104,18 @@ def _restore_checkpoint(checkpoint: tune.Checkpoint, output_dir: Path) -> int:
     return step
 
 
-DIVERGED = "diverged"
+DIVERGED = "diverged"  # the result key that tells the driver (studies/outcomes.py)
+# A NaN for every metric an objective or the scheduler may name: Optuna records the trial as FAIL.
+NAN_OBJECTIVES = {f"val_{m.name}": float("nan") for m in METRICS.values() if m.ranked or m.name == "kl"}
 
 
 def report_divergence(run: TrialRun, exc: Diverged, log_path: Path) -> None:
-    """A diverged trial is an outcome, not a crash: the MLflow run ends FINISHED with
-    ``cvae.outcome=diverged``, and one last result with ``diverged=1`` and a NaN objective
-    tells Ray (the trial ends TERMINATED, never retried) and Optuna (a NaN value is a FAIL)."""
-    run.set_tags({"cvae.outcome": DIVERGED, "cvae.diverged_at_step": str(exc.step), "cvae.diverged_reason": exc.reason})
+    """A diverged trial is an outcome, not a crash: one last result with ``diverged=1`` and NaN
+    objectives tells Ray (the trial ends TERMINATED, never retried), Optuna (a NaN value is a
+    FAIL) and the driver, which writes ``Tag.OUTCOME`` = diverged and ends the MLflow run."""
+    run.set_tags({Tag.DIVERGED_AT_STEP: str(exc.step)})
     run.log_file(log_path)
-    run.finish("FINISHED")
-    objectives = {metric: float("nan") for metric in (*DEFAULT_MODES, "val_kl")}
-    tune.report({"step": float(exc.step), DIVERGED: 1.0, "diverged_reason": exc.reason, **objectives})
+    tune.report({"step": float(exc.step), DIVERGED: 1.0, "diverged_reason": exc.reason, **NAN_OBJECTIVES})
 
 
 def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: StudyContext | None = None) -> None:
@@ -146,9 +148,9 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
     # the run's name says what the trial is (e.g. "rq λr=3 λm=0.12 seed=0"); its id is a tag
     run_name = f"{describe(config, study.preset)} seed={core_config.train.seed}"
     run = TrialRun.open(study, trial_id, trial_name, core_config, run_name=run_name, extra_tags={
-        "cvae.device": device, "ray.gpu_ids": ",".join(gpu_ids) or "none",
-        "ray.node_id": ray.get_runtime_context().get_node_id(), "ray.pid": str(os.getpid()),
-        "ray.resumed_from_step": str(resumed_step) if resumed_step is not None else "none",
+        Tag.DEVICE: device, Tag.GPU_IDS: ",".join(gpu_ids) or "none",
+        Tag.NODE_ID: ray.get_runtime_context().get_node_id(), Tag.PID: str(os.getpid()),
+        Tag.RESUMED_FROM_STEP: str(resumed_step) if resumed_step is not None else "none",
     })
 
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
@@ -174,17 +176,18 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
             train(core_config, output_dir, callbacks=[report], resume=resumed_step is not None,
                   corpus=corpus, log=log)
         except SystemExit:
+            # Tune stopped the trial inside tune.report (ASHA, or the last evaluation): send what
+            # the buffer still holds (bounded) before the process goes; the driver ends the run.
+            if run.flush(wait_s=FINAL_FLUSH_S):
+                run.log_file(log_path)
             shutil.rmtree(output_dir, ignore_errors=True)
-            raise  # Tune stopped the trial inside tune.report; the driver closes the MLflow run
+            raise
         except Diverged as exc:
             log(str(exc))
             report_divergence(run, exc, log_path)
             shutil.rmtree(output_dir, ignore_errors=True)
             return
         except BaseException:
-            run.log_file(log_path)
-            run.finish("FAILED")  # a retry reopens it
+            run.log_file(log_path)  # the run stays open: a retry reopens it, the driver ends it
             raise
-    # Reached only if Tune lets the function return; the driver closes the run in any case.
-    run.finish("FINISHED")
     shutil.rmtree(output_dir, ignore_errors=True)
