@@ -43,6 +43,16 @@ class RecordingASHA(ASHAScheduler):
         return action
 
 
+def stop_points(grace_period: int, reduction_factor: int, max_t: int) -> tuple[int, ...]:
+    """The evaluations (1-based) at which ASHA may stop a trial: its rungs
+    (``grace_period * reduction_factor**k``) and ``max_t``."""
+    points, rung = {max_t}, grace_period
+    while rung < max_t:
+        points.add(rung)
+        rung *= reduction_factor
+    return tuple(sorted(points))
+
+
 def stop_reason(trial_id: str) -> str | None:
     return _stop_reasons.get(trial_id)
 

@@ -12,13 +12,17 @@ Where things go (all absolute):
   an S3 URI) > ``<root>/ray_results``; the experiment is ``<storage>/<study name>``;
 * MLflow: ``--tracking-uri`` > ``$MLFLOW_TRACKING_URI`` (set on the cluster) >
   ``sqlite:///<cwd>/mlflow.db``, artifacts in ``<root>/mlartifacts`` (server default over http).
+
+This module keeps the orchestration; the rooms around it: ``options`` (command line, places),
+``state`` (study folder, ``study.json``, locks, the new study's parent run), ``tracking`` (the
+MLflow runs: ``StudyRun``, ``TrialRun``), ``outcomes`` (how each trial ended), ``summary`` (rows,
+ranking, Pareto front), ``render`` (tables and final lines), ``progress`` (live lines).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import secrets
 import sys
 import time
 import warnings
@@ -29,13 +33,13 @@ from typing import Any
 from cvae_core.errors import CvaeError
 from cvae_core.guards import check_name, check_sqlite_uri, check_tracking_server, redact
 
-from .options import (DEFAULT_EXPERIMENT, Options, StudyError, apply_flags, build_parser, resolve_storage_path,
+from .options import (Options, StudyError, apply_flags, build_parser, resolve_storage_path,
                       resolve_tracking_uri)
 from .render import print_summary, render_markdown
 from .spec import StudySpec, load_spec
-from .state import (StudyState, find_resumable, load_spec_name, lock_study_folder, release_study_folders,
-                    spec_from_dict, sqlite_store_lock)
-from .record import Role, Tag
+from .state import (StudyState, create_study, find_resumable, load_spec_name, lock_study_folder,
+                    release_study_folders, spec_from_dict, sqlite_store_lock, total_trials)
+from .record import Tag
 from .summary import TrialRow, collect_rows, rank, summarize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -215,57 +219,6 @@ def _settings(options: Options, cwd: Path, root: Path) -> tuple[StudySpec, Study
     return spec, None, (tracking_uri, storage_path)
 
 
-def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: str, storage_path: str) -> StudyState:
-    """The study folder, the MLflow experiment (created by the driver, never by trials) and the
-    study's parent run."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Param
-
-    from .tracking import code_version, ensure_experiment, source_tags
-
-    # a random suffix: two studies started in the same second get distinct names
-    study_name = options.study_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    folder = root / study_name
-    folder.mkdir(parents=True, exist_ok=True)
-    lock_study_folder(folder)
-    if (folder / "study.json").exists():
-        raise StudyError(f"study {study_name} already exists at {folder}; use --resume {study_name}")
-    experiment_path = f"{storage_path.rstrip('/')}/{study_name}"
-    optuna_storage = f"sqlite:///{folder / 'optuna.db'}"
-    artifact_location = None if tracking_uri.startswith(("http://", "https://")) else (root / "mlartifacts").as_uri()
-    version = code_version()
-    with sqlite_store_lock(tracking_uri):  # MLflow creates a fresh store's schema on first use
-        client = MlflowClient(tracking_uri=tracking_uri)
-        experiment_id = ensure_experiment(client, options.experiment, artifact_location)
-        parent = client.create_run(experiment_id, run_name=study_name, tags={
-            Tag.ROLE: Role.STUDY, Tag.STUDY: study_name, Tag.SPEC: spec.name,
-            Tag.OPTUNA_STORAGE: optuna_storage, Tag.OPTUNA_STUDY: study_name,
-            Tag.EXPERIMENT_PATH: experiment_path, Tag.CODE_VERSION: version,
-            "mlflow.note.content": spec.description, **source_tags(f"studies spec {spec.name}"),
-        })
-    client.log_batch(parent.info.run_id,
-                     params=[Param(k, v) for k, v in spec.summary_params(spec.search).items()][:100])
-    state = StudyState(
-        study_name=study_name, spec=spec.to_dict(), folder=str(folder), tracking_uri=tracking_uri,
-        experiment_name=options.experiment, experiment_id=experiment_id,
-        parent_run_id=parent.info.run_id, storage_path=storage_path, experiment_path=experiment_path,
-        optuna_storage=optuna_storage, code_version=version, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    state.save()
-    print(f"Study {study_name}: spec {spec.name}, search {spec.search}, "
-          f"{total_trials(spec)} trials x {spec.evaluations} evaluations, "
-          f"{spec.resources.max_concurrent_trials} at a time", flush=True)
-    print(f"  MLflow {tracking_uri} (experiment {options.experiment!r}, parent run {parent.info.run_id})")
-    print(f"  Ray results {experiment_path}", flush=True)
-    return state
-
-
-def total_trials(spec: StudySpec) -> int:
-    from .spaces import GRIDS
-
-    configs = len(GRIDS[spec.grid]()) if spec.search == "grid" else len(spec.baselines) + spec.num_samples
-    return configs * spec.seeds
-
-
 def build_searcher(spec: StudySpec, state: StudyState):
     import optuna
 
@@ -292,6 +245,7 @@ def build_searcher(spec: StudySpec, state: StudyState):
 def _trainable(spec: StudySpec, state: StudyState, corpus):
     from ray import tune
 
+    from .outcomes import stop_points
     from .tracking import StudyContext
     from .trainable import train_trial
 
@@ -300,7 +254,8 @@ def _trainable(spec: StudySpec, state: StudyState, corpus):
         experiment_name=state.experiment_name, experiment_id=state.experiment_id,
         parent_run_id=state.parent_run_id, preset=spec.preset, dataset=spec.dataset, scale=spec.scale,
         overrides=dict(spec.overrides), code_version=state.code_version,
-        cpus_per_trial=spec.resources.cpus_per_trial, gpus_per_trial=spec.resources.gpus_per_trial)
+        cpus_per_trial=spec.resources.cpus_per_trial, gpus_per_trial=spec.resources.gpus_per_trial,
+        stop_points=stop_points(spec.scheduler.grace_period, spec.scheduler.reduction_factor, spec.evaluations))
     resources = {"cpu": spec.resources.cpus_per_trial}
     if spec.resources.gpus_per_trial:
         resources["gpu"] = spec.resources.gpus_per_trial

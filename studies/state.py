@@ -1,4 +1,4 @@
-"""A study's folder and its saved state: ``<root>/<study>/study.json`` (what ``--resume``
+"""A study's folder and its saved state (created here with its MLflow parent run): ``<root>/<study>/study.json`` (what ``--resume``
 needs), the folder lock that keeps a second driver out, and the lock that serialises first use
 of a SQLite MLflow store."""
 from __future__ import annotations
@@ -7,11 +7,14 @@ import contextlib
 import dataclasses
 import json
 import os
+import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .options import StudyError
+from .options import Options, StudyError
+from .record import Role, Tag
 from .spec import Resources, Scheduler, StudySpec, load_spec, parse_objectives, validate_spec
 
 
@@ -131,3 +134,54 @@ def sqlite_store_lock(tracking_uri: str):
 
 def load_spec_name(profile: str) -> str:
     return load_spec(profile).name
+
+
+def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: str, storage_path: str) -> StudyState:
+    """The study folder, the MLflow experiment (created by the driver, never by trials) and the
+    study's parent run."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from .tracking import code_version, ensure_experiment, source_tags
+
+    # a random suffix: two studies started in the same second get distinct names
+    study_name = options.study_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    folder = root / study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_study_folder(folder)
+    if (folder / "study.json").exists():
+        raise StudyError(f"study {study_name} already exists at {folder}; use --resume {study_name}")
+    experiment_path = f"{storage_path.rstrip('/')}/{study_name}"
+    optuna_storage = f"sqlite:///{folder / 'optuna.db'}"
+    artifact_location = None if tracking_uri.startswith(("http://", "https://")) else (root / "mlartifacts").as_uri()
+    version = code_version()
+    with sqlite_store_lock(tracking_uri):  # MLflow creates a fresh store's schema on first use
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment_id = ensure_experiment(client, options.experiment, artifact_location)
+        parent = client.create_run(experiment_id, run_name=study_name, tags={
+            Tag.ROLE: Role.STUDY, Tag.STUDY: study_name, Tag.SPEC: spec.name,
+            Tag.OPTUNA_STORAGE: optuna_storage, Tag.OPTUNA_STUDY: study_name,
+            Tag.EXPERIMENT_PATH: experiment_path, Tag.CODE_VERSION: version,
+            "mlflow.note.content": spec.description, **source_tags(f"studies spec {spec.name}"),
+        })
+    client.log_batch(parent.info.run_id,
+                     params=[Param(k, v) for k, v in spec.summary_params(spec.search).items()][:100])
+    state = StudyState(
+        study_name=study_name, spec=spec.to_dict(), folder=str(folder), tracking_uri=tracking_uri,
+        experiment_name=options.experiment, experiment_id=experiment_id,
+        parent_run_id=parent.info.run_id, storage_path=storage_path, experiment_path=experiment_path,
+        optuna_storage=optuna_storage, code_version=version, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    state.save()
+    print(f"Study {study_name}: spec {spec.name}, search {spec.search}, "
+          f"{total_trials(spec)} trials x {spec.evaluations} evaluations, "
+          f"{spec.resources.max_concurrent_trials} at a time", flush=True)
+    print(f"  MLflow {tracking_uri} (experiment {options.experiment!r}, parent run {parent.info.run_id})")
+    print(f"  Ray results {experiment_path}", flush=True)
+    return state
+
+
+def total_trials(spec: StudySpec) -> int:
+    from .spaces import GRIDS
+
+    configs = len(GRIDS[spec.grid]()) if spec.search == "grid" else len(spec.baselines) + spec.num_samples
+    return configs * spec.seeds

@@ -48,6 +48,8 @@ class StudyContext:
     code_version: str = ""
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    # evaluations (1-based) at which the scheduler may stop a trial: its rungs and the last one
+    stop_points: tuple[int, ...] = ()
 
 
 def code_version() -> str:

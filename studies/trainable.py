@@ -10,7 +10,8 @@ plugs one callback into the core loop that, at every evaluation,
 3. calls ``tune.report(metrics, checkpoint=...)`` with the core checkpoint directory.
 
 Steps 1-2 come first because Tune may end the trial's process inside or right after any
-report (ASHA, and the ``max_t`` stop at the last evaluation): code after the core loop is not
+report (ASHA at a rung, and the ``max_t`` stop at the last evaluation; there the metrics a
+tracking outage held back are sent first, bounded): code after the core loop is not
 guaranteed to run, so the driver ends the MLflow run and writes the trial's outcome
 (``studies/outcomes.py``).
 
@@ -22,6 +23,7 @@ never through the config.  It runs on the GPU Ray assigned (fractions allowed), 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -154,12 +156,14 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
     })
 
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        # Everything MLflow needs is logged *before* tune.report: Tune may end this process
-        # inside or right after it (ASHA, and the max_t stop at the last evaluation). While the
-        # server is down, metrics wait in a bounded buffer and training goes on; at the last
-        # evaluation the trial waits (bounded) for the backlog to go out.
+        # Everything MLflow needs is logged *before* tune.report. While the server is down,
+        # metrics wait in a bounded buffer and training goes on; where Tune may stop the trial
+        # (a scheduler rung, the last evaluation) the process can end inside tune.report, taking
+        # the buffer with it, so there the trial waits (bounded) for the backlog to go out.
         run.log_metrics(metrics)
-        if metrics["step"] >= core_config.train.steps and not run.flush(wait_s=FINAL_FLUSH_S):
+        evaluation = math.ceil(metrics["step"] / core_config.train.eval_every)
+        stop_point = metrics["step"] >= core_config.train.steps or evaluation in study.stop_points
+        if stop_point and not run.flush(wait_s=FINAL_FLUSH_S):
             log(f"warning: {len(run.pending)} metrics could not reach MLflow within {FINAL_FLUSH_S} s")
         if not run.pending:  # artifacts follow the metrics once the server answers again
             if metrics.get("is_best", 0.0) >= 1.0:
@@ -176,12 +180,8 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
             train(core_config, output_dir, callbacks=[report], resume=resumed_step is not None,
                   corpus=corpus, log=log)
         except SystemExit:
-            # Tune stopped the trial inside tune.report (ASHA, or the last evaluation): send what
-            # the buffer still holds (bounded) before the process goes; the driver ends the run.
-            if run.flush(wait_s=FINAL_FLUSH_S):
-                run.log_file(log_path)
             shutil.rmtree(output_dir, ignore_errors=True)
-            raise
+            raise  # Tune stopped the trial inside tune.report; the driver ends the MLflow run
         except Diverged as exc:
             log(str(exc))
             report_divergence(run, exc, log_path)

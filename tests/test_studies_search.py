@@ -344,3 +344,12 @@ def test_a_configuration_that_already_ran_is_not_trained_again():
     assert len(seen) == len(set(seen)) > 10  # every trial trains a new configuration
     told = [t for t in inner._ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(told) >= len(seen)  # repeats were told their known result instead
+
+
+def test_stop_points_are_asha_rungs_and_the_last_evaluation():
+    from studies.outcomes import stop_points
+
+    assert stop_points(2, 2, 4) == (2, 4)
+    assert stop_points(2, 2, 16) == (2, 4, 8, 16)
+    assert stop_points(2, 3, 20) == (2, 6, 18, 20)
+    assert stop_points(4, 2, 4) == (4,)
