@@ -10,6 +10,7 @@ import json
 import re
 
 import pytest
+import yaml
 from test_fault_divergence import local_ray_env, tiny_spec  # noqa: F401 - the fixture is used by name
 
 pytestmark = pytest.mark.slow
@@ -23,6 +24,9 @@ def test_done_and_stopped_trials_carry_their_outcome(tmp_path, local_ray_env):  
     from studies.tracking import child_runs
 
     spec = tiny_spec(tmp_path / "outcome.yaml", [{"preset": "vae"}], num_samples=4, steps=40)
+    coupled = yaml.safe_load(spec.read_text())
+    coupled["base"]["preset"] = "coupled-vae"  # Optuna's proposals differ, so ASHA has a worse half to stop
+    spec.write_text(yaml.safe_dump(coupled))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     outcome = run_study(Options(profile=str(spec), root=str(tmp_path / "out"), tracking_uri=uri,
                                 study_name="outcome"))
