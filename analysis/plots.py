@@ -224,7 +224,7 @@ def load_optuna_study(parent_tags: dict[str, str], note: Note = print):
     """The persisted Optuna study named in the parent run's tags, or None (with a note why)."""
     import optuna
 
-    storage, name = parent_tags.get(Tag.OPTUNA_STORAGE), parent_tags.get(Tag.OPTUNA_STUDY_NAME)
+    storage, name = parent_tags.get(Tag.OPTUNA_STORAGE), parent_tags.get(Tag.OPTUNA_STUDY)
     if not storage or not name:
         note("Optuna plots skipped: the study run has no optuna.storage / optuna.study_name tags")
         return None
