@@ -422,6 +422,19 @@ def test_early_stopped_runs_are_flagged_and_can_be_left_out(store):
     assert "left out 1 early-stopped runs" in result.stderr
 
 
+def test_stopped_early_reads_the_outcome_tag_and_guesses_only_without_it():
+    from analysis.runs import stopped_early
+    from studies.record import Outcome
+
+    runs = pd.DataFrame({"outcome": [Outcome.STOPPED_EARLY, Outcome.DONE, Outcome.DIVERGED, None, None],
+                         "steps_done": [20, 20, 10, 10, 20], "config.train.steps": [20, 20, 20, 20, 20]})
+    # tagged: the tag decides (a diverged run also ended early, but ASHA did not stop it);
+    # untagged (a store written before the tag): a last evaluation before train.steps
+    assert stopped_early(runs).tolist() == [True, False, False, True, False]
+    assert stopped_early(runs.drop(columns=["config.train.steps"])).tolist() == [True, False, False, False, False]
+    assert stopped_early(runs.drop(columns=["outcome"])).tolist() == [False, False, True, True, False]
+
+
 def test_table1_and_table2_put_each_family_beside_its_coupled_twin(store):
     from analysis.runs import load_study
     from analysis.render import render_markdown
