@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .runs import DEFAULT_EXPERIMENT, AnalysisError
+from .store import DEFAULT_EXPERIMENT, AnalysisError
 
 
 def _quiet() -> None:
@@ -68,7 +68,8 @@ def _export(args) -> None:
 
 
 def _table(args) -> None:
-    from .tables import build_table, render
+    from .render import render
+    from .tables import build_table
 
     study = _study(args)
     options = {}
@@ -102,7 +103,7 @@ def _plots(args) -> None:
     for path in paths:
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     if paths and not args.no_log:
-        from .runs import connect
+        from .store import connect
 
         client, _ = connect(study.tracking_uri)
         for path in paths:
@@ -163,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("best", parents=[common],
                        help="download the best trial's checkpoint, evaluate it on test, log it, register it")
     p.add_argument("--metric", default="val_nll", help="selection metric at each run's best evaluation")
-    p.add_argument("--mode", choices=("min", "max"), help="default: max for MI/AU/BLEU/Dist/ELBO, else min")
+    p.add_argument("--mode", choices=("min", "max"), help="default: the metric's better direction (cvae_core/metrics/names.py)")
     p.add_argument("--pareto", action="store_true", help="only list the Pareto front (val_nll down, val_mi_loo up)")
     p.add_argument("--run-id", help="evaluate this trial run instead of the best one")
     p.add_argument("--out", help="download folder (default best-checkpoints/<run id>)")

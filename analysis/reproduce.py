@@ -14,11 +14,14 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from cvae_core.metrics.names import METRICS
+from cvae_core.metrics.names import metric as metric_info
+
 from .paper import DATASET_LABELS, PAPER_ROWS, SOURCE, PaperRow
-from .runs import AnalysisError
-from .stats import PairedDifference, summarize
-from .tables import (DECIMALS, METRIC_LABELS, _matches, _pick_config, cfg, metric_column, paired_runs,
-                     preset_coupling)
+from .selection import cfg, matches_coupling, metric_column, paired_runs, pick_config
+from .stats import PairedDifference, paired_difference, summarize
+from .store import AnalysisError
+from .tables import preset_coupling
 
 DATASET_ALIASES = {"swda": "switchboard"}
 TABLES = ("1", "2", "3", "4", "8")
@@ -35,7 +38,7 @@ def match_runs(runs: pd.DataFrame, row: PaperRow) -> pd.DataFrame:
         coupling = preset_coupling(row.preset, row.dataset) or coupling
     if row.table == "4":  # the starred row: the preset's own settings; the λ_m = 0 row: those with λ_m = 0
         coupling = {**(preset_coupling(row.preset, row.dataset) or {"lambda_m": 0.1}), **coupling}
-    return selected[_matches(selected, coupling)]
+    return selected[matches_coupling(selected, coupling)]
 
 
 @dataclass
@@ -110,7 +113,7 @@ def effects(runs: pd.DataFrame, at: str = "best", confidence: float = 0.95) -> l
     out = []
     for table in TABLES:
         for a, b in _pairs_of_rows(table):
-            ra, rb = _pick_config(match_runs(runs, a), at)[0], _pick_config(match_runs(runs, b), at)[0]
+            ra, rb = pick_config(match_runs(runs, a), at)[0], pick_config(match_runs(runs, b), at)[0]
             if not len(ra) or not len(rb):
                 continue
             pairs = paired_runs(ra, rb, _ignore_for(a, b))
@@ -121,8 +124,6 @@ def effects(runs: pd.DataFrame, at: str = "best", confidence: float = 0.95) -> l
                     continue
                 paired = None
                 if pairs:
-                    from .stats import paired_difference
-
                     paired = paired_difference([p[0][column] for p in pairs], [p[1][column] for p in pairs],
                                                confidence)
                 unpaired = summarize(ra[column]).mean - summarize(rb[column]).mean
@@ -136,7 +137,7 @@ def values_frame(runs: pd.DataFrame, at: str = "best") -> pd.DataFrame:
     a value the paper prints twice (Table 3's starred row is Table 1's) is listed once."""
     records, seen = [], set()
     for row in PAPER_ROWS:
-        ours, note = _pick_config(match_runs(runs, row), at)
+        ours, note = pick_config(match_runs(runs, row), at)
         if not len(ours):
             continue
         for metric, paper in row.values.items():
@@ -157,7 +158,7 @@ def values_frame(runs: pd.DataFrame, at: str = "best") -> pd.DataFrame:
 def _fmt(value: float | None, metric: str, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    d = DECIMALS.get(metric, 2)
+    d = metric_info(metric).decimals
     return f"{value:+.{d}f}" if signed else f"{value:.{d}f}"
 
 
@@ -185,9 +186,9 @@ def report(runs: pd.DataFrame, study: str = "", at: str = "best", statuses=("FIN
     if statuses is not None and len(runs) < total:
         lines.append(f"{total - len(runs)} of {total} runs left out (status not {'/'.join(statuses)}).")
     missing = sorted({m for r in PAPER_ROWS for m in r.values if r.values[m] is not None}
-                     - set(values["metric"]), key=list(METRIC_LABELS).index)
+                     - set(values["metric"]), key=list(METRICS).index)
     if missing:
-        lines.append("Not in the study's runs: " + ", ".join(METRIC_LABELS.get(m, m) for m in missing)
+        lines.append("Not in the study's runs: " + ", ".join(metric_info(m).label for m in missing)
                      + " (test-split BLEU/Dist come from `python -m analysis best`).")
     lines += ["", "## Values", "", "| Table | Row | Dataset | Metric | Paper | Ours | n | Δ (ours − paper) |",
               "|---|---|---|---|---|---|---|---|"]
@@ -195,7 +196,7 @@ def report(runs: pd.DataFrame, study: str = "", at: str = "best", statuses=("FIN
         ours = _fmt(r.ours_mean, r.metric) + (f" ± {_fmt(r.ours_std, r.metric)}" if r.n > 1 else "")
         note = f" ({r.note})" if r.note else ""
         lines.append(f"| {r.table} | {r.label}{note} | {DATASET_LABELS.get(r.dataset, r.dataset)} | "
-                     f"{METRIC_LABELS.get(r.metric, r.metric)} | {_fmt(r.paper, r.metric)} | {ours} | {r.n} | "
+                     f"{metric_info(r.metric).label} | {_fmt(r.paper, r.metric)} | {ours} | {r.n} | "
                      f"{_fmt(r.delta, r.metric, signed=True)} |")
     found = effects(runs, at)
     lines += ["", "## Effect directions", "",
@@ -212,7 +213,7 @@ def report(runs: pd.DataFrame, study: str = "", at: str = "best", statuses=("FIN
             verdict = e.verdict()
             verdict = f"**{verdict}**" if verdict.startswith("DISAGREES") else verdict
             lines.append(f"| {e.table} | {DATASET_LABELS.get(e.dataset, e.dataset)} | {e.a} − {e.b} | "
-                         f"{METRIC_LABELS.get(e.metric, e.metric)} | {_fmt(e.paper, e.metric, True)} | {ours} | "
+                         f"{metric_info(e.metric).label} | {_fmt(e.paper, e.metric, True)} | {ours} | "
                          f"{verdict} |")
         verdicts = [e.verdict() for e in found]
         agree = sum(v.startswith("agrees") for v in verdicts)

@@ -1,18 +1,20 @@
 """MLflow study runs -> tidy pandas frames -> Parquet with an explicit schema.
 
-The study service writes one parent run per study (tag ``cvae.role=study``) and one child run
-per trial (``cvae.role=trial``, ``cvae.study=<study name>``); params are the flattened config
-(dotted keys), metrics are logged at every evaluation with ``step`` = training step, and the
-best checkpoint is the ``checkpoint/`` artifact.  This module turns that into
+The study service writes the record :mod:`studies.record` publishes: one parent run per study
+(``Role.STUDY``) and one child run per trial (``Role.TRIAL``, tag ``Tag.STUDY`` = the study name);
+params are the flattened config (dotted keys), metrics are logged at every evaluation with
+``step`` = training step, and the best checkpoint is the ``checkpoint/`` artifact.  This module
+turns that into
 
 * ``runs``: one row per trial run.  Column groups:
-    identity      run_id, run_name, study, parent_run_id, status, preset, dataset, seed, config_id,
-                  code_version, ray_trial_id, artifact_uri, start_time, end_time, duration_s,
-                  n_evals, steps_done, best_by, best_step
+    identity      run_id, run_name, study, parent_run_id, status, outcome, preset, dataset, seed,
+                  config_id, code_version, ray_trial_id, artifact_uri, start_time, end_time,
+                  duration_s, n_evals, steps_done, best_by, best_step
     ``config.*``  the flattened config, typed from ``cvae_core.config.FIELDS`` (unknown keys: str)
     ``final.*``   each metric's last logged value (highest step)
-    ``best.*``    each metric at the step where ``best_by`` (val_nll; val_rec for a DAE) was
-                  lowest, i.e. the evaluation that produced the ``checkpoint/`` artifact
+    ``best.*``    each metric at the core's last reported ``best_step``: the evaluation that
+                  produced the ``checkpoint/`` artifact (``best_by``: the metric the core selects
+                  by, val_nll; val_rec for a DAE)
 * ``history``: long format, one row per logged metric value: run_id, metric, step, value, timestamp.
 
 Every metric of a study run is a *validation* metric (``val_*``) or a training statistic
@@ -21,7 +23,6 @@ Every metric of a study run is a *validation* metric (``val_*``) or a training s
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -31,10 +32,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cvae_core.evaluation import json_safe
+from cvae_core.metrics.names import BEST_STEP, best_key, selection_metric
+from cvae_core.runtime import json_safe
+from studies.record import PARENT_RUN_ID, Outcome, Role, Tag
 
-DEFAULT_EXPERIMENT = "coupled-vae-studies"
-SCHEMA_VERSION = "1"
+from .store import DEFAULT_EXPERIMENT, AnalysisError, connect, find_study, get_experiment, study_name, trial_runs
+
+SCHEMA_VERSION = "2"  # of the Parquet files; 2: the ``outcome`` column
 CONFIG_PREFIX, FINAL_PREFIX, BEST_PREFIX = "config.", "final.", "best."
 
 # Identity columns: name -> (pandas dtype, arrow type).  Fixed order, always present.
@@ -44,6 +48,7 @@ IDENTITY_COLUMNS: dict[str, tuple[str, pa.DataType]] = {
     "study": ("str", pa.string()),
     "parent_run_id": ("str", pa.string()),
     "status": ("str", pa.string()),
+    "outcome": ("str", pa.string()),
     "preset": ("str", pa.string()),
     "dataset": ("str", pa.string()),
     "seed": ("Int64", pa.int64()),
@@ -68,97 +73,14 @@ HISTORY_COLUMNS: dict[str, tuple[str, pa.DataType]] = {
 }
 _TYPE_MAP = {bool: ("boolean", pa.bool_()), int: ("Int64", pa.int64()), float: ("float64", pa.float64()),
              str: ("str", pa.string())}
-SELECTION_METRICS = ("val_nll", "val_rec")  # the first one a run logged decides its best step
-
-
-class AnalysisError(Exception):
-    """A problem the user can fix (unknown experiment, no runs, missing metric): one line."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Connecting
-
-def default_tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db`` (the study's embedded default)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def connect(tracking_uri: str | None = None):
-    """-> (MlflowClient, uri).  A SQLite URI must name an existing file: opening a missing one
-    would silently create an empty store in the wrong directory."""
-    from mlflow import MlflowClient
-
-    from cvae_core.errors import CvaeError
-    from cvae_core.guards import adopt_tracking_credentials, check_sqlite_uri, check_tracking_server
-
-    uri = adopt_tracking_credentials(tracking_uri or default_tracking_uri())
-    if uri.startswith("sqlite:///"):
-        try:
-            check_sqlite_uri(uri, must_exist=True)
-        except CvaeError as exc:
-            raise AnalysisError(str(exc)) from None
-    elif uri.startswith(("http://", "https://")):
-        try:
-            check_tracking_server(uri)
-        except CvaeError as exc:
-            raise AnalysisError(str(exc)) from None
-    elif uri.startswith("file:") or "://" not in uri:
-        raise AnalysisError(f"tracking URI {uri!r} is a file store, which MLflow 3 no longer serves; "
-                            "use sqlite:////abs/path/mlflow.db or http://host:port")
-    return MlflowClient(tracking_uri=uri), uri
-
-
-def get_experiment(client, name: str):
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None or experiment.lifecycle_stage != "active":
-        known = sorted(e.name for e in client.search_experiments())
-        raise AnalysisError(f"unknown experiment {name!r}; this store has: {', '.join(known) or 'none'}")
-    return experiment
-
-
-def _search_all(client, experiment_id: str, filter_string: str, order_by: list[str] | None = None) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
-                                  order_by=order_by, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def list_studies(client, experiment) -> list:
-    """Parent study runs of an experiment, newest first."""
-    return _search_all(client, experiment.experiment_id, "tags.`cvae.role` = 'study'",
-                       order_by=["attributes.start_time DESC"])
-
-
-def study_name(run) -> str:
-    return run.data.tags.get("cvae.study") or run.info.run_name
-
-
-def find_study(client, experiment, study: str | None = None):
-    """The parent run of ``study`` (by ``cvae.study`` tag or run name), or of the latest study."""
-    studies = list_studies(client, experiment)
-    if not studies:
-        raise AnalysisError(f"experiment {experiment.name!r} has no study runs (tag cvae.role=study)")
-    if study is None:
-        return studies[0]
-    for run in studies:
-        if study in (study_name(run), run.info.run_name, run.info.run_id):
-            return run
-    names = ", ".join(dict.fromkeys(study_name(r) for r in studies))
-    raise AnalysisError(f"no study {study!r} in experiment {experiment.name!r}; studies: {names}")
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "\\'") + "'"
-
-
-def trial_runs(client, experiment, study: str) -> list:
-    return _search_all(client, experiment.experiment_id,
-                       f"tags.`cvae.role` = 'trial' and tags.`cvae.study` = {_quote(study)}",
-                       order_by=["attributes.start_time ASC"])
+# Identity columns read from a trial run's tags.
+TAG_COLUMNS = {"study": Tag.STUDY, "parent_run_id": PARENT_RUN_ID, "outcome": Tag.OUTCOME, "preset": Tag.PRESET,
+               "dataset": Tag.DATASET, "seed": Tag.SEED, "config_id": Tag.CONFIG_ID,
+               "code_version": Tag.CODE_VERSION, "ray_trial_id": Tag.TRIAL_ID}
+# Every record tag analysis reads, by the role of the run it reads it from; a test runs a real
+# study and checks that the study service writes each of them.
+READ_TAGS = {Role.STUDY: (Tag.ROLE, Tag.STUDY, Tag.OPTUNA_STORAGE, Tag.OPTUNA_STUDY),
+             Role.TRIAL: (Tag.ROLE, *TAG_COLUMNS.values())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,32 +158,17 @@ def tidy_runs(runs: Iterable, history: pd.DataFrame) -> pd.DataFrame:
         # last value per (metric, step): a metric re-logged at one step (e.g. a resumed trial) counts once
         last_at_step = hist.drop_duplicates(["metric", "step"], keep="last")
         final = last_at_step.drop_duplicates("metric", keep="last").set_index("metric")["value"]
-        best_by = next((m for m in SELECTION_METRICS if m in final.index), None)
-        best_step, best = None, {}
-        curve = last_at_step[last_at_step["metric"] == best_by] if best_by else last_at_step.iloc[0:0]
-        if not np.isfinite(curve["value"].to_numpy()).any():
-            best_by = None  # never logged, or only NaN: no best evaluation
-        if best_by is not None:
-            values = curve["value"].to_numpy()
-            best_step = int(curve["step"].iloc[int(np.nanargmin(np.where(np.isfinite(values), values, np.nan)))])
-            at_best = last_at_step[last_at_step["step"] == best_step]
-            best = dict(zip(at_best["metric"], at_best["value"]))
+        best_by, best_step, best = best_evaluation(last_at_step, final, params.get("model.kind", "vae"))
         config = {key: _parse_param(key, value) for key, value in params.items()}
         config_keys.update(config)
         metric_keys.update(final.index)
         steps = last_at_step["step"]
-        row = {
-            "run_id": info.run_id,
-            "run_name": info.run_name,
-            "study": tags.get("cvae.study"),
-            "parent_run_id": tags.get("mlflow.parentRunId"),
-            "status": info.status,
-            "preset": tags.get("cvae.preset") or params.get("preset"),
-            "dataset": tags.get("cvae.dataset") or params.get("data.dataset"),
-            "seed": _to_int(tags.get("cvae.seed", params.get("train.seed"))),
-            "config_id": tags.get("cvae.config_id"),
-            "code_version": tags.get("cvae.code_version"),
-            "ray_trial_id": tags.get("ray_trial_id"),
+        row = {"run_id": info.run_id, "run_name": info.run_name, "status": info.status,
+               **{column: tags.get(tag) for column, tag in TAG_COLUMNS.items()}}
+        row.update({
+            "preset": row["preset"] or params.get("preset"),
+            "dataset": row["dataset"] or params.get("data.dataset"),
+            "seed": _to_int(params.get("train.seed") if row["seed"] is None else row["seed"]),
             "artifact_uri": info.artifact_uri,
             "start_time": info.start_time,
             "end_time": info.end_time,
@@ -270,7 +177,7 @@ def tidy_runs(runs: Iterable, history: pd.DataFrame) -> pd.DataFrame:
             "steps_done": int(steps.max()) if len(steps) else None,
             "best_by": best_by,
             "best_step": best_step,
-        }
+        })
         row.update({CONFIG_PREFIX + k: v for k, v in config.items()})
         row.update({FINAL_PREFIX + k: float(v) for k, v in final.items()})
         row.update({BEST_PREFIX + k: float(v) for k, v in best.items()})
@@ -282,6 +189,18 @@ def tidy_runs(runs: Iterable, history: pd.DataFrame) -> pd.DataFrame:
         frame[column] = pd.to_datetime(frame[column], unit="ms", utc=True)
     frame = _apply_dtypes(frame, {name: dtype for name, (dtype, _) in column_types(frame).items()})
     return frame.sort_values(["start_time", "run_id"], kind="stable").reset_index(drop=True)
+
+
+def best_evaluation(last_at_step: pd.DataFrame, final: pd.Series,
+                    model_kind: str) -> tuple[str | None, int | None, dict]:
+    """-> (best_by, best_step, {metric: value at best_step}): the evaluation the core reported as
+    its best (its last ``best_step``, beside ``best_<selection metric>``), whose checkpoint the run
+    saved; (None, None, {}) when the run reported none (no evaluation yet, or only NaN values)."""
+    best_step = _to_int(final.get(BEST_STEP))
+    at_best = last_at_step[last_at_step["step"] == best_step]
+    if best_key(model_kind) not in final.index or best_step is None or not len(at_best):
+        return None, None, {}
+    return selection_metric(model_kind), best_step, dict(zip(at_best["metric"], at_best["value"]))
 
 
 def column_types(frame: pd.DataFrame) -> dict[str, tuple[str, pa.DataType]]:
@@ -384,12 +303,17 @@ def read_parquet(path: str | Path) -> pd.DataFrame:
 
 
 def stopped_early(frame: pd.DataFrame) -> pd.Series:
-    """Runs whose last evaluation came before ``config.train.steps`` (e.g. stopped by ASHA, which
-    the study service records as FINISHED)."""
+    """Runs the scheduler (ASHA) stopped before ``config.train.steps``: the study service records
+    them FINISHED with ``Tag.OUTCOME`` = ``Outcome.STOPPED_EARLY``."""
+    outcome = frame["outcome"] if "outcome" in frame.columns else pd.Series(None, index=frame.index, dtype=object)
+    tagged = outcome.notna()
+    stopped = tagged & (outcome == Outcome.STOPPED_EARLY).fillna(False).astype(bool)
+    # Runs without the tag (stores written before it existed): a last evaluation before train.steps.
     planned = frame.get(CONFIG_PREFIX + "train.steps")
     if planned is None:
-        return pd.Series(False, index=frame.index)
-    return (frame["steps_done"].astype("Float64") < planned.astype("Float64")).fillna(False).astype(bool)
+        return stopped
+    short = (frame["steps_done"].astype("Float64") < planned.astype("Float64")).fillna(False).astype(bool)
+    return stopped | (~tagged & short)
 
 
 def run_label(row: pd.Series | dict) -> str:

@@ -105,19 +105,3 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     half = t_quantile(confidence, s.n - 1) * s.std / math.sqrt(s.n)
     return PairedDifference(s.n, s.mean, s.std, s.mean - half, s.mean + half, confidence)
 
-
-def pareto_mask(points: Sequence[Sequence[float]], directions: Sequence[str]) -> list[bool]:
-    """True for the points no other point dominates (better or equal in every objective and
-    strictly better in one).  ``directions``: "min" or "max" per objective; NaN points never win."""
-    signs = [1.0 if d == "min" else -1.0 for d in directions]
-    scored = [None if any(v is None or not math.isfinite(float(v)) for v in p)
-              else [s * float(v) for s, v in zip(signs, p)] for p in points]
-    mask = []
-    for i, p in enumerate(scored):
-        if p is None:
-            mask.append(False)
-            continue
-        dominated = any(q is not None and j != i and all(a <= b for a, b in zip(q, p))
-                        and any(a < b for a, b in zip(q, p)) for j, q in enumerate(scored))
-        mask.append(not dominated)
-    return mask

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 SPEC = "lambda_sweep"
-OVERHEAD_LIMIT = 0.05  # issue target: a trial costs at most 5% more than the same run done directly
+OVERHEAD_LIMIT = 0.05  # the target: a trial costs at most 5% more than the same run done directly
 
 
 def study_options(root: Path, steps: int, trials: int, cpus: int):

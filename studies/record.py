@@ -5,10 +5,13 @@ module of ``studies`` it is allowed to import; see docs/architecture.md).
 Runs, all in one experiment (tag ``Tag.ROLE``):
 
 * ``study``      one parent run per study: ``Tag.STUDY``, ``Tag.SPEC``, ``Tag.CODE_VERSION``,
-                 ``Tag.EXPERIMENT_PATH``; at the end ``Tag.STATUS`` and the ``Tag.BEST_*`` tags.
+                 ``Tag.EXPERIMENT_PATH``, ``Tag.OPTUNA_STORAGE``, ``Tag.OPTUNA_STUDY``; at the end
+                 ``Tag.STATUS``, the ``Tag.BEST_*`` tags, ``best.<config key>`` tags (the best
+                 configuration) and ``best_*`` / ``n_<outcome count>`` metrics.
 * ``trial``      one child run per Ray trial (``mlflow.parentRunId`` = the study run):
                  ``Tag.TRIAL_ID`` (one run per trial, reopened on a retry), ``Tag.PRESET``,
-                 ``Tag.DATASET``, ``Tag.SEED``, ``Tag.CONFIG_ID``, ``Tag.CODE_VERSION``; params =
+                 ``Tag.DATASET``, ``Tag.SEED``, ``Tag.CONFIG_ID``, ``Tag.CODE_VERSION``, ``Tag.DEVICE``
+                 and the Ray placement tags; a diverged trial ``Tag.DIVERGED_AT_STEP``; params =
                  the flattened core config; metrics per evaluation with ``step`` = training step;
                  at the end ``Tag.OUTCOME`` (one of :class:`Outcome`) and ``Tag.OUTCOME_REASON``.
 * ``evaluation`` a test evaluation of a trial's checkpoint (``analysis best``), nested under the
@@ -31,6 +34,8 @@ class Tag:
     SPEC = "cvae.spec"
     CODE_VERSION = "cvae.code_version"
     EXPERIMENT_PATH = "ray.experiment_path"
+    OPTUNA_STORAGE = "optuna.storage"
+    OPTUNA_STUDY = "optuna.study_name"
     # trial runs
     TRIAL_ID = "ray_trial_id"
     TRIAL_NAME = "ray_trial_name"
@@ -39,6 +44,10 @@ class Tag:
     SEED = "cvae.seed"
     CONFIG_ID = "cvae.config_id"
     DEVICE = "cvae.device"
+    GPU_IDS = "ray.gpu_ids"  # the GPUs Ray assigned ("none" on CPU)
+    NODE_ID = "ray.node_id"
+    PID = "ray.pid"
+    RESUMED_FROM_STEP = "ray.resumed_from_step"  # "none", or the checkpoint step a retry resumed from
     OUTCOME = "cvae.outcome"
     OUTCOME_REASON = "cvae.outcome_reason"
     DIVERGED_AT_STEP = "cvae.diverged_at_step"
@@ -49,6 +58,7 @@ class Tag:
     BEST_CONFIG = "cvae.best_config"
     BEST_LABEL = "cvae.best_label"
     BEST_CHECKPOINT = "cvae.best_checkpoint"
+    BEST_CONFIG_PREFIX = "best."  # + a config key: one tag per setting of the best configuration
     # evaluation runs and registered model versions
     SOURCE_RUN_ID = "cvae.source_run_id"
     SPLIT = "cvae.split"

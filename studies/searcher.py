@@ -13,8 +13,8 @@ studies) and adds what a paper-style study needs:
 * no configuration trains twice: when the inner searcher proposes one that already finished
   (mostly categorical spaces do), it is told the known result again and asked anew;
 * Optuna is told what the record says: a configuration that ran its whole budget reports the
-  objective(s) at its best evaluation (lowest ``val_nll``: the checkpoint the trial keeps, the
-  numbers of the summary and MLflow); one that a scheduler stopped early (ASHA) is PRUNED, with
+  objective(s) at its best evaluation (the core's ``is_best``: the checkpoint the trial keeps,
+  the numbers of the summary and MLflow); one that a scheduler stopped early (ASHA) is PRUNED, with
   the intermediate values it reported, never COMPLETE with a half-budget number.
 
 Tune finds the inner searcher through the ``searcher`` attribute: the base searcher is saved
@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 import warnings
 from typing import Any
 
@@ -35,7 +36,17 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 MAX_REPEATS = 50  # re-asks when the inner searcher proposes configurations that already ran
-RANK_METRIC = "val_nll"  # a trial's best evaluation (and kept checkpoint) is its lowest val_nll
+RANK_METRIC = "val_nll"  # the core's selection metric, for results that do not carry its is_best flag
+
+
+def is_new_best(result: dict, best: dict | None) -> bool:
+    """Whether ``result`` is the trial's best evaluation so far: the core says so itself
+    (``is_best``, by its selection metric: val_nll, val_rec for a DAE); a result without the
+    flag is compared by val_nll."""
+    if "is_best" in result:
+        return bool(result["is_best"])
+    value = result.get(RANK_METRIC)
+    return isinstance(value, (int, float)) and math.isfinite(value) and (best is None or value < best[RANK_METRIC])
 
 
 def name_objectives(study: optuna.Study, metrics: list[str]) -> None:
@@ -106,7 +117,7 @@ class StudySearcher(Searcher):
                  metric: str | list[str], mode: str | list[str], evaluations: int | None = None):
         super().__init__(metric=metric, mode=mode)
         self.evaluations = evaluations
-        self.best_results: dict[str, dict] = {}  # trial id -> its report with the lowest val_nll
+        self.best_results: dict[str, dict] = {}  # trial id -> its best report (the core's is_best)
         self.reported: dict[str, int] = {}  # trial id -> last training_iteration told to the searcher
         self.searcher = searcher
         self.fixed = [dict(c) for c in fixed]
@@ -175,10 +186,7 @@ class StudySearcher(Searcher):
         return len(self.groups) - 1
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        value = result.get(RANK_METRIC)
-        best = self.best_results.get(trial_id)
-        if isinstance(value, (int, float)) and math.isfinite(value) and (
-                best is None or value < best[RANK_METRIC]):
+        if is_new_best(result, self.best_results.get(trial_id)):
             self.best_results[trial_id] = dict(result)
         group = self._group(trial_id)
         iteration = result.get("training_iteration")
@@ -253,3 +261,43 @@ def _objective_values(result: dict | None, metric: str | list[str]) -> dict[str,
         value = (result or {}).get(name)
         out[name] = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
     return out
+
+
+def record_grid_in_optuna(spec, state, rows) -> None:
+    """``rows``: the study's :class:`~studies.summary.TrialRow` list.  Grid studies have no Optuna sampler; record each finished configuration in the same kind of
+    Optuna study a TPE study persists (mean over seeds, like StudySearcher tells Optuna), so
+    that optuna-dashboard and importance analysis read both kinds of study alike."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from .summary import finite
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=state.optuna_storage, study_name=state.study_name, load_if_exists=True,
+                                directions=["minimize" if o.mode == "min" else "maximize" for o in spec.objectives])
+    name_objectives(study, [o.metric for o in spec.objectives])
+    recorded = {t.user_attrs.get("config") for t in study.get_trials(deepcopy=False)}
+    groups: dict[str, list[TrialRow]] = {}
+    for row in rows:
+        groups.setdefault(row.label, []).append(row)
+    cells = [{k: v for k, v in r[0].config.items() if k != "train.seed"} for r in groups.values()]
+    choices: dict[str, set] = {}
+    for cell in cells:
+        for key, value in cell.items():
+            choices.setdefault(key, set()).add(value)
+    distributions = {k: CategoricalDistribution(sorted(v, key=str)) for k, v in choices.items()}
+    for (label, members), cell in zip(groups.items(), cells):
+        if label in recorded or any(m.status in ("interrupted", "pending") for m in members):
+            continue
+        if len(members) < spec.seeds:
+            continue
+        values = []
+        for objective in spec.objectives:
+            scored = [m.best[objective.metric] for m in members if finite(m.best.get(objective.metric))]
+            values.append(statistics.fmean(scored) if scored else None)
+        complete = all(v is not None for v in values)
+        study.add_trial(create_trial(
+            state=TrialState.COMPLETE if complete else TrialState.FAIL, values=values if complete else None,
+            params=cell, distributions={k: distributions[k] for k in cell},
+            user_attrs={"config": label, "ray_trial_ids": [m.trial_id for m in members]}))

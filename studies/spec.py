@@ -17,14 +17,10 @@ import yaml
 
 from cvae_core.config import PRESETS, build_config, resolve_key
 from cvae_core.errors import CvaeError
+from cvae_core.metrics.names import METRICS, direction
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
 
-# Direction of the metrics an objective may name without saying ":min" / ":max".
-DEFAULT_MODES = {
-    "val_nll": "min", "val_ppl": "min", "val_rec": "min", "val_elbo": "max",
-    "val_mi_loo": "max", "val_mi_batch": "max", "val_au": "max",
-}
 SEARCH_MODES = ("tpe", "grid")
 
 
@@ -45,7 +41,7 @@ class Objective:
 class Scheduler:
     type: str = "asha"
     metric: str = "val_nll"
-    mode: str = "min"
+    mode: str = ""  # "min" | "max"; empty: the metric's direction in the registry
     grace_period: int = 2  # evaluations a trial always gets before ASHA may stop it
     reduction_factor: int = 2
 
@@ -113,6 +109,14 @@ class StudySpec:
         return out
 
 
+def _known_direction(metric: str) -> str:
+    """The registry's direction of ``metric``; "" for a metric it does not rank."""
+    try:
+        return direction(metric)
+    except CvaeError:
+        return ""
+
+
 def parse_objectives(text: str | list[str], where: str) -> list[Objective]:
     """"val_nll,val_mi_loo" or ["val_nll", "val_kl:max"] -> [Objective, ...]."""
     items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if str(s).strip()]
@@ -121,12 +125,13 @@ def parse_objectives(text: str | list[str], where: str) -> list[Objective]:
     out = []
     for item in items:
         metric, _, mode = str(item).partition(":")
-        mode = mode or DEFAULT_MODES.get(metric, "")
+        mode = mode or _known_direction(metric)
         if not metric.startswith("val_"):
             raise SpecError(f"{where}: objective {item!r} must be a validation metric (val_nll, val_mi_loo, ...)")
         if mode not in ("min", "max"):
+            ranked = ", ".join(f"val_{m.name}:{m.direction}" for m in METRICS.values() if m.ranked)
             raise SpecError(f"{where}: objective {item!r} needs a direction, e.g. {metric}:max "
-                            f"(known defaults: {', '.join(f'{k}:{v}' for k, v in DEFAULT_MODES.items())})")
+                            f"(known defaults: {ranked})")
         out.append(Objective(metric, mode))
     if len({o.metric for o in out}) != len(out):
         raise SpecError(f"{where}: objectives repeat a metric: {items}")
@@ -189,7 +194,7 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> StudySpec:
     scheduler = Scheduler(
         type=_take(sched_raw, "type", str, f"{source}: scheduler", "asha"),
         metric=_take(sched_raw, "metric", str, f"{source}: scheduler", "val_nll"),
-        mode=_take(sched_raw, "mode", str, f"{source}: scheduler", "min"),
+        mode=_take(sched_raw, "mode", str, f"{source}: scheduler", ""),
         grace_period=_take(sched_raw, "grace_period", int, f"{source}: scheduler", 2),
         reduction_factor=_take(sched_raw, "reduction_factor", int, f"{source}: scheduler", 2),
     )
@@ -248,6 +253,8 @@ def validate_spec(spec: StudySpec) -> None:
     if spec.scheduler.type != "asha":
         raise SpecError(f"{where}: scheduler.type {spec.scheduler.type!r} is not supported; use asha "
                         "(it stops trials and never pauses them, so it works with any searcher)")
+    if not spec.scheduler.mode:
+        spec.scheduler.mode = _known_direction(spec.scheduler.metric)
     if spec.scheduler.mode not in ("min", "max"):
         raise SpecError(f"{where}: scheduler.mode must be min or max, got {spec.scheduler.mode!r}")
     n_evals = math.ceil(config.train.steps / config.train.eval_every)

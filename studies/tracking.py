@@ -1,19 +1,12 @@
-"""MLflow layout of a study: one experiment, one parent run per study, one child run per trial.
-
-The layout is a contract with ``analysis/`` (see the README's Studies section):
-
-* parent run: name = study name; tags ``cvae.role=study``, ``cvae.study``, ``cvae.spec``,
-  ``optuna.storage``, ``optuna.study_name``, ``ray.experiment_path``; params = the spec summary;
-  at the end ``best_*`` metrics, the best config and ``summary.md``/``summary.json``;
-* child run: tags ``mlflow.parentRunId``, ``cvae.role=trial``, ``cvae.study``, ``ray_trial_id``,
-  ``cvae.preset``, ``cvae.dataset``, ``cvae.seed``, ``cvae.code_version``, ``cvae.config_id``;
-  params = ``Config.flat()``; every reported metric with ``step`` = training step; artifacts
-  ``checkpoint/`` (the best checkpoint directory) and ``config.json``.
+"""The study's MLflow runs: one experiment, one parent run per study (:class:`StudyRun`), one
+child run per trial (:class:`TrialRun`).  The tags and roles they write are published in
+``studies/record.py`` (the contract with ``analysis/``); artifacts of a trial run are
+``checkpoint/`` (the best checkpoint directory), ``config.json`` and the training log.
 
 Everything goes through an explicit ``MlflowClient(tracking_uri)`` with an explicit experiment
-id: trial processes run in Ray's per-trial working directories, where MLflow's defaults would
-scatter data (notes section 2.1).  A retried or restored trial finds its own run by the
-``ray_trial_id`` tag instead of creating a second one.
+id: trial processes run in Ray's per-trial working directories, where MLflow's default
+``./mlruns`` store would scatter runs across them.  A retried or restored trial finds its own run
+by ``Tag.TRIAL_ID`` instead of creating a second one.
 """
 from __future__ import annotations
 
@@ -26,14 +19,16 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 
 import cvae_core
 from cvae_core.config import Config
 
+from .record import (EXPERIMENT_KIND, PARENT_RUN_ID, UNUSED, UNUSED_WITHOUT_COUPLING, Outcome, Role, Tag,
+                     child_runs_filter, quote, search_all)
+
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TERMINAL = {"FINISHED", "FAILED", "KILLED"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +48,8 @@ class StudyContext:
     code_version: str = ""
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    # evaluations (1-based) at which the scheduler may stop a trial: its rungs and the last one
+    stop_points: tuple[int, ...] = ()
 
 
 def code_version() -> str:
@@ -94,15 +91,6 @@ def retry(fn: Callable[[], T], attempts: int = 5, delay_s: float = 0.5) -> T:
     raise AssertionError("unreachable")
 
 
-def quote(value: str) -> str:
-    return value.replace("'", "\\'")
-
-
-# Tells the MLflow 3 UI that the experiment holds training runs, so it opens on the runs table
-# instead of the GenAI traces page.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     """Create the experiment once, on the driver (trials never race to create it)."""
     experiment = client.get_experiment_by_name(name)
@@ -129,31 +117,21 @@ def source_tags(script: str) -> dict[str, str]:
     return tags
 
 
-# Settings a plain (uncoupled) model never uses: logged as "none" so that a filter on lambda_m or
-# the distance never mixes the baseline into coupled results.
-UNUSED_WITHOUT_COUPLING = ("coupling.lambda_r", "coupling.lambda_m", "coupling.distance", "coupling.rq_c")
-
-
 def run_params(config: Config) -> dict[str, str]:
     """``Config.flat()`` as MLflow params, with the settings this model does not use as "none"."""
     params = {k: str(v) for k, v in config.flat().items()}
     if not config.coupling.enabled:
-        params.update({key: "none" for key in UNUSED_WITHOUT_COUPLING})
+        params.update({key: UNUSED for key in UNUSED_WITHOUT_COUPLING})
     return params
 
 
-def find_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
-    return find_runs(client, experiment_id, f"tags.mlflow.parentRunId = '{quote(parent_run_id)}'")
+    """The trial runs of one study (every page), each request retried."""
+    return search_all(client, experiment_id, child_runs_filter(parent_run_id), call=retry)
+
+
+def trial_run_filter(parent_run_id: str, trial_id: str) -> str:
+    return f"{child_runs_filter(parent_run_id)} and tags.`{Tag.TRIAL_ID}` = {quote(trial_id)}"
 
 
 def reopen(client: MlflowClient, run_id: str) -> None:
@@ -185,14 +163,13 @@ class TrialRun:
     def open(cls, study: StudyContext, trial_id: str, trial_name: str, config: Config,
              extra_tags: dict[str, str], run_name: str | None = None) -> "TrialRun":
         client = MlflowClient(tracking_uri=study.tracking_uri)
-        existing = retry(lambda: find_runs(
-            client, study.experiment_id,
-            f"tags.ray_trial_id = '{quote(trial_id)}' and tags.mlflow.parentRunId = '{quote(study.parent_run_id)}'"))
+        existing = search_all(client, study.experiment_id, trial_run_filter(study.parent_run_id, trial_id),
+                              call=retry)
         tags = {
-            "mlflow.parentRunId": study.parent_run_id, "cvae.role": "trial", "cvae.study": study.study_name,
-            "ray_trial_id": trial_id, "ray_trial_name": trial_name, "cvae.preset": config.preset,
-            "cvae.dataset": config.data.dataset, "cvae.seed": str(config.train.seed),
-            "cvae.code_version": study.code_version, "cvae.config_id": config_id(config),
+            PARENT_RUN_ID: study.parent_run_id, Tag.ROLE: Role.TRIAL, Tag.STUDY: study.study_name,
+            Tag.TRIAL_ID: trial_id, Tag.TRIAL_NAME: trial_name, Tag.PRESET: config.preset,
+            Tag.DATASET: config.data.dataset, Tag.SEED: str(config.train.seed),
+            Tag.CODE_VERSION: study.code_version, Tag.CONFIG_ID: config_id(config),
             **source_tags(f"studies spec {study.spec_name}"), **extra_tags,
         }
         if existing:
@@ -257,9 +234,68 @@ class TrialRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         retry(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
 
-    def finish(self, status: str = "FINISHED") -> None:
-        retry(lambda: finish_run(self.client, self.run_id, status))
 
 
-def run_status_name(status: Any) -> str:
-    return status if isinstance(status, str) else RunStatus.to_string(status)
+# How a trial's MLflow run ends for each outcome: only a crash is FAILED; an interrupted trial
+# is KILLED (a --resume reopens it).
+RUN_STATUS = {Outcome.DONE: "FINISHED", Outcome.STOPPED_EARLY: "FINISHED", Outcome.DIVERGED: "FINISHED",
+              Outcome.ERROR: "FAILED", Outcome.INTERRUPTED: "KILLED"}
+
+
+class StudyRun:
+    """The study's parent run, on the driver, and the one owner that ends trial runs: each gets
+    ``Tag.OUTCOME`` (and ``Tag.OUTCOME_REASON``) as it ends.  Workers open, log to and reopen
+    their :class:`TrialRun` but never end it."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str):
+        self.tracking_uri, self.experiment_id, self.parent_run_id = tracking_uri, experiment_id, parent_run_id
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into Tune's tuner.pkl: no live client
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def trial_runs(self) -> dict[str, Any]:
+        """Ray trial id -> its MLflow run."""
+        return {r.data.tags.get(Tag.TRIAL_ID, ""): r
+                for r in child_runs(self.client, self.experiment_id, self.parent_run_id)}
+
+    def end_trial(self, trial_id: str, outcome: str, reason: str = "") -> None:
+        """Write the trial's outcome and end its run (with the status its outcome implies)."""
+        for run in search_all(self.client, self.experiment_id, trial_run_filter(self.parent_run_id, trial_id),
+                              call=retry):
+            self._end(run.info.run_id, outcome, reason)
+
+    def end_open_trials(self, outcome_of: Callable[[str], tuple[str, str]]) -> None:
+        """End every trial run still RUNNING; ``outcome_of(trial_id)`` -> (outcome, reason)."""
+        for trial_id, run in self.trial_runs().items():
+            if run.info.status == "RUNNING":
+                self._end(run.info.run_id, *outcome_of(trial_id))
+
+    def _end(self, run_id: str, outcome: str, reason: str) -> None:
+        tags = [RunTag(Tag.OUTCOME, outcome)] + ([RunTag(Tag.OUTCOME_REASON, reason)] if reason else [])
+        retry(lambda: self.client.log_batch(run_id, tags=tags))
+        retry(lambda: finish_run(self.client, run_id, RUN_STATUS[outcome]))
+
+    def reopen(self) -> None:
+        retry(lambda: reopen(self.client, self.parent_run_id))
+
+    def finish(self, metrics: dict[str, float], tags: dict[str, str], files: list[Path], interrupted: bool) -> None:
+        """The study's summary on the parent run, then end it (KILLED when interrupted)."""
+        now = int(time.time() * 1000)
+        retry(lambda: self.client.log_batch(self.parent_run_id, metrics=[Metric(k, float(v), now, 0)
+                                                                         for k, v in metrics.items()],
+                                            tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+        for path in files:
+            retry(lambda: self.client.log_artifact(self.parent_run_id, str(path)))
+        retry(lambda: self.client.set_terminated(self.parent_run_id, status="KILLED" if interrupted else "FINISHED"))
+
+    def end_after_error(self) -> None:
+        """The driver failed: end what it left open (a later --resume reopens the runs)."""
+        self.end_open_trials(lambda trial_id: (Outcome.INTERRUPTED, "the study driver failed"))
+        finish_run(self.client, self.parent_run_id, "KILLED")

@@ -10,17 +10,19 @@ plugs one callback into the core loop that, at every evaluation,
 3. calls ``tune.report(metrics, checkpoint=...)`` with the core checkpoint directory.
 
 Steps 1-2 come first because Tune may end the trial's process inside or right after any
-report (ASHA, and the ``max_t`` stop at the last evaluation): code after the core loop is not
-guaranteed to run, so the driver closes the MLflow run (``studies/progress.py``).
+report (ASHA at a rung, and the ``max_t`` stop at the last evaluation; there the metrics a
+tracking outage held back are sent first, bounded): code after the core loop is not
+guaranteed to run, so the driver ends the MLflow run and writes the trial's outcome
+(``studies/outcomes.py``).
 
-It resumes from ``tune.get_checkpoint()`` (FailureConfig retries, ``Tuner.restore``) by
-materialising that checkpoint as the core's ``checkpoints/latest`` and calling
-``train(resume=True)``.  The corpus arrives through ``tune.with_parameters`` (object store),
+It resumes from ``tune.get_checkpoint()`` (FailureConfig retries, ``Tuner.restore``) with
+``train(resume_from=<that checkpoint's directory>)``: the core installs it in its own tree.  The corpus arrives through ``tune.with_parameters`` (object store),
 never through the config.  It runs on the GPU Ray assigned (fractions allowed), else on CPU.
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -30,14 +32,14 @@ from typing import Any
 import torch
 from ray import tune
 
-from cvae_core import build_config, train
-from cvae_core.checkpoint import point_link
+from cvae_core import build_config, checkpoint_step, train
 from cvae_core.config import Config, resolve_key
 from cvae_core.data import Corpus
 from cvae_core.errors import CvaeError, Diverged
+from cvae_core.metrics.names import METRICS
 
 from .spaces import SEARCH_PREFIX, describe
-from .spec import DEFAULT_MODES
+from .record import Tag
 from .tracking import StudyContext, TrialRun
 
 RESERVED = {"preset"}
@@ -85,35 +87,18 @@ def _scratch_dir(trial_id: str) -> Path:
     return base / f"cvae-run-{trial_id}"
 
 
-def _restore_checkpoint(checkpoint: tune.Checkpoint, output_dir: Path) -> int:
-    """Tune checkpoint -> ``output_dir/checkpoints/step-N`` + ``latest`` (+ ``best``). -> step."""
-    ckpt_root = output_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    with checkpoint.as_directory() as source:
-        state = json.loads((Path(source) / "state.json").read_text())
-        step = int(state["step"])
-        target = ckpt_root / f"step-{step:07d}"
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(source, target)
-    point_link(ckpt_root / "latest", target)
-    if int(state.get("best_step", -1)) == step:
-        point_link(ckpt_root / "best", target)
-    return step
-
-
-DIVERGED = "diverged"
+DIVERGED = "diverged"  # the result key that tells the driver (studies/outcomes.py)
+# A NaN for every metric an objective or the scheduler may name: Optuna records the trial as FAIL.
+NAN_OBJECTIVES = {f"val_{m.name}": float("nan") for m in METRICS.values() if m.ranked or m.name == "kl"}
 
 
 def report_divergence(run: TrialRun, exc: Diverged, log_path: Path) -> None:
-    """A diverged trial is an outcome, not a crash: the MLflow run ends FINISHED with
-    ``cvae.outcome=diverged``, and one last result with ``diverged=1`` and a NaN objective
-    tells Ray (the trial ends TERMINATED, never retried) and Optuna (a NaN value is a FAIL)."""
-    run.set_tags({"cvae.outcome": DIVERGED, "cvae.diverged_at_step": str(exc.step), "cvae.diverged_reason": exc.reason})
+    """A diverged trial is an outcome, not a crash: one last result with ``diverged=1`` and NaN
+    objectives tells Ray (the trial ends TERMINATED, never retried), Optuna (a NaN value is a
+    FAIL) and the driver, which writes ``Tag.OUTCOME`` = diverged and ends the MLflow run."""
+    run.set_tags({Tag.DIVERGED_AT_STEP: str(exc.step)})
     run.log_file(log_path)
-    run.finish("FINISHED")
-    objectives = {metric: float("nan") for metric in (*DEFAULT_MODES, "val_kl")}
-    tune.report({"step": float(exc.step), DIVERGED: 1.0, "diverged_reason": exc.reason, **objectives})
+    tune.report({"step": float(exc.step), DIVERGED: 1.0, "diverged_reason": exc.reason, **NAN_OBJECTIVES})
 
 
 def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: StudyContext | None = None) -> None:
@@ -137,7 +122,16 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
         shutil.rmtree(output_dir)  # a retry on the same node: the Tune checkpoint is the truth
     output_dir.mkdir(parents=True)
     checkpoint = tune.get_checkpoint()
-    resumed_step = _restore_checkpoint(checkpoint, output_dir) if checkpoint is not None else None
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as resume_from:
+        _run_trial(config, core_config, study, corpus, output_dir, resume_from, trial_id, trial_name, device, gpu_ids)
+
+
+def _run_trial(config: dict[str, Any], core_config: Config, study: StudyContext, corpus: Corpus | None,
+               output_dir: Path, resume_from: str | None, trial_id: str, trial_name: str, device: str,
+               gpu_ids: list[str]) -> None:
+    """One attempt of a trial: the MLflow run, the core loop (resumed from ``resume_from``, a
+    checkpoint directory, when Tune handed one back), and the trial's outcome."""
+    resumed_step = checkpoint_step(resume_from) if resume_from is not None else None
     # one log per attempt, so that a retry does not overwrite the first attempt's log in MLflow
     log_path = output_dir / ("train.log" if resumed_step is None else f"train-resumed-at-step-{resumed_step}.log")
 
@@ -146,18 +140,20 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
     # the run's name says what the trial is (e.g. "rq λr=3 λm=0.12 seed=0"); its id is a tag
     run_name = f"{describe(config, study.preset)} seed={core_config.train.seed}"
     run = TrialRun.open(study, trial_id, trial_name, core_config, run_name=run_name, extra_tags={
-        "cvae.device": device, "ray.gpu_ids": ",".join(gpu_ids) or "none",
-        "ray.node_id": ray.get_runtime_context().get_node_id(), "ray.pid": str(os.getpid()),
-        "ray.resumed_from_step": str(resumed_step) if resumed_step is not None else "none",
+        Tag.DEVICE: device, Tag.GPU_IDS: ",".join(gpu_ids) or "none",
+        Tag.NODE_ID: ray.get_runtime_context().get_node_id(), Tag.PID: str(os.getpid()),
+        Tag.RESUMED_FROM_STEP: str(resumed_step) if resumed_step is not None else "none",
     })
 
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        # Everything MLflow needs is logged *before* tune.report: Tune may end this process
-        # inside or right after it (ASHA, and the max_t stop at the last evaluation). While the
-        # server is down, metrics wait in a bounded buffer and training goes on; at the last
-        # evaluation the trial waits (bounded) for the backlog to go out.
+        # Everything MLflow needs is logged *before* tune.report. While the server is down,
+        # metrics wait in a bounded buffer and training goes on; where Tune may stop the trial
+        # (a scheduler rung, the last evaluation) the process can end inside tune.report, taking
+        # the buffer with it, so there the trial waits (bounded) for the backlog to go out.
         run.log_metrics(metrics)
-        if metrics["step"] >= core_config.train.steps and not run.flush(wait_s=FINAL_FLUSH_S):
+        evaluation = math.ceil(metrics["step"] / core_config.train.eval_every)
+        stop_point = metrics["step"] >= core_config.train.steps or evaluation in study.stop_points
+        if stop_point and not run.flush(wait_s=FINAL_FLUSH_S):
             log(f"warning: {len(run.pending)} metrics could not reach MLflow within {FINAL_FLUSH_S} s")
         if not run.pending:  # artifacts follow the metrics once the server answers again
             if metrics.get("is_best", 0.0) >= 1.0:
@@ -171,20 +167,16 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
             log_file.flush()
 
         try:
-            train(core_config, output_dir, callbacks=[report], resume=resumed_step is not None,
-                  corpus=corpus, log=log)
+            train(core_config, output_dir, callbacks=[report], resume_from=resume_from, corpus=corpus, log=log)
         except SystemExit:
             shutil.rmtree(output_dir, ignore_errors=True)
-            raise  # Tune stopped the trial inside tune.report; the driver closes the MLflow run
+            raise  # Tune stopped the trial inside tune.report; the driver ends the MLflow run
         except Diverged as exc:
             log(str(exc))
             report_divergence(run, exc, log_path)
             shutil.rmtree(output_dir, ignore_errors=True)
             return
         except BaseException:
-            run.log_file(log_path)
-            run.finish("FAILED")  # a retry reopens it
+            run.log_file(log_path)  # the run stays open: a retry reopens it, the driver ends it
             raise
-    # Reached only if Tune lets the function return; the driver closes the run in any case.
-    run.finish("FINISHED")
     shutil.rmtree(output_dir, ignore_errors=True)

@@ -57,11 +57,12 @@ def log_trial(client, experiment_id: str, parent_id: str, preset: str, evals: li
             "cvae.seed": str(seed), "cvae.code_version": "0.1.0", "cvae.config_id": config_id(params)}
     run = client.create_run(experiment_id, run_name=f"{preset}-{dataset}-seed{seed}", tags=tags, start_time=start_time)
     run_id = run.info.run_id
-    metrics, best = [], math.inf
+    metrics, best, best_step = [], math.inf, 0
     for ev in evals:
         step = int(ev["step"])
-        best = min(best, ev.get("val_nll", math.inf))
-        values = {**ev, "best_val_nll": best, "is_best": float(ev.get("val_nll", math.inf) <= best)}
+        improved = ev.get("val_nll", math.inf) < best  # the core's rule: strictly lower than the best so far
+        best, best_step = (ev["val_nll"], step) if improved else (best, best_step)
+        values = {**ev, "best_val_nll": best, "is_best": float(improved), "best_step": best_step}
         metrics += [Metric(k, float(v), 1_700_000_000_000 + step, step) for k, v in values.items()]
     client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
     if checkpoint is not None:
@@ -214,7 +215,7 @@ def test_mean_std_and_paired_difference_on_known_numbers():
 
 
 def test_pareto_mask_keeps_the_non_dominated_points():
-    from analysis.stats import pareto_mask
+    from cvae_core.metrics.names import pareto_mask
 
     points = [(100, 5), (101, 9), (102, 8), (99, 1), (103, float("nan"))]  # (NLL down, MI up)
     assert pareto_mask(points, ["min", "max"]) == [True, True, False, True, False]
@@ -284,7 +285,7 @@ def test_parquet_round_trip_is_identical_with_an_explicit_schema(store, tmp_path
     assert schema.field("config.coupling.distance").type == pa.string()
     assert schema.field("start_time").type == pa.timestamp("ms", tz="UTC")
     assert schema.field("best.val_nll").type == pa.float64()
-    assert schema.metadata[b"cvae.analysis.schema_version"] == b"1"
+    assert schema.metadata[b"cvae.analysis.schema_version"] == b"2"  # 2: the outcome column
 
     hpath = write_parquet(study.history, tmp_path / "history.parquet")
     pd.testing.assert_frame_equal(read_parquet(hpath), study.history)
@@ -376,15 +377,16 @@ def test_table3_markdown_matches_the_hand_written_layout(store):
 
 
 def test_lambda_cells_read_like_the_paper_and_searched_values_are_cut_to_three_digits():
-    from analysis.tables import _lam
+    from analysis.selection import format_lambda
 
-    assert [_lam(v) for v in (0.1, 1, 5.0, 0.25, 0.507343, 2.37233, 339.4, float("nan"))] == [
+    assert [format_lambda(v) for v in (0.1, 1, 5.0, 0.25, 0.507343, 2.37233, 339.4, float("nan"))] == [
         "0.1", "1.0", "5.0", "0.25", "0.507", "2.37", "339", "?"]
 
 
 def test_table3_latex_bolds_the_best_per_block_and_groups_datasets(store):
     from analysis.runs import load_study
-    from analysis.tables import build_table, render
+    from analysis.render import render
+    from analysis.tables import build_table
 
     latex = render(build_table(load_study(EXPERIMENT, tracking_uri=store["uri"]), "table3"), "latex")
     assert r"\multicolumn{5}{c}{PTB} & \multicolumn{5}{c}{Yelp}" in latex
@@ -397,7 +399,8 @@ def test_table3_latex_bolds_the_best_per_block_and_groups_datasets(store):
 
 def test_final_values_differ_from_best_values(store):
     from analysis.runs import load_study
-    from analysis.tables import build_table, render_markdown
+    from analysis.render import render_markdown
+    from analysis.tables import build_table
 
     runs = load_study(EXPERIMENT, tracking_uri=store["uri"])
     text = render_markdown(build_table(runs, "table3", at="final"))
@@ -407,7 +410,8 @@ def test_final_values_differ_from_best_values(store):
 
 def test_early_stopped_runs_are_flagged_and_can_be_left_out(store):
     from analysis.runs import load_study, stopped_early
-    from analysis.tables import build_table, render_markdown
+    from analysis.render import render_markdown
+    from analysis.tables import build_table
 
     runs = load_study(EXPERIMENT, tracking_uri=store["uri"])
     assert stopped_early(runs).tolist() == [False] * 10 + [True]  # the FAILED run stopped at step 10 of 20
@@ -418,9 +422,23 @@ def test_early_stopped_runs_are_flagged_and_can_be_left_out(store):
     assert "left out 1 early-stopped runs" in result.stderr
 
 
+def test_stopped_early_reads_the_outcome_tag_and_guesses_only_without_it():
+    from analysis.runs import stopped_early
+    from studies.record import Outcome
+
+    runs = pd.DataFrame({"outcome": [Outcome.STOPPED_EARLY, Outcome.DONE, Outcome.DIVERGED, None, None],
+                         "steps_done": [20, 20, 10, 10, 20], "config.train.steps": [20, 20, 20, 20, 20]})
+    # tagged: the tag decides (a diverged run also ended early, but ASHA did not stop it);
+    # untagged (a store written before the tag): a last evaluation before train.steps
+    assert stopped_early(runs).tolist() == [True, False, False, True, False]
+    assert stopped_early(runs.drop(columns=["config.train.steps"])).tolist() == [True, False, False, False, False]
+    assert stopped_early(runs.drop(columns=["outcome"])).tolist() == [False, False, True, True, False]
+
+
 def test_table1_and_table2_put_each_family_beside_its_coupled_twin(store):
     from analysis.runs import load_study
-    from analysis.tables import build_table, render_markdown
+    from analysis.render import render_markdown
+    from analysis.tables import build_table
 
     runs = load_study(EXPERIMENT, tracking_uri=store["uri"])
     text = render_markdown(build_table(runs, "table1"))
@@ -443,7 +461,8 @@ def _with(runs: pd.DataFrame, mask, **changes) -> pd.DataFrame:
 
 def test_table4_pairs_lambda_m_zero_with_the_preset_setting(store):
     from analysis.runs import load_study
-    from analysis.tables import build_table, render_markdown
+    from analysis.render import render_markdown
+    from analysis.tables import build_table
 
     runs = load_study(EXPERIMENT, tracking_uri=store["uri"])
     runs = runs[runs["status"] == "FINISHED"]
@@ -463,7 +482,8 @@ def test_table4_pairs_lambda_m_zero_with_the_preset_setting(store):
 
 def test_table8_lists_dialogue_models_by_lambda_m(store):
     from analysis.runs import load_study
-    from analysis.tables import build_table, render_markdown
+    from analysis.render import render_markdown
+    from analysis.tables import build_table
 
     runs = load_study(EXPERIMENT, tracking_uri=store["uri"])
     runs = runs[(runs["status"] == "FINISHED") & (runs["dataset"] == "ptb") & (runs["config.coupling.lambda_r"] == 1.0)

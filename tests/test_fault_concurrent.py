@@ -23,7 +23,8 @@ DRIVER = r'''
 import json, sys, time
 from pathlib import Path
 from cvae_core.errors import CvaeError
-from studies.runner import Options, StudyError, apply_flags, create_study
+from studies.options import Options, StudyError, apply_flags
+from studies.runner import create_study
 from studies.spec import load_spec
 
 spec_path, root, uri, name, go = sys.argv[1:6]

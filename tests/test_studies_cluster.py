@@ -125,7 +125,7 @@ def _client(url):
 
 
 def _study_runs(client, study_name):
-    from studies.runner import DEFAULT_EXPERIMENT
+    from studies.options import DEFAULT_EXPERIMENT
 
     experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`cvae.study` = '{study_name}'")

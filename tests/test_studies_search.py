@@ -11,7 +11,7 @@ import pytest
 from ray.tune.search import Searcher
 
 from cvae_core.config import build_config
-from studies.runner import pareto_front
+from studies.summary import pareto_front
 from studies.searcher import NoSearch, StudySearcher
 from studies.spaces import GRIDS, LAMBDA_M_RANGE, lambda_space, posterior_grid, posterior_space, table3_grid
 from studies.spec import SPEC_DIR, Objective, SpecError, load_spec, parse_objectives, parse_spec
@@ -274,7 +274,9 @@ def test_tiny_cvae_sweep_runs_end_to_end_and_fills_table8(tmp_path, capsys):
 
 
 def test_grid_studies_are_recorded_in_optuna_once_per_finished_configuration(tmp_path):
-    from studies.runner import StudyState, TrialRow, record_grid_in_optuna
+    from studies.searcher import record_grid_in_optuna
+    from studies.state import StudyState
+    from studies.summary import TrialRow
     from studies.spaces import describe
 
     spec = load_spec("lambda_sweep")
@@ -298,7 +300,8 @@ def test_grid_studies_are_recorded_in_optuna_once_per_finished_configuration(tmp
 
 
 def test_summary_tables_rank_trials_and_give_spread_over_seeds(capsys):
-    from studies.runner import TrialRow, group_by_config, group_lines, table_lines
+    from studies.render import group_lines, table_lines
+    from studies.summary import TrialRow, group_by_config
 
     spec = load_spec("lambda_sweep")
     spec.objectives = [Objective("val_nll", "min"), Objective("val_mi_loo", "max")]
@@ -341,3 +344,12 @@ def test_a_configuration_that_already_ran_is_not_trained_again():
     assert len(seen) == len(set(seen)) > 10  # every trial trains a new configuration
     told = [t for t in inner._ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(told) >= len(seen)  # repeats were told their known result instead
+
+
+def test_stop_points_are_asha_rungs_and_the_last_evaluation():
+    from studies.outcomes import stop_points
+
+    assert stop_points(2, 2, 4) == (2, 4)
+    assert stop_points(2, 2, 16) == (2, 4, 8, 16)
+    assert stop_points(2, 3, 20) == (2, 6, 18, 20)
+    assert stop_points(4, 2, 4) == (4,)

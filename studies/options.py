@@ -1,0 +1,142 @@
+"""The study scripts' command line (``studies/*_sweep.py``) and how flags resolve to places and
+settings: the tracking URI, the Tune storage, the spec with the flags applied."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cvae_core.errors import OneLineArgumentParser
+from cvae_core.guards import adopt_tracking_credentials, redact
+
+from .spec import StudySpec, parse_objectives, validate_spec
+
+DEFAULT_EXPERIMENT = "coupled-vae-studies"
+
+
+class StudyError(Exception):
+    """A problem the user can fix (bad flag, nothing to resume, no GPU, ...)."""
+
+
+def build_parser(prog: str, default_spec: str, description: str) -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Flags without a default here take the spec's value (studies/specs/*.yaml).")
+    p.add_argument("--profile", "--spec", dest="profile", default=default_spec,
+                   help=f"study spec: a name under studies/specs/ or a YAML path (default: {default_spec})")
+    p.add_argument("--search", choices=("tpe", "grid"), default=None,
+                   help="tpe: Optuna TPE over the spec's define-by-run space (plus its baselines); "
+                        "grid: the spec's fixed grid (lambda_sweep: the paper's Table 3). Default: the spec's")
+    p.add_argument("--objectives", default=None,
+                   help="comma-separated, e.g. val_nll or val_nll,val_mi_loo (Pareto front); metric:max|min")
+    p.add_argument("--num-samples", type=int, default=None, help="configurations Optuna proposes (tpe)")
+    p.add_argument("--seeds", type=int, default=None, help="training seeds per configuration")
+    p.add_argument("--seed", type=int, default=None, help="sampler seed and first training seed")
+    p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: a local Ray")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
+    p.add_argument("--storage-path", default=None,
+                   help="Tune storage (shared on a cluster, e.g. s3://...); default $CVAE_STORAGE_PATH, "
+                        "else <root>/ray_results")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
+                   help=f"MLflow experiment name (default: {DEFAULT_EXPERIMENT})")
+    p.add_argument("--root", default=None, help="study folder root; default <cwd>/studies_out")
+    p.add_argument("--study-name", default=None, help="default <spec>-<YYYYmmdd-HHMMSS>-<4 hex digits>")
+    p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions such as 0.5 share a GPU")
+    p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (torch threads)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="max concurrent trials")
+    p.add_argument("--max-failures", type=int, default=None, help="retries per trial (>= 1)")
+    p.add_argument("--dataset", default=None,
+                   help="replace the spec's dataset (e.g. swda for cvae_sweep; needs --data-dir where the "
+                        "dataset has files)")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset's train/valid/test files")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the spec's base config, e.g. --set train.steps=1000 (repeatable)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="STUDY",
+                   help="continue an interrupted study (default: the latest one of this spec under --root)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own progress and worker logs")
+    return p
+
+
+@dataclass
+class Options:
+    profile: str
+    search: str | None = None
+    objectives: str | None = None
+    num_samples: int | None = None
+    seeds: int | None = None
+    seed: int | None = None
+    address: str | None = None
+    tracking_uri: str | None = None
+    storage_path: str | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+    root: str | None = None
+    study_name: str | None = None
+    gpus_per_trial: float | None = None
+    cpus_per_trial: float | None = None
+    max_concurrent: int | None = None
+    max_failures: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    dataset: str | None = None
+    data_dir: str | None = None
+    resume: str | None = None
+    verbose: bool = False
+
+
+def _absolute_sqlite(uri: str, cwd: Path) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(cwd / uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def resolve_tracking_uri(flag: str | None, cwd: Path) -> str:
+    """-> the absolute tracking URI, without credentials: ``user:password@`` moves into MLflow's
+    client variables (see cvae_core.guards.adopt_tracking_credentials)."""
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cwd / 'mlflow.db'}"
+    if uri.startswith("file:") or "://" not in uri:
+        raise StudyError(f"tracking URI {redact(uri)!r}: MLflow 3's file store is in maintenance mode; use "
+                         "sqlite:////abs/path/mlflow.db or an http(s):// tracking server")
+    return _absolute_sqlite(adopt_tracking_credentials(uri), cwd)
+
+
+def resolve_storage_path(flag: str | None, root: Path) -> str:
+    path = flag or os.environ.get("CVAE_STORAGE_PATH") or str(root / "ray_results")
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def apply_flags(spec: StudySpec, options: Options) -> StudySpec:
+    spec = dataclasses.replace(spec, overrides=dict(spec.overrides),
+                               resources=dataclasses.replace(spec.resources))
+    if options.search:
+        spec.search = options.search
+    if options.objectives:
+        spec.objectives = parse_objectives(options.objectives, "--objectives")
+    if options.num_samples is not None:
+        spec.num_samples = options.num_samples
+    if options.seeds is not None:
+        spec.seeds = options.seeds
+    if options.seed is not None:
+        spec.seed = options.seed
+    if options.gpus_per_trial is not None:
+        spec.resources.gpus_per_trial = options.gpus_per_trial
+    if options.cpus_per_trial is not None:
+        spec.resources.cpus_per_trial = options.cpus_per_trial
+    if options.max_concurrent is not None:
+        spec.resources.max_concurrent_trials = options.max_concurrent
+    if options.max_failures is not None:
+        spec.resources.max_failures = options.max_failures
+    if options.dataset:
+        spec.dataset = options.dataset
+    if options.data_dir:
+        spec.overrides["data.data_dir"] = str(Path(options.data_dir).expanduser().resolve())
+    for item in options.overrides:
+        if "=" not in item:
+            raise StudyError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        spec.overrides[key.strip()] = value.strip()
+    validate_spec(spec)
+    return spec

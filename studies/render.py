@@ -1,0 +1,142 @@
+"""Printing a study's results: the ranked table, the per-configuration table, ``summary.md``
+and the final lines (with the commands that open the study's runs and analysis)."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from .spec import StudySpec
+from .state import StudyState
+from .summary import TrialRow, finite, oriented, rank
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _f(value: Any, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if finite(value) else "-"
+
+
+def _status_text(row: TrialRow, evaluations: int) -> str:
+    if row.status == "stopped":
+        return f"stopped@{row.evaluations}/{evaluations} (ASHA)"
+    if row.status == "error":
+        return "error"
+    if row.status == "diverged":
+        return row.error.split(":", 1)[0]  # "diverged at step N"
+    return row.status
+
+
+def table_lines(spec: StudySpec, rows: list[TrialRow], front: set[str]) -> list[str]:
+    ranked = rank(spec, [r for r in rows if r.best]) + [r for r in rows if not r.best]
+    width = max([len("config")] + [len(r.label) for r in ranked])
+    mo = spec.multi_objective
+    header = (f"{'rank':>4}  {'trial':<13} {'config':<{width}} {'seed':>4} {'val NLL':>8} {'KL':>6} "
+              f"{'MI':>6} {'AU':>4} {'PPL':>7} {'step':>5}" + ("  front" if mo else "") + "  status")
+    lines = [header, "-" * len(header)]
+    for i, r in enumerate(ranked, 1):
+        b = r.best
+        lines.append(
+            f"{i if r.best else '':>4}  {r.trial_id:<13} {r.label:<{width}} {r.seed if r.seed is not None else '':>4} "
+            f"{_f(b.get('val_nll')):>8} {_f(b.get('val_kl')):>6} {_f(b.get('val_mi_loo')):>6} "
+            f"{_f(b.get('val_au'), 0):>4} {_f(b.get('val_ppl'), 1):>7} {int(b['step']) if 'step' in b else '':>5}"
+            + (f"  {'*' if r.trial_id in front else '':^5}" if mo else "") + f"  {_status_text(r, spec.evaluations)}")
+    return lines
+
+
+def group_lines(spec: StudySpec, groups: list[dict[str, Any]], front: set[str]) -> list[str]:
+    first = spec.objectives[0]
+    groups = sorted(groups, key=lambda g: (g.get(first.metric) is None, oriented(first, g.get(first.metric) or 0)))
+    width = max([len("config")] + [len(g["label"]) for g in groups])
+
+    def ms(g, key, digits=2):
+        mean, sd = g.get(key), g.get(f"{key}_sd")
+        return f"{_f(mean, digits)}±{_f(sd, digits)}" if sd is not None else _f(mean, digits)
+
+    header = f"{'rank':>4}  {'config':<{width}} {'n':>2} {'val NLL':>13} {'KL':>11} {'MI':>11} {'AU':>7}"
+    lines = [header, "-" * len(header)]
+    for i, g in enumerate(groups, 1):
+        lines.append(f"{i:>4}  {g['label']:<{width}} {g['n']:>2} {ms(g, 'val_nll'):>13} {ms(g, 'val_kl'):>11} "
+                     f"{ms(g, 'val_mi_loo'):>11} {ms(g, 'val_au', 1):>7}"
+                     + ("  *" if spec.multi_objective and g["label"] in front else ""))
+    return lines
+
+
+def mlflow_ui_command(tracking_uri: str, experiment_id: str, artifacts: Path) -> str:
+    """The line that opens this study's runs: the server's URL, or a command that starts the
+    project's server launcher (MLflow's job runner off, one worker: 2 processes) on the local store.
+    Absolute paths and this interpreter, so it runs as printed from any folder and shell."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}"
+    return shlex.join([sys.executable, str(REPO_ROOT / "mlflow" / "server.py"), "--backend-store-uri", tracking_uri,
+                       "--artifacts-destination", str(artifacts), "--workers", "1"]) + "   # then open http://127.0.0.1:5000"
+
+
+def analysis_command(state: "StudyState") -> str:
+    """The documented next step, for this study, runnable as printed from any folder."""
+    return shlex.join([sys.executable, "-m", "analysis", "table", "--tracking-uri", state.tracking_uri,
+                       "--experiment", state.experiment_name, "--study", state.study_name])
+
+
+def render_markdown(spec: StudySpec, state: StudyState, rows: list[TrialRow], summary: dict[str, Any]) -> str:
+    front = set(summary["pareto_front"])
+    out = [f"# Study {state.study_name}", "",
+           f"spec `{spec.name}` ({spec.description}), search `{spec.search}`, objectives "
+           f"{', '.join(summary['objectives'])}, status **{summary['status']}**, "
+           f"{summary['elapsed_s']:.0f} s this session.", "",
+           "Metrics are those of each trial's best checkpoint (lowest validation NLL).", "", "```"]
+    out += table_lines(spec, rows, front)
+    out += ["```", ""]
+    if summary["configurations"]:
+        out += ["Per configuration (mean ± sd over seeds):", "", "```"]
+        out += group_lines(spec, summary["configurations"], front)
+        out += ["```", ""]
+    out += [f"- Ray experiment: `{state.experiment_path}`", f"- Optuna storage: `{state.optuna_storage}`",
+            f"- MLflow: `{state.tracking_uri}`, parent run `{state.parent_run_id}`"]
+    return "\n".join(out) + "\n"
+
+
+def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summary: dict[str, Any],
+                  interrupted: bool) -> None:
+    counts = summary["counts"]
+    front = set(summary["pareto_front"])
+    print()
+    print(f"Study {state.study_name} {'INTERRUPTED' if interrupted else 'finished'}: "
+          f"{counts['done']} done, {counts['stopped']} stopped early by ASHA, {counts['diverged']} diverged, "
+          f"{counts['error']} failed"
+          + (f", {counts['interrupted'] + counts['pending']} unfinished" if interrupted else "")
+          + f" ({summary['elapsed_s'] / 60:.1f} min this session)")
+    print(f"Ranked by {spec.objectives[0]} at each trial's best checkpoint (lowest val NLL):")
+    for line in table_lines(spec, rows, front):
+        print(line)
+    if summary["configurations"]:
+        print("\nPer configuration (mean ± sd over seeds):")
+        for line in group_lines(spec, summary["configurations"], front):
+            print(line)
+    if spec.multi_objective:
+        print(f"\nPareto front over {', '.join(str(o) for o in spec.objectives)}: marked *")
+    best = summary["best"]
+    if best:
+        print(f"\nBest: {best['trial_id']} ({best['label']}, seed {best['seed']}), val_nll "
+              f"{_f(best['best'].get('val_nll'))} at step {int(best['best'].get('step', 0))}")
+        if best["checkpoint"]:
+            print(f"  checkpoint (Ray):    {best['checkpoint']}")
+        if best["run_id"]:
+            print(f"  checkpoint (MLflow): runs:/{best['run_id']}/checkpoint")
+    print(f"\nSummary:      {Path(state.folder) / 'summary.md'}")
+    print(f"Compare runs: {mlflow_ui_command(state.tracking_uri, state.experiment_id, Path(state.folder).parent / 'mlartifacts')}")
+    print(f"Analyse:      {analysis_command(state)}")
+    if state.optuna_storage != "none":
+        print(f"Optuna study: {state.study_name} in {state.optuna_storage}")
+    if interrupted:
+        resume = [sys.executable, str(REPO_ROOT / "studies" / _script_for(spec)), "--resume", state.study_name,
+                  "--root", str(Path(state.folder).parent)]
+        print(f"\nInterrupted. Continue with: {shlex.join(resume)}")
+    sys.stdout.flush()
+
+
+def _script_for(spec: StudySpec) -> str:
+    if (Path(__file__).resolve().parent / f"{spec.name}.py").exists():  # e.g. cvae_sweep.py for its spec
+        return f"{spec.name}.py"
+    return {"lambda": "lambda_sweep.py", "posterior": "posterior_sweep.py"}.get(spec.space, "lambda_sweep.py")

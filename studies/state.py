@@ -1,0 +1,187 @@
+"""A study's folder and its saved state (created here with its MLflow parent run): ``<root>/<study>/study.json`` (what ``--resume``
+needs), the folder lock that keeps a second driver out, and the lock that serialises first use
+of a SQLite MLflow store."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .options import Options, StudyError
+from .record import Role, Tag
+from .spec import Resources, Scheduler, StudySpec, load_spec, parse_objectives, validate_spec
+
+
+def spec_from_dict(raw: dict[str, Any]) -> StudySpec:
+    raw = dict(raw)
+    raw["objectives"] = parse_objectives(raw["objectives"], "study.json")
+    raw["scheduler"] = Scheduler(**raw["scheduler"])
+    raw["resources"] = Resources(**raw["resources"])
+    spec = StudySpec(**raw)
+    validate_spec(spec)
+    return spec
+
+
+@dataclass
+class StudyState:
+    """``<root>/<study>/study.json``: everything ``--resume`` needs."""
+
+    study_name: str
+    spec: dict[str, Any]
+    folder: str
+    tracking_uri: str
+    experiment_name: str
+    experiment_id: str
+    parent_run_id: str
+    storage_path: str
+    experiment_path: str
+    optuna_storage: str
+    code_version: str
+    created: str
+    status: str = "running"  # running | interrupted | completed | failed
+
+    def save(self) -> None:
+        path = Path(self.folder) / "study.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, folder: Path) -> "StudyState":
+        path = folder / "study.json"
+        try:
+            return cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise StudyError(f"no study to resume at {folder} (missing study.json)") from None
+
+
+def find_resumable(root: Path, spec_name: str, name: str) -> StudyState:
+    if name != "latest":
+        return StudyState.load(root / name)
+    candidates = []
+    for path in root.glob("*/study.json"):
+        try:
+            state = StudyState.load(path.parent)
+        except (StudyError, TypeError, ValueError):
+            continue
+        if state.spec.get("name") == spec_name and state.status != "completed":
+            candidates.append(state)
+    if not candidates:
+        raise StudyError(f"no unfinished study of spec {spec_name!r} under {root} to resume "
+                         f"(pass --resume STUDY_NAME, or --root)")
+    return max(candidates, key=lambda s: s.created)
+
+
+_held_locks: dict[Path, Any] = {}
+
+
+def lock_study_folder(folder: Path) -> None:
+    """Hold ``<folder>/.lock`` exclusively while this driver runs the study (released by
+    :func:`release_study_folders`, or by the OS when the driver dies): a second driver of the
+    same study refuses at once instead of sharing its Optuna study and parent run."""
+    import fcntl
+
+    if folder in _held_locks:
+        return
+    handle = open(folder / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise StudyError(f"study {folder.name} is being run by another driver ({owner}); wait for it to end, "
+                         "or pick another --study-name") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    handle.flush()
+    _held_locks[folder] = handle
+
+
+def release_study_folders() -> None:
+    while _held_locks:
+        _, handle = _held_locks.popitem()
+        handle.close()
+
+
+@contextlib.contextmanager
+def sqlite_store_lock(tracking_uri: str):
+    """Serialise first use of a SQLite MLflow store across drivers (``<db>-lock`` beside it):
+    two drivers creating a fresh store's schema at once make one of them crash."""
+    import fcntl
+
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    if not path.parent.is_dir():
+        yield  # check_sqlite_uri names the missing folder
+        return
+    with open(f"{path}-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_spec_name(profile: str) -> str:
+    return load_spec(profile).name
+
+
+def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: str, storage_path: str) -> StudyState:
+    """The study folder, the MLflow experiment (created by the driver, never by trials) and the
+    study's parent run."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from .tracking import code_version, ensure_experiment, source_tags
+
+    # a random suffix: two studies started in the same second get distinct names
+    study_name = options.study_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    folder = root / study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_study_folder(folder)
+    if (folder / "study.json").exists():
+        raise StudyError(f"study {study_name} already exists at {folder}; use --resume {study_name}")
+    experiment_path = f"{storage_path.rstrip('/')}/{study_name}"
+    optuna_storage = f"sqlite:///{folder / 'optuna.db'}"
+    artifact_location = None if tracking_uri.startswith(("http://", "https://")) else (root / "mlartifacts").as_uri()
+    version = code_version()
+    with sqlite_store_lock(tracking_uri):  # MLflow creates a fresh store's schema on first use
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment_id = ensure_experiment(client, options.experiment, artifact_location)
+        parent = client.create_run(experiment_id, run_name=study_name, tags={
+            Tag.ROLE: Role.STUDY, Tag.STUDY: study_name, Tag.SPEC: spec.name,
+            Tag.OPTUNA_STORAGE: optuna_storage, Tag.OPTUNA_STUDY: study_name,
+            Tag.EXPERIMENT_PATH: experiment_path, Tag.CODE_VERSION: version,
+            "mlflow.note.content": spec.description, **source_tags(f"studies spec {spec.name}"),
+        })
+    client.log_batch(parent.info.run_id,
+                     params=[Param(k, v) for k, v in spec.summary_params(spec.search).items()][:100])
+    state = StudyState(
+        study_name=study_name, spec=spec.to_dict(), folder=str(folder), tracking_uri=tracking_uri,
+        experiment_name=options.experiment, experiment_id=experiment_id,
+        parent_run_id=parent.info.run_id, storage_path=storage_path, experiment_path=experiment_path,
+        optuna_storage=optuna_storage, code_version=version, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    state.save()
+    print(f"Study {study_name}: spec {spec.name}, search {spec.search}, "
+          f"{total_trials(spec)} trials x {spec.evaluations} evaluations, "
+          f"{spec.resources.max_concurrent_trials} at a time", flush=True)
+    print(f"  MLflow {tracking_uri} (experiment {options.experiment!r}, parent run {parent.info.run_id})")
+    print(f"  Ray results {experiment_path}", flush=True)
+    return state
+
+
+def total_trials(spec: StudySpec) -> int:
+    from .spaces import GRIDS
+
+    configs = len(GRIDS[spec.grid]()) if spec.search == "grid" else len(spec.baselines) + spec.num_samples
+    return configs * spec.seeds

@@ -1,0 +1,165 @@
+"""A study's results: one row per trial (its outcome and its metrics at the core's best
+evaluation), the ranking, the Pareto front, the per-configuration means and the summary that
+``summary.json`` holds.  Printing them is ``studies/render.py``."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from cvae_core.metrics.names import pareto_mask
+
+from .record import Outcome, Tag
+from .spec import Objective, StudySpec
+from .state import StudyState
+
+
+# A row's status for each trial outcome (the words of the summary and its counts).
+ROW_STATUS = {Outcome.DONE: "done", Outcome.STOPPED_EARLY: "stopped", Outcome.DIVERGED: "diverged",
+              Outcome.ERROR: "error", Outcome.INTERRUPTED: "interrupted"}
+COUNTED = ("done", "stopped", "diverged", "error", "interrupted", "pending")
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    label: str
+    config: dict[str, Any]
+    seed: int | None
+    status: str  # done | stopped | diverged | error | interrupted | pending
+    evaluations: int
+    best: dict[str, float]  # metrics at the core's best evaluation (its best_step)
+    run_id: str = ""
+    config_id: str = ""
+    checkpoint: str = ""
+    error: str = ""
+    reason: str = ""  # why it ended so (Tag.OUTCOME_REASON): e.g. the scheduler's words
+
+
+SUMMARY_KEYS = ("val_nll", "val_kl", "val_mi_loo", "val_au", "val_ppl", "val_elbo", "val_rec", "step",
+                "val_dist1", "val_dist2")  # the last two: dialogue models (Table 8 diversity)
+
+
+def collect_rows(spec: StudySpec, results, trials, statuses: dict[str, str], runs: dict[str, Any]) -> list[TrialRow]:
+    """One row per Ray trial.  ``results``: Tune's ResultGrid; ``trials``: the saved Ray trials;
+    ``statuses``: their saved Ray statuses; ``runs``: trial id -> its MLflow run, whose
+    ``Tag.OUTCOME`` says how a finished trial ended."""
+    from .outcomes import recorded_outcome
+    from .spaces import describe
+
+    by_path = {result.path: result for result in results}
+    rows = []
+    for trial in trials:
+        result = by_path.get(trial.path)
+        history = result.metrics_dataframe if result is not None else None
+        records = history.to_dict("records") if history is not None and len(history) else []
+        records = [r for r in records if not (finite(r.get("diverged")) and r["diverged"])]  # no evaluation
+        # A trial resumed from an older checkpoint re-reports the steps after it: count steps once.
+        n_evals = len({r.get("step") for r in records})
+        best = _core_best(records)
+        run = runs.get(trial.trial_id)
+        tags = run.data.tags if run is not None else {}
+        outcome, reason = recorded_outcome(trial.trial_id) or (tags.get(Tag.OUTCOME), tags.get(Tag.OUTCOME_REASON, ""))
+        ray_status = statuses.get(trial.trial_id, trial.status)
+        if ray_status in ("TERMINATED", "ERROR") and outcome in ROW_STATUS:
+            status = ROW_STATUS[outcome]
+        elif ray_status in ("TERMINATED", "ERROR"):  # its outcome never reached MLflow (server down)
+            status, reason = ("error" if ray_status == "ERROR" else "done" if n_evals >= spec.evaluations
+                              else "stopped"), "outcome not recorded; read from Ray"
+        else:
+            status = "interrupted" if n_evals else "pending"
+        error = ""
+        if status == "diverged":
+            error = reason
+        elif result is not None and result.error:
+            error = str(result.error).strip().splitlines()[-1][:200]
+        config = {k: v for k, v in dict(trial.config).items() if not k.startswith("__")}
+        rows.append(TrialRow(
+            trial_id=trial.trial_id, label=describe(config, spec.preset), config=config,
+            seed=config.get("train.seed"), status=status, evaluations=n_evals,
+            best={k: float(best[k]) for k in SUMMARY_KEYS if k in best and finite(best[k])},
+            run_id=run.info.run_id if run else "", config_id=tags.get(Tag.CONFIG_ID, ""),
+            checkpoint=_checkpoint_at(result, best.get("step")) if best else "", error=error,
+            reason=reason if status == "stopped" else ""))
+    return rows
+
+
+def _core_best(records: list[dict]) -> dict:
+    """The evaluation the core itself calls best: the one at its last reported ``best_step``."""
+    steps = [r["best_step"] for r in records if finite(r.get("best_step"))]
+    if not steps:
+        return {}
+    return next((r for r in reversed(records) if r.get("step") == steps[-1]), {})
+
+
+def _checkpoint_at(result, step: float | None) -> str:
+    """The path of the checkpoint Tune kept for ``step`` ("" if none was kept)."""
+    for checkpoint, metrics in (result.best_checkpoints or []) if result is not None else []:
+        if metrics.get("step") == step:
+            return checkpoint.path
+    return ""
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def rank(spec: StudySpec, rows: list[TrialRow]) -> list[TrialRow]:
+    """Rows by the first objective (in its direction), rows without a value last."""
+    first = spec.objectives[0]
+
+    def key(row: TrialRow):
+        value = row.best.get(first.metric)
+        return (not finite(value), oriented(first, value) if finite(value) else 0.0)
+
+    return sorted(rows, key=key)
+
+
+def oriented(objective: Objective, value: float) -> float:
+    """Smaller is better."""
+    return value if objective.mode == "min" else -value
+
+
+def pareto_front(spec: StudySpec, points: list[tuple[str, dict[str, float]]]) -> set[str]:
+    """Names of the non-dominated points under the spec's objectives."""
+    mask = pareto_mask([[values.get(o.metric) for o in spec.objectives] for _, values in points],
+                       [o.mode for o in spec.objectives])
+    return {name for (name, _), on_front in zip(points, mask) if on_front}
+
+
+def group_by_config(rows: list[TrialRow]) -> list[dict[str, Any]]:
+    groups: dict[str, list[TrialRow]] = {}
+    for row in rows:
+        groups.setdefault(row.label, []).append(row)
+    out = []
+    for label, members in groups.items():
+        entry: dict[str, Any] = {"label": label, "n": len(members), "config_id": members[0].config_id}
+        for key in ("val_nll", "val_kl", "val_mi_loo", "val_au"):
+            values = [m.best[key] for m in members if finite(m.best.get(key))]
+            entry[key] = statistics.fmean(values) if values else None
+            entry[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+        out.append(entry)
+    return out
+
+
+def summarize(spec: StudySpec, state: StudyState, rows: list[TrialRow], interrupted: bool,
+              elapsed_s: float) -> dict[str, Any]:
+    """What ``summary.json`` holds."""
+    ranked = rank(spec, [r for r in rows if r.best])
+    groups = group_by_config(rows) if spec.seeds > 1 else []
+    front: set[str] = set()
+    if spec.multi_objective:
+        points = ([(g["label"], g) for g in groups] if groups else [(r.trial_id, r.best) for r in rows])
+        front = pareto_front(spec, points)
+    return {
+        "study": state.study_name, "spec": spec.name, "search": spec.search,
+        "objectives": [str(o) for o in spec.objectives], "status": "interrupted" if interrupted else "completed",
+        "elapsed_s": round(elapsed_s, 1), "counts": {s: sum(1 for r in rows if r.status == s) for s in COUNTED},
+        "experiment_path": state.experiment_path, "optuna_storage": state.optuna_storage,
+        "tracking_uri": state.tracking_uri, "parent_run_id": state.parent_run_id, "pareto_front": sorted(front),
+        "trials": [dataclasses.asdict(r) for r in ranked + [r for r in rows if not r.best]],
+        "configurations": groups,
+        "best": dataclasses.asdict(ranked[0]) if ranked else None,
+    }
