@@ -4,9 +4,9 @@
    checkpoint the trial saved); ``--pareto`` lists the val_nll/val_mi_loo front instead.
 2. Download the ``checkpoint/`` artifact (works with a remote server's proxied artifacts,
    ``mlflow-artifacts:/`` URIs, as with a local SQLite store).
-3. ``cvae_core.evaluation.evaluate_checkpoint`` on the test split: IS-NLL with N importance samples,
-   KL, PPL, ELBO, both MI estimators, AU, and BLEU/Dist/gradient norms when the core offers them
-   (checked with ``inspect.signature``) and the model supports them.
+3. ``cvae_core.evaluation.evaluate_model`` on the test split (the model loaded once): IS-NLL with
+   N importance samples, KL, PPL, ELBO, both MI estimators, AU, and BLEU/Dist/gradient norms when
+   the model supports them.
 4. Log an evaluation run (``cvae.role=evaluation``, nested under the source trial run, tag
    ``cvae.source_run_id``) with ``test_*`` metrics and ``evaluation.json``.
 5. Log the checkpoint as an MLflow Model (``analysis/champion.py``: a pyfunc whose ``predict``
@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import inspect
 import json
 import threading
 import time
@@ -27,7 +26,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from cvae_core.train import format_duration
+from cvae_core.runtime import format_duration
 
 from .runs import AnalysisError, Study, connect, dumps, fetch_study, json_safe, run_label
 from .stats import pareto_mask
@@ -79,8 +78,9 @@ def pareto_front(runs: pd.DataFrame, objectives: tuple[tuple[str, str], ...] = (
 
 
 def has_checkpoint(client, run_id: str) -> bool:
-    names = {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoint")}
-    return "manifest.json" in names and "weights.pt" in names
+    from cvae_core.checkpoint import has_checkpoint_files
+
+    return has_checkpoint_files(a.path for a in client.list_artifacts(run_id, "checkpoint"))
 
 
 def download_checkpoint(tracking_uri: str, run_id: str, dst: str | Path) -> Path:
@@ -94,17 +94,13 @@ def download_checkpoint(tracking_uri: str, run_id: str, dst: str | Path) -> Path
     return Path(path)
 
 
-def evaluation_options(checkpoint: Path, wanted: dict[str, Any], note: Progress) -> dict[str, Any]:
-    """The optional evaluate_checkpoint keywords this core offers and this model supports."""
-    from cvae_core.evaluation import evaluate_checkpoint
+def evaluation_options(model, config, wanted: dict[str, Any], note: Progress) -> dict[str, Any]:
+    """The optional evaluate_model keywords in ``wanted``, less those this model cannot compute."""
+    from cvae_core.errors import CvaeError
+    from cvae_core.metrics.dynamics import encoding_module
 
-    accepted = inspect.signature(evaluate_checkpoint).parameters
-    options = {k: v for k, v in wanted.items() if k in accepted}
-    for flag in ("bleu", "dist", "grad_norms"):
-        if wanted.get(flag) and flag not in accepted:
-            note(f"{flag}: not offered by this cvae_core (evaluate_checkpoint has no {flag!r} argument); skipped")
-    config = json.loads((checkpoint / "config.json").read_text())
-    kind = config.get("model", {}).get("kind")
+    options = dict(wanted)
+    kind = config.model.kind
     if kind != "vae":
         for flag in ("bleu", "dist"):
             if options.get(flag):
@@ -112,14 +108,7 @@ def evaluation_options(checkpoint: Path, wanted: dict[str, Any], note: Progress)
                 options[flag] = False
     if options.get("grad_norms"):
         try:
-            from cvae_core.checkpoint import load_model
-            from cvae_core.errors import CvaeError
-            from cvae_core.metrics.dynamics import encoding_module
-
-            model, _, _ = load_model(checkpoint)
             encoding_module(model)
-        except ImportError:
-            pass  # evaluate_checkpoint will say what it lacks
         except CvaeError as exc:
             note(f"grad_norms: skipped ({exc})")
             options["grad_norms"] = False
@@ -153,20 +142,25 @@ class Heartbeat:
 
 
 def evaluate(checkpoint: Path, *, split: str, n_samples: int, mi_samples: int, seed: int, device: str,
-             data_dir: str | None, limit: int, options: dict[str, Any], progress: Progress) -> dict[str, Any]:
-    from cvae_core.evaluation import ProgressPrinter, evaluate_checkpoint
+             data_dir: str | None, limit: int, wanted: dict[str, Any],
+             progress: Progress) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the checkpoint once, drop the optional metrics it cannot compute, evaluate it.
+    -> (result, the optional settings used)."""
+    from cvae_core.evaluation import ProgressPrinter, evaluate_model, load_for_evaluation
 
+    model, config, _, data = load_for_evaluation(checkpoint, split, device,
+                                                 {"data_dir": data_dir} if data_dir else None, limit)
+    options = evaluation_options(model, config, wanted, progress)
     extras = [k for k in ("bleu", "dist", "grad_norms") if options.get(k)]
     what = f"evaluating on {split}" + (f" (first {limit} sentences)" if limit else "")
     progress(f"{what}: IS-NLL/KL/PPL with N={n_samples}, MI with {mi_samples} samples, AU"
              + (f", {', '.join(extras)}" if extras else "") + " (minutes on a CPU for a full split)")
     with Heartbeat(what, progress) as beat:
-        result = evaluate_checkpoint(checkpoint, split=split, n_samples=n_samples, mi_samples=mi_samples, seed=seed,
-                                     device=device, data_overrides={"data_dir": data_dir} if data_dir else None,
-                                     limit=limit, progress=ProgressPrinter(f"{split} likelihood (N={n_samples})",
-                                                                           every_s=30.0), **options)
+        result = evaluate_model(model, config, data, checkpoint, n_samples=n_samples, mi_samples=mi_samples,
+                                seed=seed, progress=ProgressPrinter(f"{split} likelihood (N={n_samples})",
+                                                                    every_s=30.0), **options)
     progress(f"evaluation done in {format_duration(beat.elapsed)}")
-    return result
+    return result, options
 
 
 def log_evaluation(client, experiment_id: str, source: pd.Series, study: str, result: dict[str, Any],
@@ -312,10 +306,9 @@ def run_best(args, progress: Progress) -> dict[str, Any] | None:
              f"{time.monotonic() - started:.1f} s to {checkpoint}")
     wanted = {"bleu": args.bleu, "dist": args.dist, "grad_norms": args.grad_norms,
               "bleu_samples": args.bleu_samples, "dist_samples": args.dist_samples, "max_steps": args.max_steps}
-    options = evaluation_options(checkpoint, wanted, progress)
-    result = evaluate(checkpoint, split=args.split, n_samples=args.n_samples, mi_samples=args.mi_samples,
-                      seed=args.seed, device=args.device, data_dir=args.data_dir, limit=args.limit, options=options,
-                      progress=progress)
+    result, options = evaluate(checkpoint, split=args.split, n_samples=args.n_samples, mi_samples=args.mi_samples,
+                               seed=args.seed, device=args.device, data_dir=args.data_dir, limit=args.limit,
+                               wanted=wanted, progress=progress)
     if args.json:
         print(json.dumps(json_safe(result), indent=2))
     else:

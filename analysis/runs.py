@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cvae_core.evaluation import json_safe
+from cvae_core.runtime import json_safe
 
 DEFAULT_EXPERIMENT = "coupled-vae-studies"
 SCHEMA_VERSION = "1"

@@ -361,15 +361,14 @@ def table3(runs: pd.DataFrame, at: str = "best", study: str = "", family: str | 
 
 def preset_coupling(preset: str, dataset: str) -> dict | None:
     """The coupling settings (distance, lambda_m, lambda_r) a coupled preset uses on ``dataset``,
-    or None when cvae_core does not know the preset."""
-    from cvae_core.config import PRESETS, build_config
+    or None when cvae_core does not know the preset (or it does not run on that dataset)."""
+    from cvae_core.config import preset_coupling as core_preset_coupling
+    from cvae_core.errors import CvaeError
 
-    if preset not in PRESETS:
-        return None
     known = dataset if dataset in ("ptb", "yelp13", "yahoo") else "ptb"
     try:
-        c = build_config(preset, known, "quick", {} if known == "ptb" else {"data.data_dir": "/unused"}).coupling
-    except Exception:  # a preset the core cannot build on this dataset
+        c = core_preset_coupling(preset, known)
+    except CvaeError:
         return None
     return {"distance": c.distance, "lambda_m": c.lambda_m, "lambda_r": c.lambda_r}
 

@@ -8,28 +8,71 @@
 Written atomically: into a temporary sibling directory, then renamed into place; ``best`` and
 ``latest`` are symlinks replaced atomically.  Loaded with ``torch.load(weights_only=True)``, so
 a checkpoint can never execute pickled code.
+
+A run keeps its checkpoints in a private tree, ``<output_dir>/checkpoints/``: ``step-NNNNNNN``
+directories plus the ``latest`` and ``best`` links.  Code outside the core never names these
+files: it asks :func:`is_checkpoint`, :func:`read_config`, :func:`checkpoint_step`, and resumes
+from any checkpoint directory with ``train(..., resume_from=path)`` (:func:`install_checkpoint`).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from . import __version__
 from .config import Config
 from .data.vocab import Vocab
 from .errors import CvaeError
 
 TENSOR_FILES = ("weights.pt", "optimizer.pt", "rng.pt")
 JSON_FILES = ("state.json", "config.json", "vocab.json")
+MANIFEST = "manifest.json"
+CHECKPOINT_FILES = (*TENSOR_FILES, *JSON_FILES, MANIFEST)
+LATEST, BEST = "latest", "best"  # links in a run's checkpoint tree
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; written as ``state.json`` in every checkpoint and read back to resume.
+
+    ``best_value`` is the lowest selection metric so far (``val_nll``, ``val_rec`` for a DAE),
+    reached at ``best_step``; ``history`` holds the metrics of every evaluation.  ``aggressive``
+    and ``previous_mi`` are the Lagging-VAE phase (None in other runs: not written then)."""
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0  # position in the epoch's batch order
+    best_value: float = math.inf
+    best_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    aggressive: bool | None = None
+    previous_mi: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        raw = {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
+               "best_value": self.best_value, "best_step": self.best_step,
+               "metrics": self.history[-1] if self.history else {}, "history": self.history, "version": __version__}
+        if self.aggressive is not None:
+            raw.update(aggressive=self.aggressive, previous_mi=self.previous_mi)
+        return raw
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "TrainState":
+        """Every state.json this package has written, old ones included (no history, no Lagging keys)."""
+        return cls(step=int(raw["step"]), epoch=int(raw["epoch"]), batch_index=int(raw["batch_index"]),
+                   best_value=float(raw["best_value"]), best_step=int(raw["best_step"]),
+                   history=list(raw.get("history", [])), aggressive=raw.get("aggressive"),
+                   previous_mi=raw.get("previous_mi"))
 
 
 @dataclass
@@ -40,7 +83,11 @@ class CheckpointData:
     weights: dict[str, Any]
     optimizer: dict[str, Any] | None
     rng: dict[str, Any]
-    state: dict[str, Any]
+    state: dict[str, Any]  # the raw state.json; TrainState.from_json(state) reads it
+
+    @property
+    def train_state(self) -> TrainState:
+        return TrainState.from_json(self.state)
 
 
 def _sha256(path: Path) -> str:
@@ -74,7 +121,7 @@ def _save_tensors(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict[str, Any], config: Config, vocab: Vocab) -> Path:
+                    state: TrainState | dict[str, Any], config: Config, vocab: Vocab) -> Path:
     """Write a checkpoint directory atomically; ``directory`` must not exist yet."""
     directory = Path(directory)
     if directory.exists():
@@ -88,11 +135,12 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
         _save_tensors(model.state_dict(), tmp / "weights.pt")
         _save_tensors(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
         _save_tensors(rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        raw_state = state.to_json() if isinstance(state, TrainState) else state
+        (tmp / "state.json").write_text(json.dumps(raw_state, indent=2, sort_keys=True))
         (tmp / "config.json").write_text(config.to_json())
         vocab.save(tmp / "vocab.json")
         manifest = {name: _sha256(tmp / name) for name in TENSOR_FILES + JSON_FILES}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.rename(tmp, directory)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay as they were
@@ -119,11 +167,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_dir():
         raise CvaeError(f"checkpoint not found (expected a directory): {path}")
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        raise CvaeError(f"checkpoint {path} is incomplete: manifest.json is missing") from None
+        raise CvaeError(f"checkpoint {path} is incomplete: {MANIFEST} is missing") from None
     except ValueError:
-        raise CvaeError(f"checkpoint {path} is corrupted: manifest.json is not valid JSON") from None
+        raise CvaeError(f"checkpoint {path} is corrupted: {MANIFEST} is not valid JSON") from None
     for name in TENSOR_FILES + JSON_FILES:
         file = path / name
         if not file.is_file():
@@ -165,3 +213,80 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         raise CvaeError(f"checkpoint {path}: weights.pt does not fit its config.json/vocab.json "
                         f"({len(data.vocab)} words; {first[-1].strip() if first else type(exc).__name__})") from None
     return model.eval(), data.config, data.vocab
+
+
+# ---------------------------------------------------------------------------------------------
+# Questions about a checkpoint directory, answered without loading its tensors.
+
+def has_checkpoint_files(names: Iterable[str]) -> bool:
+    """True when a listing of file names (e.g. an MLflow artifact folder) holds a whole checkpoint."""
+    return set(CHECKPOINT_FILES) <= {Path(name).name for name in names}
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True for a directory :func:`load_checkpoint` can read: every file present and a readable
+    manifest (checksums are verified on load, not here). Never raises."""
+    path = Path(path)
+    try:
+        if not path.is_dir() or not has_checkpoint_files(p.name for p in path.iterdir() if p.is_file()):
+            return False
+        return isinstance(json.loads((path / MANIFEST).read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _read_json(path: Path, name: str) -> Any:
+    if not is_checkpoint(path):
+        raise CvaeError(f"not a checkpoint directory (expected {', '.join(CHECKPOINT_FILES)}): {path}")
+    try:
+        return json.loads((path / name).read_text())
+    except ValueError:
+        raise CvaeError(f"checkpoint {path} is corrupted: {name} is not valid JSON") from None
+
+
+def read_config(path: str | Path) -> Config:
+    """The resolved :class:`Config` a checkpoint was trained with, without loading its tensors."""
+    path = Path(path)
+    raw = _read_json(path, "config.json")
+    try:
+        return Config.from_dict(raw)
+    except CvaeError as exc:
+        raise CvaeError(f"checkpoint {path}: {exc}") from None
+
+
+def read_state(path: str | Path) -> TrainState:
+    """Where the run stood when the checkpoint was written (step, best so far, history)."""
+    return TrainState.from_json(_read_json(Path(path), "state.json"))
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The training step at which a checkpoint was written."""
+    return read_state(path).step
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's checkpoint tree: <output_dir>/checkpoints/{step-NNNNNNN, latest, best}.
+
+def step_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f"step-{step:07d}"
+
+
+def install_checkpoint(source: str | Path, ckpt_root: str | Path) -> int:
+    """Copy the checkpoint ``source`` (from anywhere, e.g. the directory Ray hands back on a
+    retry) into the tree ``ckpt_root`` as its step directory and point ``latest`` at it (and
+    ``best`` when it was the run's best).  Step directories of later steps are removed: they
+    belong to a future that resuming from ``source`` replaces.  -> the checkpoint's step."""
+    source, ckpt_root = Path(source), Path(ckpt_root)
+    state = read_state(source)
+    step = state.step
+    target = step_dir(ckpt_root, step)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    if not (target.exists() and target.resolve() == source.resolve()):
+        for path in ckpt_root.glob("step-*"):
+            if path.is_dir() and path.name >= target.name:
+                shutil.rmtree(path)
+        shutil.copytree(source, target)
+    point_link(ckpt_root / LATEST, target)
+    if state.best_step == step:
+        point_link(ckpt_root / BEST, target)
+    return step

@@ -52,7 +52,8 @@ def _check_counts(args: argparse.Namespace, positive: tuple[str, ...], non_negat
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .evaluation import ProgressPrinter, evaluate_checkpoint, json_safe
+    from .evaluation import ProgressPrinter, evaluate_checkpoint
+    from .runtime import json_safe
 
     _check_counts(args, positive=("n_samples", "mi_samples", "bleu_samples", "dist_samples"),
                   non_negative=("limit", "max_steps"))
@@ -76,8 +77,8 @@ def _generate(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .data.batching import make_batch
     from .evaluation import load_for_evaluation
-    from .generate import interpolate, reconstruct, sample_prior, seeded
-    from .train import resolve_device
+    from .generate import interpolate, reconstruct, sample_prior
+    from .runtime import resolve_device, seeded
 
     if args.n < 1 or args.max_steps < 0 or args.steps < 0:
         raise CvaeError(f"--n must be >= 1 and --max-steps, --steps >= 0 "
@@ -122,8 +123,8 @@ def _respond(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .data.batching import Pair, make_batch
     from .data.pairs import tokenize_utterance
-    from .generate import respond, seeded
-    from .train import resolve_device
+    from .generate import respond
+    from .runtime import resolve_device, seeded
 
     if args.n < 1 or args.max_steps < 0:
         raise CvaeError(f"--n must be >= 1 and --max-steps >= 0 (got {args.n}, {args.max_steps})")

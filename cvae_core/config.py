@@ -40,7 +40,8 @@ class DataConfig:
     train_limit: int = 0  # use only the first N training examples (0 = all)
     valid_limit: int = 0  # validate on the first N examples (0 = all)
     # Training batches: "bucket" = sentences of similar length (pools of 50 batches sorted by
-    # length, 4% padding, ~2x faster); "random" = i.i.d. shuffled batches, as the authors train.
+    # length: about 4% padding, so little compute is spent on it); "random" = i.i.d. shuffled
+    # batches, as the authors train.
     batching: str = "bucket"
 
 
@@ -358,7 +359,7 @@ def _validate_combinations(config: Config) -> None:
 # Scales: the paper's schedule, and the same shape compressed for a CPU.
 
 def paper_scale(config: Config) -> None:
-    """Section 5 of the implementation notes: 60K steps, eval every 1K, LR halving after 30K."""
+    """The authors' schedule: 60K steps, eval every 1K, LR halving every 2K after 30K."""
     t = config.train
     t.steps, t.eval_every, t.lr_decay_start, t.lr_decay_every, t.log_every = 60000, 1000, 30000, 2000, 100
     t.val_samples, t.mi_samples = 10, 10
@@ -367,8 +368,8 @@ def paper_scale(config: Config) -> None:
 
 # Quick scale = the paper's schedule compressed 40x on the step axis (1.5K steps, LR halving every
 # 50 steps after 750, annealing from step 50 over 1,000 steps), full training data, validation on
-# the first 1,000 sentences every 500 steps. Sized so that a coupled model finishes in under
-# 15 min on 2 CPU cores: at 30x (2K steps) it took 15m28s on a quiet machine, and its last 500
+# the first 1,000 sentences every 500 steps. Sized so that a coupled model trains in minutes on a
+# laptop CPU (the README gives the timings); compressing less buys nothing: at 30x the last 500
 # steps ran at LR < 4e-6 and moved validation NLL by 0.01 nats.
 QUICK_FACTOR = 40
 
@@ -395,7 +396,7 @@ class Preset:
     group: str  # the Table 1 block it belongs to
     description: str
     settings: dict[str, Any]
-    # dataset -> settings applied on top (notes section 8); step counts are in paper steps
+    # dataset -> settings applied on top (the authors' per-dataset values); step counts are in paper steps
     per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -423,7 +424,7 @@ def register_pair(name: str, group: str, description: str, settings: dict[str, A
                   coupled_extra: dict[str, Any] | None = None) -> None:
     """Register a base preset and its ``coupled-`` twin.
 
-    ``lambda_m`` is the twin's matching weight for PTB / Yelp-13 / Yahoo (notes section 8); the
+    ``lambda_m`` is the twin's matching weight for PTB / Yelp-13 / Yahoo (the authors' values); the
     twin always uses lambda_r = 1 and the RQ distance, as the authors' coupled models do.
     """
     settings, per_dataset = settings or {}, per_dataset or {}
@@ -445,7 +446,8 @@ def _per_dataset(ptb: dict[str, Any], yelp13: dict[str, Any], yahoo: dict[str, A
 
 
 def _starts(ptb: int, yelp: int, yahoo: int) -> dict[str, dict[str, Any]]:
-    """KL annealing start s0 per dataset, in paper steps (notes section 8)."""
+    """KL annealing start s0 per dataset, in paper steps (the authors' values, which differ from the
+    paper's appendix for some models)."""
     return _per_dataset(*({"regularizer.anneal_start": s} for s in (ptb, yelp, yahoo)))
 
 
@@ -509,7 +511,7 @@ register_preset(Preset("coupled-cvae", "dialogue (Table 8)",
                         "coupling.distance": "rq", "coupling.lambda_m": CVAE_LAMBDA_M[0]}))
 
 
-DATASET_SIZES = {  # hidden size per direction (notes section 8)
+DATASET_SIZES = {  # GRU hidden size per direction of the bidirectional encoder (the paper's 128 / 256)
     "ptb": {"model.hidden_dim": 128},
     "yelp13": {"model.hidden_dim": 256},
     "yahoo": {"model.hidden_dim": 256},
@@ -543,10 +545,35 @@ def build_config(preset: str = "vae", dataset: str = "ptb", scale: str = "quick"
     config = Config(preset=preset, scale=scale)
     config.data.dataset = dataset
     SCALE_SETTERS[scale](config)
-    spec = PRESETS[preset]
     apply_overrides(config, DATASET_SIZES[dataset])
-    apply_overrides(config, _in_scale(spec.settings, scale))
-    apply_overrides(config, _in_scale(spec.per_dataset.get(dataset, spec.per_dataset.get("ptb", {})), scale))
+    apply_overrides(config, _preset_settings(preset, dataset, scale))
     apply_overrides(config, overrides or {})
     validate(config)
     return config
+
+
+def _preset_settings(preset: str, dataset: str, scale: str) -> dict[str, Any]:
+    """The preset's settings with its per-dataset ones on top (PTB's for a dataset it does not name)."""
+    spec = PRESETS[preset]
+    per_dataset = spec.per_dataset.get(dataset, spec.per_dataset.get("ptb", {}))
+    return {**_in_scale(spec.settings, scale), **_in_scale(per_dataset, scale)}
+
+
+def preset_coupling(preset: str, dataset: str = "ptb") -> CouplingConfig:
+    """The coupling settings (enabled, lambda_r, lambda_m, distance, rq_c) ``preset`` uses on
+    ``dataset``, equal to ``build_config(preset, dataset).coupling`` but without building a
+    Config (no data paths needed).  Unknown preset or dataset, or a preset that does not run on
+    ``dataset`` (a dialogue model on sentences, or the reverse): a one-line CvaeError."""
+    if preset not in PRESETS:
+        raise CvaeError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    if dataset not in DATASETS:
+        raise CvaeError(f"unknown dataset {dataset!r}; choose from: {', '.join(DATASETS)}")
+    if PRESETS[preset].conditional != (dataset in PAIR_DATASETS):
+        raise CvaeError(f"preset {preset!r} does not run on dataset {dataset!r}: the dialogue presets read "
+                        f"post/response pairs ({', '.join(PAIR_DATASETS)}), the others read sentences")
+    coupling = CouplingConfig()
+    for key, value in _preset_settings(preset, dataset, "paper").items():  # coupling keys are scale-free
+        section, name, ftype = FIELDS[resolve_key(key)]
+        if section == "coupling":
+            setattr(coupling, name, _coerce(key, value, ftype))
+    return coupling

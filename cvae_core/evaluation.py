@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -12,20 +11,22 @@ import torch
 
 from . import __version__
 from .checkpoint import load_model
+from .config import Config
 from .data import load_corpus
-from .data.corpus import KNOWN_CHECKSUMS
+from .data.corpus import KNOWN_CHECKSUMS, Split
 from .errors import CvaeError
 from .metrics.dynamics import GRAD_BATCH, encoding_module, gradient_norms
 from .metrics.likelihood import MI_BATCH, evaluate
 from .metrics.text import prior_diversity, reconstruction_bleu, response_diversity
-from .train import format_duration, resolve_device
+from .runtime import format_duration, resolve_device
 
 RESULT_KEYS = ("nll", "kl", "ppl", "elbo", "mi_loo", "mi_batch", "au", "n_sentences", "n_tokens")
 
 
 def load_for_evaluation(checkpoint: str | Path, split: str = "test", device: str = "auto",
                         data_overrides: dict[str, str] | None = None, limit: int = 0):
-    """-> (model in eval mode, config, vocab, Split) for a checkpoint and one of its splits.
+    """-> (model in eval mode, config, vocab, Split) for a checkpoint and one of its splits: the
+    model loaded once, for a caller that inspects it before :func:`evaluate_model`.
 
     ``data_overrides`` replaces data paths recorded in the checkpoint (e.g. another data_dir).
     ``limit`` keeps the first N sentences only (0 = the whole split).
@@ -59,7 +60,18 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
                        gradient norms w.r.t. the encoding (Table 5), train mode, batches of 16.
     ``max_steps`` bounds greedy decoding (0 = the checkpoint's data.max_len, the authors' 200).
     ``progress(done, total)`` follows the likelihood pass (e.g. a ``ProgressPrinter``).
+    This is :func:`load_for_evaluation` then :func:`evaluate_model`; a caller that inspects the
+    model before evaluating it calls the two itself, so the model is loaded once.
     """
+    _check_settings(n_samples, mi_samples, bleu, bleu_samples, dist, dist_samples, max_steps)
+    model, config, _, data = load_for_evaluation(checkpoint, split, device, data_overrides, limit)
+    return evaluate_model(model, config, data, checkpoint, n_samples=n_samples, mi_samples=mi_samples, seed=seed,
+                          bleu=bleu, dist=dist, grad_norms=grad_norms, bleu_samples=bleu_samples,
+                          dist_samples=dist_samples, max_steps=max_steps, progress=progress)
+
+
+def _check_settings(n_samples: int, mi_samples: int, bleu: bool, bleu_samples: int, dist: bool, dist_samples: int,
+                    max_steps: int) -> None:
     if n_samples < 1 or mi_samples < 1:
         raise CvaeError("--n-samples and --mi-samples must be >= 1")
     if bleu and bleu_samples < 1:
@@ -68,7 +80,16 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
         raise CvaeError(f"--max-steps must be >= 0 (0 = data.max_len), got {max_steps}")
     if dist and dist_samples < 1:
         raise CvaeError(f"--dist-samples must be >= 1, got {dist_samples}")
-    model, config, _, data = load_for_evaluation(checkpoint, split, device, data_overrides, limit)
+
+
+def evaluate_model(model: torch.nn.Module, config: Config, data: Split, checkpoint: str | Path, *,
+                   n_samples: int = 100, mi_samples: int = 100, seed: int = 0, bleu: bool = False,
+                   dist: bool = False, grad_norms: bool = False, bleu_samples: int = 10, dist_samples: int = 3200,
+                   max_steps: int = 0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """:func:`evaluate_checkpoint` for a model already loaded with :func:`load_for_evaluation`
+    (``checkpoint`` is where it came from, for the fingerprint); the same keywords and result."""
+    _check_settings(n_samples, mi_samples, bleu, bleu_samples, dist, dist_samples, max_steps)
+    split = data.name
     conditional = getattr(model, "conditional", False)
     if (bleu or dist) and model.kind != "vae" and not conditional:
         raise CvaeError(f"--bleu and --dist need a latent-variable model (model.kind=vae), got {model.kind!r}")
@@ -147,14 +168,3 @@ class ProgressPrinter:
         print(f"[evaluate] {self.label}: {done:,}/{total:,} sentences ({done / total:.0%}) | "
               f"{format_duration(now - self.started)} elapsed, ETA {format_duration(eta)}",
               file=self.stream, flush=True)
-
-
-def json_safe(value: Any) -> Any:
-    """NaN/inf -> None, recursively: strict JSON for `cvae evaluate --json` and everything built on it."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value

@@ -1,12 +1,12 @@
 """Greedy decoding from latent codes: prior samples, reconstructions and interpolations.
 
-Decoding follows the authors (notes section 1): start from <bos>, mask <unk> at every step,
+Decoding follows the authors' code: start from <bos>, mask <unk> at every step,
 take the argmax, and cut the output at the first <eos>.  Beam size 1 everywhere.
 
 * Steps: the authors always run 200 steps and cut afterwards.  We stop as soon as every row of
   the batch has produced <eos>.  Greedy decoding is causal and deterministic, so the tokens
   before each row's first <eos> are the same either way, only faster.
-* Quirk 12: when the first generated token is <eos>, the authors' ``strip_eos`` keeps it, so
+* An output that starts with <eos>: the authors' ``strip_eos`` keeps that <eos>, so
   the output is the one-token sentence "<eos>".  We return an EMPTY sentence instead
   (``strip_eos(..., empty_as_eos=True)`` restores their behaviour).  This changes BLEU and
   Dist a little, and only when a model generates empty sentences.
@@ -29,15 +29,6 @@ from .errors import CvaeError
 from .models.text_vae import latent_model
 
 DEFAULT_MAX_STEPS = 200  # the authors' fixed number of decoding steps (= max_len)
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
-    """Run the block on its own seeded RNG stream and restore the caller's RNG state afterwards."""
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 @contextlib.contextmanager
@@ -68,7 +59,7 @@ def model_device(model: nn.Module) -> torch.device:
 def strip_eos(ids: Sequence[int], eos: int = EOS, empty_as_eos: bool = False) -> list[int]:
     """Token ids cut before the first <eos> (all of them if there is none).
 
-    empty_as_eos=True mimics the authors (quirk 12): an output that starts with <eos> becomes
+    empty_as_eos=True mimics the authors' ``strip_eos``: an output that starts with <eos> becomes
     ``[eos]`` instead of ``[]``.
     """
     ids = list(ids)
@@ -117,7 +108,7 @@ def reconstruct(model: nn.Module, batch: Batch, n_samples: int = 1,
     """Decode each sentence of ``batch`` from ``n_samples`` codes z ~ q(z|x).
 
     -> [B][n_samples] token-id lists (sample k of sentence i at ``[i][k]``).  Uses the global
-    torch RNG; wrap in :func:`seeded` for reproducible samples.
+    torch RNG; wrap in :func:`cvae_core.runtime.seeded` for reproducible samples.
     """
     if n_samples < 1:
         raise CvaeError(f"n_samples must be >= 1, got {n_samples}")
@@ -152,7 +143,7 @@ def respond(model: nn.Module, batch: Batch, n_samples: int = 1,
     """Greedy responses to the posts of a pair batch (its responses are not read): for a CVAE
     each from its own z ~ p(z|post), for seq2seq the one deterministic response repeated.
 
-    -> [B][n_samples] token-id lists.  Uses the global torch RNG; wrap in :func:`seeded`.
+    -> [B][n_samples] token-id lists.  Uses the global torch RNG; wrap in :func:`cvae_core.runtime.seeded`.
     """
     if n_samples < 1:
         raise CvaeError(f"n_samples must be >= 1, got {n_samples}")

@@ -8,7 +8,7 @@ RQ_SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 def linear_kl_weight(step: int, start: int, steps: int, cap: float) -> float:
-    """min(max((t - s0) / S, 0), cap) with t the 1-based step (notes section 3)."""
+    """min(max((t - s0) / S, 0), cap) with t the 1-based step, as the authors anneal."""
     return min(max((step - start) / steps, 0.0), cap)
 
 
@@ -55,7 +55,7 @@ def imq_mmd(q: Tensor, p: Tensor, latent_dim: int) -> Tensor:
     """Unbiased MMD^2 between posterior samples q [B, d] and prior samples p [B, d] -> scalar.
 
     Kernel: the WAE multi-scale inverse multiquadric sum_s C_s / (C_s + ||x - y||^2) with
-    C_s = 2 d s, s in RQ_SCALES (notes section 3). Per scale:
+    C_s = 2 d s, s in RQ_SCALES (the WAE authors' scales). Per scale:
     [sum_{i!=j} k(q_i, q_j) + sum_{i!=j} k(p_i, p_j)] / (B(B-1)) - 2/B^2 sum_{i,j} k(q_i, p_j).
     Zero in expectation when q and p come from the same distribution; 0 for B < 2 (no pairs).
     """

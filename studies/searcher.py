@@ -35,6 +35,8 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from cvae_core.metrics.names import IS_BEST
+
 MAX_REPEATS = 50  # re-asks when the inner searcher proposes configurations that already ran
 RANK_METRIC = "val_nll"  # the core's selection metric, for results that do not carry its is_best flag
 
@@ -43,8 +45,8 @@ def is_new_best(result: dict, best: dict | None) -> bool:
     """Whether ``result`` is the trial's best evaluation so far: the core says so itself
     (``is_best``, by its selection metric: val_nll, val_rec for a DAE); a result without the
     flag is compared by val_nll."""
-    if "is_best" in result:
-        return bool(result["is_best"])
+    if IS_BEST in result:
+        return bool(result[IS_BEST])
     value = result.get(RANK_METRIC)
     return isinstance(value, (int, float)) and math.isfinite(value) and (best is None or value < best[RANK_METRIC])
 

@@ -15,14 +15,13 @@ tracking outage held back are sent first, bounded): code after the core loop is 
 guaranteed to run, so the driver ends the MLflow run and writes the trial's outcome
 (``studies/outcomes.py``).
 
-It resumes from ``tune.get_checkpoint()`` (FailureConfig retries, ``Tuner.restore``) by
-materialising that checkpoint as the core's ``checkpoints/latest`` and calling
-``train(resume=True)``.  The corpus arrives through ``tune.with_parameters`` (object store),
-never through the config.  It runs on the GPU Ray assigned (fractions allowed), else on CPU.
+It resumes from ``tune.get_checkpoint()`` (FailureConfig retries, ``Tuner.restore``) with
+``train(resume_from=<that checkpoint's directory>)``: the core installs it in its own tree.
+The corpus arrives through ``tune.with_parameters`` (object store), never through the config.  It runs on the GPU Ray assigned (fractions allowed), else on CPU.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import shutil
@@ -33,12 +32,11 @@ from typing import Any
 import torch
 from ray import tune
 
-from cvae_core import build_config, train
-from cvae_core.checkpoint import point_link
+from cvae_core import build_config, checkpoint_step, train
 from cvae_core.config import Config, resolve_key
 from cvae_core.data import Corpus
 from cvae_core.errors import CvaeError, Diverged
-from cvae_core.metrics.names import METRICS
+from cvae_core.metrics.names import IS_BEST, METRICS
 
 from .spaces import SEARCH_PREFIX, describe
 from .record import Tag
@@ -89,23 +87,6 @@ def _scratch_dir(trial_id: str) -> Path:
     return base / f"cvae-run-{trial_id}"
 
 
-def _restore_checkpoint(checkpoint: tune.Checkpoint, output_dir: Path) -> int:
-    """Tune checkpoint -> ``output_dir/checkpoints/step-N`` + ``latest`` (+ ``best``). -> step."""
-    ckpt_root = output_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    with checkpoint.as_directory() as source:
-        state = json.loads((Path(source) / "state.json").read_text())
-        step = int(state["step"])
-        target = ckpt_root / f"step-{step:07d}"
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(source, target)
-    point_link(ckpt_root / "latest", target)
-    if int(state.get("best_step", -1)) == step:
-        point_link(ckpt_root / "best", target)
-    return step
-
-
 DIVERGED = "diverged"  # the result key that tells the driver (studies/outcomes.py)
 # A NaN for every metric an objective or the scheduler may name: Optuna records the trial as FAIL.
 NAN_OBJECTIVES = {f"val_{m.name}": float("nan") for m in METRICS.values() if m.ranked or m.name == "kl"}
@@ -141,7 +122,16 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
         shutil.rmtree(output_dir)  # a retry on the same node: the Tune checkpoint is the truth
     output_dir.mkdir(parents=True)
     checkpoint = tune.get_checkpoint()
-    resumed_step = _restore_checkpoint(checkpoint, output_dir) if checkpoint is not None else None
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as resume_from:
+        _run_trial(config, core_config, study, corpus, output_dir, resume_from, trial_id, trial_name, device, gpu_ids)
+
+
+def _run_trial(config: dict[str, Any], core_config: Config, study: StudyContext, corpus: Corpus | None,
+               output_dir: Path, resume_from: str | None, trial_id: str, trial_name: str, device: str,
+               gpu_ids: list[str]) -> None:
+    """One attempt of a trial: the MLflow run, the core loop (resumed from ``resume_from``, a
+    checkpoint directory, when Tune handed one back), and the trial's outcome."""
+    resumed_step = checkpoint_step(resume_from) if resume_from is not None else None
     # one log per attempt, so that a retry does not overwrite the first attempt's log in MLflow
     log_path = output_dir / ("train.log" if resumed_step is None else f"train-resumed-at-step-{resumed_step}.log")
 
@@ -166,7 +156,7 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
         if stop_point and not run.flush(wait_s=FINAL_FLUSH_S):
             log(f"warning: {len(run.pending)} metrics could not reach MLflow within {FINAL_FLUSH_S} s")
         if not run.pending:  # artifacts follow the metrics once the server answers again
-            if metrics.get("is_best", 0.0) >= 1.0:
+            if metrics.get(IS_BEST, 0.0) >= 1.0:
                 run.log_checkpoint(checkpoint_dir)
             run.log_file(log_path)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
@@ -177,8 +167,7 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
             log_file.flush()
 
         try:
-            train(core_config, output_dir, callbacks=[report], resume=resumed_step is not None,
-                  corpus=corpus, log=log)
+            train(core_config, output_dir, callbacks=[report], resume_from=resume_from, corpus=corpus, log=log)
         except SystemExit:
             shutil.rmtree(output_dir, ignore_errors=True)
             raise  # Tune stopped the trial inside tune.report; the driver ends the MLflow run

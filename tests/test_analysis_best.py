@@ -129,7 +129,7 @@ def test_the_champion_loads_as_a_pyfunc_model_and_predicts_per_sentence_nll(trai
 
     from cvae_core.checkpoint import load_model
     from cvae_core.data.batching import make_batch
-    from cvae_core.generate import seeded
+    from cvae_core.runtime import seeded
     from cvae_core.metrics.likelihood import importance_sampled_nll
 
     mlflow.set_tracking_uri(trained["uri"])

@@ -11,10 +11,10 @@ from cvae_core.data import load_corpus
 from cvae_core.data.batching import make_batch
 from cvae_core.data.vocab import BOS, EOS, UNK
 from cvae_core.errors import CvaeError
-from cvae_core.generate import (decode_codes, greedy_ids, interpolate, reconstruct, sample_prior, seeded,
-                                strip_eos)
+from cvae_core.generate import decode_codes, greedy_ids, interpolate, reconstruct, sample_prior, strip_eos
 from cvae_core.models import build_model
 from cvae_core.modules.networks import GRUDecoder
+from cvae_core.runtime import seeded
 from conftest import TINY
 
 WORD = 4  # the one word the timer decoder emits before <eos>

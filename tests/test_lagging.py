@@ -9,7 +9,8 @@ from cvae_core.data import load_corpus, make_batch
 from cvae_core.errors import CvaeError
 from cvae_core.models import build_model
 from cvae_core.objectives import Objective
-from cvae_core.train import StopTraining, _parameter_groups, aggressive_encoder_updates, train
+from cvae_core.lagging import aggressive_encoder_updates, parameter_groups
+from cvae_core.train import StopTraining, train
 
 
 train_module = importlib.import_module("cvae_core.train")  # the module, not the function cvae_core.train
@@ -25,7 +26,7 @@ def setup(tiny_config):
         config = tiny_config(preset, **overrides)
         corpus = load_corpus(config.data, ("train",))
         model = build_model(config, len(corpus.vocab))
-        optimizer = torch.optim.Adam(_parameter_groups(model, config), lr=1e-2)
+        optimizer = torch.optim.Adam(parameter_groups(model, config), lr=1e-2)
         batches = [make_batch(corpus["train"].examples[i : i + 8]) for i in range(0, 80, 8)]
         return config, model, optimizer, batches
 

@@ -12,9 +12,10 @@ from cvae_core.cli import main
 from cvae_core.data import load_corpus
 from cvae_core.evaluation import evaluate_checkpoint
 from cvae_core.errors import CvaeError
-from cvae_core.generate import sample_prior, seeded
+from cvae_core.generate import sample_prior
 from cvae_core.metrics.text import (bleu_precisions, bleu_statistics, distinct_n, prior_diversity,
                                     prior_samples, reconstruction_bleu)
+from cvae_core.runtime import seeded
 from cvae_core.train import train
 from conftest import TINY
 

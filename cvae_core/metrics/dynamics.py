@@ -1,4 +1,4 @@
-"""Gradient norms with respect to the encoding e (paper Table 5 / Figure 2, notes section 6).
+"""Gradient norms with respect to the encoding e (paper Table 5 / Figure 2).
 
 As in the authors' ``analyze_saliency``: the model is in TRAIN mode (dropout on, z sampled),
 batches of 16 sentences, and with e = the encoder output [B, 2H] of each sentence:
@@ -10,8 +10,8 @@ batches of 16 sentences, and with e = the encoder output [B, 2H] of each sentenc
                                               unweighted (no annealing, whatever the training term)
 * ``dh_de``            = ||∂h_i/∂e_i||_F² / ||h_i||²   with h = signal(z) the decoding signal
 
-All are SQUARED norms (quirk 3), averaged over the sentences of the split.  ``grad_rec_coupled``
-is None for models without a coupled twin (then grad_total = grad_rec); ``grad_reg`` is None
+All are SQUARED norms (the authors' code squares them), averaged over the sentences of the
+split.  ``grad_rec_coupled`` is None for models without a coupled twin (then grad_total = grad_rec); ``grad_reg`` is None
 for the DAE.  Supported: Gaussian VAEs (VAE, beta-VAE and other Gaussian-posterior variants),
 their coupled forms, and the DAE (for which h = signal(Linear(e))).  Any decoder works; with the
 CNN decoder, BatchNorm in train mode mixes the sentences of a batch, so ∂rec/∂e_i then also
@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data.batching import eval_batches
+from ..data.batching import eval_batches, make_batch
 from ..data.corpus import Split
 from ..errors import CvaeError
 from ..models.text_vae import latent_model
 from ..modules.posteriors import DiagonalGaussian
+from ..runtime import seeded
 
 GRAD_KEYS = ("grad_rec", "grad_rec_coupled", "grad_total", "grad_reg", "dh_de")
 GRAD_BATCH = 16  # the authors' batch size for this analysis
@@ -139,8 +140,7 @@ def gradient_norms(model: nn.Module, split: Split, batch_size: int = GRAD_BATCH,
     sums: dict[str, float | None] = {key: 0.0 for key in GRAD_KEYS}
     model.train()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with seeded(seed, device):
             for batch in eval_batches(split.examples, batch_size):
                 for key, values in batch_gradient_norms(model, batch.to(device)).items():
                     if values is None:
@@ -165,8 +165,7 @@ def held_out_gradient_norms(model: nn.Module, batch, seed: int) -> dict[str, flo
     was_training = model.training
     model.train()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
+        with seeded(seed, device):
             norms = batch_gradient_norms(model, batch)
     finally:
         model.train(was_training)
@@ -174,3 +173,25 @@ def held_out_gradient_norms(model: nn.Module, batch, seed: int) -> dict[str, flo
             for name, value in model.named_buffers():
                 value.copy_(buffers[name])
     return {key: norms[key].double().mean().item() for key in DYNAMICS_KEYS if norms[key] is not None}
+
+
+class HeldOutDynamics:
+    """train.dynamics_every: Figure 2's gradient norms on a fixed held-out batch, averaged between
+    evaluations and reported as train_grad_total, train_grad_reg, train_dh_de."""
+
+    def __init__(self, model: nn.Module, examples: list[list[int]], device: torch.device, seed: int):
+        encoding_module(model)  # a clear error for models the analysis does not cover
+        self.model, self.seed = model, seed
+        self.batch = make_batch(examples).to(device)
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def measure(self) -> None:
+        for key, value in held_out_gradient_norms(self.model, self.batch, self.seed).items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        out = {f"train_{key}": total / self.count for key, total in self.sums.items()} if self.count else {}
+        self.sums, self.count = {}, 0
+        return out

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..data.batching import eval_batches, length_sorted_batches
 from ..data.corpus import Split
+from ..runtime import seeded
 from .latent import active_units, mi_estimates
 
 # Memory for one chunk of importance samples: the decoder's activations for every position of
@@ -45,8 +46,7 @@ def _posterior_samples(model: nn.Module, batch, n_samples: int, seeds: list[int]
         return sample.z, sample.log_q
     zs, log_qs = [], []
     for i, seed in enumerate(seeds):
-        with torch.random.fork_rng(devices=[batch.inputs.device] if batch.inputs.is_cuda else []):
-            torch.manual_seed(seed)
+        with seeded(seed, batch.inputs.device):
             sample = model.posterior(batch.select([i])).rsample_with_log_prob((n_samples,))
         zs.append(sample.z)
         log_qs.append(sample.log_q)
@@ -82,14 +82,6 @@ def importance_sampled_nll(model: nn.Module, batch, n_samples: int,
     }
 
 
-def _fork_rng(seed: int, device: torch.device):
-    devices = [device] if device.type == "cuda" else []
-    state = torch.random.fork_rng(devices=devices)
-    state.__enter__()
-    torch.manual_seed(seed)
-    return state
-
-
 @torch.inference_mode()
 def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: int = 100,
              batch_size: int = 32, seed: int = 0, with_mi: bool = True,
@@ -106,40 +98,40 @@ def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: i
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    rng = _fork_rng(seed, device)
     try:
-        totals = {"nll": 0.0, "kl": 0.0, "elbo": 0.0, "rec": 0.0}
-        done = 0
-        for indices, batch in length_sorted_batches(split.examples, batch_size):
-            batch = batch.to(device)
-            if model.kind == "lm":
-                totals["nll"] -= model.log_px(batch).sum().item()
-            elif model.kind == "dae":
-                totals["rec"] += model(batch).rec.sum().item()
-            else:
-                seeds = sentence_seeds(seed, indices)
-                for key, values in importance_sampled_nll(model, batch, n_samples, seeds).items():
-                    totals[key] += values.sum().item()
-            done += len(batch.lengths)
-            if progress is not None:
-                progress(done, len(split.examples))
-        n = len(split.examples)
-        result: dict[str, Any] = {key: value / n for key, value in totals.items()}
-        result.update(n_sentences=n, n_tokens=split.n_tokens)
-        if model.kind == "vae":
-            result["ppl"] = perplexity(totals["nll"], split.n_tokens)
-            if with_mi:
-                torch.manual_seed(seed)  # MI's own stream: independent of the likelihood pass
-                result.update(latent_metrics(model, split, mi_samples))
-        elif model.kind == "lm":
-            result.update(ppl=perplexity(totals["nll"], split.n_tokens), kl=None, elbo=-result["nll"], rec=result["nll"])
-        else:  # a DAE has no likelihood; model selection uses reconstruction cross-entropy
-            result.update(nll=None, kl=None, elbo=None, ppl=None)
-        for key in ("mi_loo", "mi_batch", "au"):
-            result.setdefault(key, None)
-        return result
+        with seeded(seed, device):
+            totals = {"nll": 0.0, "kl": 0.0, "elbo": 0.0, "rec": 0.0}
+            done = 0
+            for indices, batch in length_sorted_batches(split.examples, batch_size):
+                batch = batch.to(device)
+                if model.kind == "lm":
+                    totals["nll"] -= model.log_px(batch).sum().item()
+                elif model.kind == "dae":
+                    totals["rec"] += model(batch).rec.sum().item()
+                else:
+                    seeds = sentence_seeds(seed, indices)
+                    for key, values in importance_sampled_nll(model, batch, n_samples, seeds).items():
+                        totals[key] += values.sum().item()
+                done += len(batch.lengths)
+                if progress is not None:
+                    progress(done, len(split.examples))
+            n = len(split.examples)
+            result: dict[str, Any] = {key: value / n for key, value in totals.items()}
+            result.update(n_sentences=n, n_tokens=split.n_tokens)
+            if model.kind == "vae":
+                result["ppl"] = perplexity(totals["nll"], split.n_tokens)
+                if with_mi:
+                    torch.manual_seed(seed)  # MI's own stream: independent of the likelihood pass
+                    result.update(latent_metrics(model, split, mi_samples))
+            elif model.kind == "lm":
+                result.update(ppl=perplexity(totals["nll"], split.n_tokens), kl=None, elbo=-result["nll"],
+                              rec=result["nll"])
+            else:  # a DAE has no likelihood; model selection uses reconstruction cross-entropy
+                result.update(nll=None, kl=None, elbo=None, ppl=None)
+            for key in ("mi_loo", "mi_batch", "au"):
+                result.setdefault(key, None)
+            return result
     finally:
-        rng.__exit__(None, None, None)
         model.train(was_training)
 
 

@@ -105,3 +105,22 @@ def pareto_mask(points: Sequence[Sequence[float | None]], directions: Sequence[s
                         and any(a < b for a, b in zip(q, p)) for j, q in enumerate(scored))
         mask.append(not dominated)
     return mask
+
+
+# "The best evaluation" has one definition: the core's training loop keeps the evaluation with the
+# lowest selection metric as the run's best checkpoint and reports, with every evaluation,
+# IS_BEST (1.0 when this evaluation became the best), BEST_STEP (the best evaluation's step so far)
+# and best_key(kind) (the selection metric's best value so far).  Consumers read these.
+IS_BEST = "is_best"
+BEST_STEP = "best_step"
+
+
+def selection_metric(model_kind: str) -> str:
+    """The validation metric whose lowest value picks a run's best evaluation (its kept
+    checkpoint): ``val_nll``, or ``val_rec`` for a DAE, which has no likelihood."""
+    return "val_rec" if model_kind == "dae" else "val_nll"
+
+
+def best_key(model_kind: str) -> str:
+    """The metric key holding the best value so far: ``best_val_nll`` (``best_val_rec`` for a DAE)."""
+    return f"best_{selection_metric(model_kind)}"

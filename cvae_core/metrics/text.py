@@ -2,7 +2,7 @@
 
 Both are PERCENTAGES (x100), as in the paper's tables (PTB VAE: BLEU-1/2 23.2 / 4.4).
 
-* ``bleu1``, ``bleu2`` (Table 2, notes section 6 and quirk 4): corpus-level
+* ``bleu1``, ``bleu2`` (Table 2; the authors score BP x p_n, not cumulative BLEU): corpus-level
   ``100 * BP * p_n``, with p_n the modified (clipped) n-gram precision and BP the brevity penalty
   over summed lengths, as Moses ``multi-bleu.perl`` computes them.  This is NOT the cumulative
   BLEU-2 (the geometric mean of p1 and p2).  The authors multiply numbers multi-bleu has
@@ -26,7 +26,8 @@ from torch import nn
 from ..data.batching import make_batch
 from ..data.corpus import Split
 from ..errors import CvaeError
-from ..generate import DEFAULT_MAX_STEPS, generator, model_device, reconstruct, respond, sample_prior, seeded
+from ..generate import DEFAULT_MAX_STEPS, generator, model_device, reconstruct, respond, sample_prior
+from ..runtime import seeded
 
 Tokens = Sequence[Hashable]
 

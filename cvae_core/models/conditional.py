@@ -1,4 +1,4 @@
-"""Conditional models for dialogue (paper section 5.10, Table 8): post y -> response x.
+"""Conditional models for dialogue (the paper's Table 8): post y -> response x.
 
 Built from the same parts as the text VAE (bi-GRU encoders sharing one embedding, Gaussian heads,
 the z -> h signal network, the GRU decoder) and coupled by the same ``CoupledVAE`` wrapper.

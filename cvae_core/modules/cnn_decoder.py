@@ -1,4 +1,4 @@
-"""Dilated causal CNN decoder of the authors' CNN-VAE (implementation notes section 3).
+"""Dilated causal CNN decoder of the authors' CNN-VAE, as their code builds it.
 
 Same interface as :class:`~cvae_core.modules.networks.GRUDecoder` (``logits``,
 ``log_likelihood``, ``greedy``), so it works under every posterior family and inside the
@@ -12,7 +12,7 @@ logits = Linear(F -> V) (no tanh).
 
 Difference from the authors: the causal convolution left-pads by 2r, so BatchNorm sees exactly
 the T+1 causal outputs; the authors pad both sides and drop the last 2r outputs after BatchNorm,
-which lets a little batch statistic from the future leak in during training (notes section 9.14).
+which lets a little batch statistic from the future leak in during training.
 """
 from __future__ import annotations
 

@@ -23,7 +23,6 @@ class PlanarFlow(nn.Module):
 
     def __init__(self, latent_dim: int):
         super().__init__()
-        self.latent_dim = latent_dim
         self.u = nn.Parameter(torch.empty(1, latent_dim).uniform_(-0.01, 0.01))
         self.w = nn.Parameter(torch.empty(1, latent_dim).uniform_(-0.01, 0.01))
         self.b = nn.Parameter(torch.empty(1).uniform_(-0.01, 0.01))

@@ -1,4 +1,4 @@
-"""Encoder, decoding-signal network and GRU decoder of the paper (implementation notes section 1)."""
+"""Encoder, decoding-signal network and GRU decoder of the paper, as the authors' code builds them."""
 from __future__ import annotations
 
 import torch
@@ -83,13 +83,12 @@ class GRUDecoder(nn.Module):
         super().__init__()
         self.embedding = embedding
         embed_dim, vocab_size = embedding.embedding_dim, embedding.num_embeddings
-        self.conditioned = conditioned
         self.gru = nn.GRU(embed_dim * (2 if conditioned else 1), hidden_dim, batch_first=True)
         self.dropout = nn.Dropout(dropout)
         self.project = nn.Linear(hidden_dim, embed_dim)
         self.output = nn.Linear(embed_dim, vocab_size)
 
-    def _initial_state(self, h: Tensor | None, batch_size: int) -> Tensor | None:
+    def _initial_state(self, h: Tensor | None) -> Tensor | None:
         if h is None:
             return None
         _, state = self.gru(torch.cat([h, h], dim=-1).unsqueeze(1))  # one step from zeros
@@ -100,7 +99,7 @@ class GRUDecoder(nn.Module):
         embedded = self.embedding(inputs)
         if h is not None:
             embedded = torch.cat([embedded, h.unsqueeze(1).expand(-1, inputs.shape[1], -1)], dim=-1)
-        states, _ = self.gru(self.dropout(embedded), self._initial_state(h, inputs.shape[0]))
+        states, _ = self.gru(self.dropout(embedded), self._initial_state(h))
         return torch.tanh(self.project(self.dropout(states)))
 
     def logits(self, inputs: Tensor, h: Tensor | None) -> Tensor:
@@ -117,7 +116,7 @@ class GRUDecoder(nn.Module):
 
         T = max_steps, or fewer when ``eos`` is given and every row has produced it (the
         tokens up to each row's first <eos> are the same either way: decoding is causal)."""
-        state = self._initial_state(h, h.shape[0])
+        state = self._initial_state(h)
         token = torch.full((h.shape[0], 1), bos, dtype=torch.long, device=h.device)
         finished = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
         out = []

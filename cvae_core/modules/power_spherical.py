@@ -13,12 +13,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.distributions import Beta, Distribution, constraints, register_kl
+from torch import Tensor
+from torch.distributions import Beta, constraints, register_kl
 
 from cvae_core.modules.posteriors import LatentDistribution, log_sphere_area
-from cvae_core.modules.vmf import HypersphericalUniform, householder_from_e1, uniform_on_sphere
+from cvae_core.modules.vmf import HypersphericalUniform, SphericalHead, householder_from_e1, uniform_on_sphere
 
 
 class PowerSpherical(LatentDistribution):
@@ -113,23 +112,10 @@ def _kl_power_spherical_uniform(q: PowerSpherical, p: HypersphericalUniform) -> 
     return q.kl_to_uniform()
 
 
-class PowerSphericalHead(nn.Module):
-    """e ``[B, in_dim]`` -> PowerSpherical: mu = normalize(Linear(e)), kappa = softplus(Linear(e)) + 1."""
+class PowerSphericalHead(SphericalHead):
+    """The spherical head (mu, kappa >= 1, uniform prior) with a PowerSpherical posterior."""
 
-    family = "power_spherical"
+    family, label = "power_spherical", "Power Spherical"
 
-    def __init__(self, in_dim: int, latent_dim: int):
-        super().__init__()
-        if latent_dim < 2:
-            raise ValueError(f"Power Spherical needs latent_dim >= 2 (sphere S^{{d-1}}), got {latent_dim}")
-        self.latent_dim = latent_dim
-        self.loc = nn.Linear(in_dim, latent_dim)
-        self.concentration = nn.Linear(in_dim, 1)
-
-    def forward(self, e: Tensor) -> PowerSpherical:
-        mu = F.normalize(self.loc(e), dim=-1)
-        kappa = F.softplus(self.concentration(e)) + 1.0
+    def distribution(self, mu: Tensor, kappa: Tensor) -> PowerSpherical:
         return PowerSpherical(mu, kappa)
-
-    def prior(self, device: torch.device | str) -> Distribution:
-        return HypersphericalUniform(self.latent_dim, device)

@@ -6,7 +6,8 @@ Public names:
   torch (float64 inside, differentiable in ``x``, any device), replacing the authors' scipy op;
 * :class:`HypersphericalUniform`: the prior, uniform on S^{d-1};
 * :class:`VonMisesFisher`: the posterior, a :class:`LatentDistribution`;
-* :class:`VonMisesFisherHead`: ``e [B, in_dim] -> VonMisesFisher`` (family ``"vmf"``).
+* :class:`SphericalHead`: ``e [B, in_dim] ->`` (mu, kappa) of any family on the sphere, with the
+  uniform prior; :class:`VonMisesFisherHead` is it with a VonMisesFisher (family ``"vmf"``).
 
 All log-densities are in nats with respect to the surface measure of S^{d-1}.
 """
@@ -196,7 +197,7 @@ class VonMisesFisher(LatentDistribution):
     so the sampler is exact for every kappa. ``"authors"`` reproduces the s-vae / Coupled-VAE blend
     towards b_app = (d-1)/(4 kappa) for kappa > 10; b_app is accurate only for kappa >> d, so with
     d = 32 the rejection envelope is invalid and samples are too diffuse for 10 < kappa < ~100
-    (E[mu.z] about 0.13 below A_d(kappa) at kappa = 11; see tests/test_vmf.py).
+    (E[mu.z] about 0.13 below A_d(kappa) at kappa = 11; see tests/test_spherical.py).
     """
 
     support = constraints.real_vector
@@ -342,28 +343,44 @@ def _kl_vmf_uniform(q: VonMisesFisher, p: HypersphericalUniform) -> Tensor:
     return q.kl_to_uniform()
 
 
-class VonMisesFisherHead(nn.Module):
-    """e ``[B, in_dim]`` -> VonMisesFisher: mu = normalize(Linear(e)), kappa = softplus(Linear(e)) + 1.
+class SphericalHead(nn.Module):
+    """e ``[B, in_dim]`` -> a distribution on S^{d-1}: mu = normalize(Linear(e)),
+    kappa = softplus(Linear(e)) + 1, one amortised concentration per example (the authors' s-vae
+    head), with the uniform prior.  A family subclasses it with its ``family`` name and
+    :meth:`distribution`."""
 
-    One amortised concentration per example, kappa >= 1 (the authors' s-vae head). ``wood_b``
-    selects the sampler's envelope parameter (see :class:`VonMisesFisher`).
-    """
+    family = ""
+    label = ""  # the family's name in messages
 
-    family = "vmf"
-
-    def __init__(self, in_dim: int, latent_dim: int, wood_b: str = "exact"):
+    def __init__(self, in_dim: int, latent_dim: int):
         super().__init__()
-        self.wood_b = wood_b
         if latent_dim < 2:
-            raise ValueError(f"vMF needs latent_dim >= 2 (sphere S^{{d-1}}), got {latent_dim}")
+            raise ValueError(f"{self.label} needs latent_dim >= 2 (sphere S^{{d-1}}), got {latent_dim}")
         self.latent_dim = latent_dim
         self.loc = nn.Linear(in_dim, latent_dim)
         self.concentration = nn.Linear(in_dim, 1)
 
-    def forward(self, e: Tensor) -> VonMisesFisher:
+    def distribution(self, mu: Tensor, kappa: Tensor) -> LatentDistribution:
+        raise NotImplementedError
+
+    def forward(self, e: Tensor) -> LatentDistribution:
         mu = F.normalize(self.loc(e), dim=-1)
         kappa = F.softplus(self.concentration(e)) + 1.0
-        return VonMisesFisher(mu, kappa, wood_b=self.wood_b)
+        return self.distribution(mu, kappa)
 
     def prior(self, device: torch.device | str) -> Distribution:
         return HypersphericalUniform(self.latent_dim, device)
+
+
+class VonMisesFisherHead(SphericalHead):
+    """The spherical head with a VonMisesFisher posterior; ``wood_b`` selects the sampler's
+    envelope parameter (see :class:`VonMisesFisher`)."""
+
+    family, label = "vmf", "vMF"
+
+    def __init__(self, in_dim: int, latent_dim: int, wood_b: str = "exact"):
+        super().__init__(in_dim, latent_dim)
+        self.wood_b = wood_b
+
+    def distribution(self, mu: Tensor, kappa: Tensor) -> VonMisesFisher:
+        return VonMisesFisher(mu, kappa, wood_b=self.wood_b)
