@@ -266,9 +266,10 @@ def _objective_values(result: dict | None, metric: str | list[str]) -> dict[str,
 
 
 def record_grid_in_optuna(spec, state, rows) -> None:
-    """``rows``: the study's :class:`~studies.summary.TrialRow` list.  Grid studies have no Optuna sampler; record each finished configuration in the same kind of
-    Optuna study a TPE study persists (mean over seeds, like StudySearcher tells Optuna), so
-    that optuna-dashboard and importance analysis read both kinds of study alike."""
+    """Grid studies have no Optuna sampler; record each finished configuration (``rows``: the
+    study's :class:`~studies.summary.TrialRow` list) in the same kind of Optuna study a TPE
+    study persists (mean over seeds, like StudySearcher tells Optuna), so that
+    optuna-dashboard and importance analysis read both kinds of study alike."""
     import optuna
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState, create_trial

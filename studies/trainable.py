@@ -17,7 +17,8 @@ guaranteed to run, so the driver ends the MLflow run and writes the trial's outc
 
 It resumes from ``tune.get_checkpoint()`` (FailureConfig retries, ``Tuner.restore``) with
 ``train(resume_from=<that checkpoint's directory>)``: the core installs it in its own tree.
-The corpus arrives through ``tune.with_parameters`` (object store), never through the config.  It runs on the GPU Ray assigned (fractions allowed), else on CPU.
+The corpus arrives through ``tune.with_parameters`` (object store), never through the config.
+It runs on the GPU Ray assigned (fractions allowed), else on CPU.
 """
 from __future__ import annotations
 
