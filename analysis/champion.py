@@ -45,8 +45,8 @@ class CoupledVAEModel(mlflow.pyfunc.PythonModel):
         from cvae_core.data.batching import make_batch
         from cvae_core.errors import CvaeError
         from cvae_core.generate import reconstruct, sample_prior
-        from cvae_core.runtime import seeded
         from cvae_core.metrics.likelihood import importance_sampled_nll
+        from cvae_core.runtime import seeded
 
         settings = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
         output, n_samples, seed = str(settings["output"]), int(settings["n_samples"]), int(settings["seed"])

@@ -4,21 +4,21 @@
 ``dict[str, float]`` of metrics and the path of the checkpoint just written; the study service
 plugs in there.  A callback may raise :class:`StopTraining` to end the run cleanly.  Every
 evaluation's metrics say which evaluation is the run's best so far: ``is_best`` (1.0 when this
-one is), ``best_step`` and ``best_<selection metric>`` (:func:`cvae_core.metrics.names.selection_metric`:
-``val_nll``, or ``val_rec`` for a DAE); consumers read these instead of re-picking.
+one is), ``best_step`` and ``best_<selection metric>``, the metric being
+:func:`cvae_core.metrics.names.selection_metric` (``val_nll``; ``val_rec`` for a DAE).
+Consumers read these instead of re-picking the best evaluation.
 
 Two Table 1 baselines change the loop, each behind a config field:
 
 * Lagging-VAE (``train.aggressive``, :mod:`cvae_core.lagging`): before each step, encoder-only
   updates on fresh batches, then a decoder-side-only step, until ``val_mi_batch`` stops rising.
-* PreFB (``train.pretrain_steps`` or ``train.init_from``): a DAE stage trained (resumed, or
-  reused when finished) in ``<output_dir>/pretrain`` initialises the embedding, the encoder GRU
-  and the posterior mean head; then the VAE trains from step 1.
+* PreFB (``train.pretrain_steps`` or ``train.init_from``, :mod:`cvae_core.prefb`): a DAE stage
+  trained (resumed, or reused when finished) in ``<output_dir>/pretrain`` initialises the
+  embedding, the encoder GRU and the posterior mean head; then the VAE trains from step 1.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import shutil
 import sys
 import time
@@ -33,16 +33,16 @@ from .checkpoint import (BEST, LATEST, TrainState, install_checkpoint, load_chec
                          save_checkpoint, step_dir)
 from .config import Config, validate
 from .data import BucketBatcher, Corpus, load_corpus
-from .data.batching import POOL_BATCHES, make_batch
+from .data.batching import POOL_BATCHES
 from .errors import CvaeError, Diverged, check_finite_loss, divergence_as_outcome
 from .lagging import LaggingPhase, parameter_groups
 from .metrics import evaluate
-from .metrics.dynamics import GRAD_BATCH, encoding_module, held_out_gradient_norms
+from .metrics.dynamics import GRAD_BATCH, HeldOutDynamics
 from .metrics.names import BEST_STEP, IS_BEST, best_key, selection_metric
 from .metrics.text import response_diversity
 from .models import build_model
-from .models.text_vae import latent_model
 from .objectives import Objective
+from .prefb import init_from_dae, pretrained_dae
 from .runtime import format_duration, resolve_device
 
 Callback = Callable[[dict[str, float], Path], None]
@@ -141,11 +141,11 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
         install_checkpoint(resume_from, ckpt_root)
         resume = True
     resuming = resume and latest.exists()
-    dae_checkpoint = None if resuming else _prefb_dae(config, output_dir, corpus, log)
+    dae_checkpoint = None if resuming else pretrained_dae(config, output_dir, corpus, log)
     torch.manual_seed(config.train.seed)  # after any pretraining stage, so the run is the same either way
     model = build_model(config, len(corpus.vocab)).to(device)
     if dae_checkpoint is not None:
-        _init_from_dae(model, dae_checkpoint, corpus.vocab, log)
+        init_from_dae(model, dae_checkpoint, corpus.vocab, log)
     optimizer = make_optimizer(model, config)
     objective = Objective(config)
     batcher = BucketBatcher(corpus["train"].examples, config.train.batch_size, config.train.seed,
@@ -195,7 +195,7 @@ class _Loop:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.train.amp and device.type == "cuda"
                          else contextlib.nullcontext())
         self.progress = _Progress(config.train.steps, state.step)
-        self.dynamics = (_Dynamics(model, corpus["valid"].examples[:GRAD_BATCH], device, config)
+        self.dynamics = (HeldOutDynamics(model, corpus["valid"].examples[:GRAD_BATCH], device, config.train.seed)
                          if config.train.dynamics_every else None)
         self.lagging = (LaggingPhase(model, objective, optimizer, config, state, self.autocast, log)
                         if config.train.aggressive else None)
@@ -311,72 +311,6 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Adam:
     """The authors' Adam (betas 0.9, 0.999), with fused kernels: one pass over all parameters
     instead of a chain of per-tensor ops, which halves the optimizer's share of a CPU step."""
     return torch.optim.Adam(parameter_groups(model, config), lr=config.train.lr, betas=(0.9, 0.999), fused=True)
-
-
-class _Dynamics:
-    """train.dynamics_every: Figure 2's gradient norms on a fixed held-out batch, averaged between
-    evaluations and reported as train_grad_total, train_grad_reg, train_dh_de."""
-
-    def __init__(self, model: nn.Module, examples, device: torch.device, config: Config):
-        encoding_module(model)  # a clear error for models the analysis does not cover
-        self.model, self.seed = model, config.train.seed
-        self.batch = make_batch(examples).to(device)
-        self.sums: dict[str, float] = {}
-        self.count = 0
-
-    def measure(self) -> None:
-        for key, value in held_out_gradient_norms(self.model, self.batch, self.seed).items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
-
-    def means(self) -> dict[str, float]:
-        out = {f"train_{key}": total / self.count for key, total in self.sums.items()} if self.count else {}
-        self.sums, self.count = {}, 0
-        return out
-
-
-# ---------------------------------------------------------------------------------------------
-# PreFB (Li et al. 2019): a DAE whose embedding, encoder and code layer initialise the VAE.
-
-def pretraining_config(config: Config) -> Config:
-    """The DAE stage of a PreFB run: the same data, sizes and schedule, ``train.pretrain_steps`` long."""
-    dae = copy.deepcopy(config)
-    dae.preset = "dae"
-    dae.model.kind = "dae"
-    dae.coupling.enabled = False
-    dae.train.steps, dae.train.pretrain_steps, dae.train.init_from = config.train.pretrain_steps, 0, ""
-    dae.train.aggressive = False
-    validate(dae)
-    return dae
-
-
-def _prefb_dae(config: Config, output_dir: Path, corpus: Corpus, log: Log) -> Path | None:
-    """The DAE checkpoint that initialises this run: ``train.init_from``, or the best checkpoint of
-    a DAE trained (or resumed, or reused when finished) in ``output_dir/pretrain``; None if neither."""
-    if config.train.init_from:
-        return Path(config.train.init_from)
-    if not config.train.pretrain_steps:
-        return None
-    stage = output_dir / "pretrain"
-    log(f"PreFB stage 1: DAE for {config.train.pretrain_steps} steps in {stage} (resumed or reused if there)")
-    result = train(pretraining_config(config), stage, resume=True, corpus=corpus,
-                   log=lambda text: log(f"[pretrain] {text}"))
-    if result.best_checkpoint is None:
-        raise CvaeError(f"the PreFB pretraining stage in {stage} left no best checkpoint")
-    return result.best_checkpoint
-
-
-def _init_from_dae(model: nn.Module, path: Path, vocab, log: Log) -> None:
-    data = load_checkpoint(path)
-    if data.config.model.kind != "dae":
-        raise CvaeError(f"train.init_from={path} is a {data.config.model.kind!r} checkpoint; PreFB needs a DAE")
-    if data.vocab.itos != vocab.itos:
-        raise CvaeError(f"train.init_from={path}: its vocabulary differs from this run's (another dataset?)")
-    try:
-        latent_model(model).init_encoder_from_dae(data.weights)
-    except ValueError as exc:
-        raise CvaeError(f"train.init_from={path}: {exc} (same model.embed_dim/hidden_dim/latent_dim?)") from None
-    log(f"PreFB stage 2: embedding, encoder and posterior mean head initialised from {path}")
 
 
 def _check_resumable(saved: Config, requested: Config, path: Path) -> None:

@@ -39,7 +39,7 @@ class RecordingASHA(ASHAScheduler):
             shown = f"{value:.2f}" if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
             _stop_reasons[trial.trial_id] = (
                 f"ASHA stopped at step {int(result.get('step', 0))} of {self._steps} (rung at evaluation "
-                f"{int(evaluation)} of {self._max_t}: {self._metric} {shown} below the rung's cutoff)")
+                f"{int(evaluation)} of {self._max_t}: {self._metric} {shown} worse than the rung's cutoff)")
         return action
 
 

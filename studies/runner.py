@@ -32,6 +32,7 @@ from typing import Any
 
 from cvae_core.errors import CvaeError
 from cvae_core.guards import check_name, check_sqlite_uri, check_tracking_server, redact
+from cvae_core.metrics.names import IS_BEST
 
 from .options import (Options, StudyError, apply_flags, build_parser, resolve_storage_path,
                       resolve_tracking_uri)
@@ -292,7 +293,7 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
                 # Keep the core's best checkpoint (the latest report with is_best = 1: Tune keeps
                 # the later of equal scores) besides the latest one a retry resumes from.
                 checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=1, checkpoint_score_attribute="is_best", checkpoint_score_order="max"),
+                    num_to_keep=1, checkpoint_score_attribute=IS_BEST, checkpoint_score_order="max"),
                 callbacks=[progress, TrialOutcomes(study_run)], verbose=2 if options.verbose else 0,
                 log_to_file=True),
         )

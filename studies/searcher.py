@@ -35,6 +35,8 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from cvae_core.metrics.names import IS_BEST
+
 MAX_REPEATS = 50  # re-asks when the inner searcher proposes configurations that already ran
 RANK_METRIC = "val_nll"  # the core's selection metric, for results that do not carry its is_best flag
 
@@ -43,8 +45,8 @@ def is_new_best(result: dict, best: dict | None) -> bool:
     """Whether ``result`` is the trial's best evaluation so far: the core says so itself
     (``is_best``, by its selection metric: val_nll, val_rec for a DAE); a result without the
     flag is compared by val_nll."""
-    if "is_best" in result:
-        return bool(result["is_best"])
+    if IS_BEST in result:
+        return bool(result[IS_BEST])
     value = result.get(RANK_METRIC)
     return isinstance(value, (int, float)) and math.isfinite(value) and (best is None or value < best[RANK_METRIC])
 
@@ -264,9 +266,10 @@ def _objective_values(result: dict | None, metric: str | list[str]) -> dict[str,
 
 
 def record_grid_in_optuna(spec, state, rows) -> None:
-    """``rows``: the study's :class:`~studies.summary.TrialRow` list.  Grid studies have no Optuna sampler; record each finished configuration in the same kind of
-    Optuna study a TPE study persists (mean over seeds, like StudySearcher tells Optuna), so
-    that optuna-dashboard and importance analysis read both kinds of study alike."""
+    """Grid studies have no Optuna sampler; record each finished configuration (``rows``: the
+    study's :class:`~studies.summary.TrialRow` list) in the same kind of Optuna study a TPE
+    study persists (mean over seeds, like StudySearcher tells Optuna), so that
+    optuna-dashboard and importance analysis read both kinds of study alike."""
     import optuna
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState, create_trial

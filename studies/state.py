@@ -1,6 +1,6 @@
-"""A study's folder and its saved state (created here with its MLflow parent run): ``<root>/<study>/study.json`` (what ``--resume``
-needs), the folder lock that keeps a second driver out, and the lock that serialises first use
-of a SQLite MLflow store."""
+"""A study's folder and its saved state: ``<root>/<study>/study.json`` (what ``--resume`` needs),
+created here with the study's MLflow parent run; the folder lock that keeps a second driver out,
+and the lock that serialises first use of a SQLite MLflow store."""
 from __future__ import annotations
 
 import contextlib

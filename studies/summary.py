@@ -9,7 +9,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from cvae_core.metrics.names import pareto_mask
+from cvae_core.metrics.names import BEST_STEP, pareto_mask
 
 from .record import Outcome, Tag
 from .spec import Objective, StudySpec
@@ -88,7 +88,7 @@ def collect_rows(spec: StudySpec, results, trials, statuses: dict[str, str], run
 
 def _core_best(records: list[dict]) -> dict:
     """The evaluation the core itself calls best: the one at its last reported ``best_step``."""
-    steps = [r["best_step"] for r in records if finite(r.get("best_step"))]
+    steps = [r[BEST_STEP] for r in records if finite(r.get(BEST_STEP))]
     if not steps:
         return {}
     return next((r for r in reversed(records) if r.get("step") == steps[-1]), {})

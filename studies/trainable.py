@@ -16,8 +16,9 @@ guaranteed to run, so the driver ends the MLflow run and writes the trial's outc
 (``studies/outcomes.py``).
 
 It resumes from ``tune.get_checkpoint()`` (FailureConfig retries, ``Tuner.restore``) with
-``train(resume_from=<that checkpoint's directory>)``: the core installs it in its own tree.  The corpus arrives through ``tune.with_parameters`` (object store),
-never through the config.  It runs on the GPU Ray assigned (fractions allowed), else on CPU.
+``train(resume_from=<that checkpoint's directory>)``: the core installs it in its own tree.
+The corpus arrives through ``tune.with_parameters`` (object store), never through the config.
+It runs on the GPU Ray assigned (fractions allowed), else on CPU.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from cvae_core import build_config, checkpoint_step, train
 from cvae_core.config import Config, resolve_key
 from cvae_core.data import Corpus
 from cvae_core.errors import CvaeError, Diverged
-from cvae_core.metrics.names import METRICS
+from cvae_core.metrics.names import IS_BEST, METRICS
 
 from .spaces import SEARCH_PREFIX, describe
 from .record import Tag
@@ -156,7 +157,7 @@ def _run_trial(config: dict[str, Any], core_config: Config, study: StudyContext,
         if stop_point and not run.flush(wait_s=FINAL_FLUSH_S):
             log(f"warning: {len(run.pending)} metrics could not reach MLflow within {FINAL_FLUSH_S} s")
         if not run.pending:  # artifacts follow the metrics once the server answers again
-            if metrics.get("is_best", 0.0) >= 1.0:
+            if metrics.get(IS_BEST, 0.0) >= 1.0:
                 run.log_checkpoint(checkpoint_dir)
             run.log_file(log_path)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))

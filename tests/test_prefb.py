@@ -8,7 +8,8 @@ from cvae_core.checkpoint import load_checkpoint
 from cvae_core.data import load_corpus
 from cvae_core.errors import CvaeError
 from cvae_core.models import build_model
-from cvae_core.train import pretraining_config, train
+from cvae_core.prefb import pretraining_config
+from cvae_core.train import train
 
 
 def test_pretraining_config_is_a_dae_with_the_same_sizes(tiny_config):

@@ -47,7 +47,7 @@ def test_done_and_stopped_trials_carry_their_outcome(tmp_path, local_ray_env):  
             assert row.status == "stopped" and tags[Tag.OUTCOME] == Outcome.STOPPED_EARLY, (row, tags)
             reason = tags[Tag.OUTCOME_REASON]
             match = re.fullmatch(r"ASHA stopped at step (\d+) of 40 \(rung at evaluation (\d) of 4: val_nll "
-                                 r"[\d.]+ below the rung's cutoff\)", reason)
+                                 r"[\d.]+ worse than the rung's cutoff\)", reason)
             assert match and int(match.group(1)) == 10 * row.evaluations == 10 * int(match.group(2)), reason
             assert row.reason == reason
         # the row's metrics are those of the evaluation the core called best

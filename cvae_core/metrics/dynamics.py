@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data.batching import eval_batches
+from ..data.batching import eval_batches, make_batch
 from ..data.corpus import Split
 from ..errors import CvaeError
 from ..models.text_vae import latent_model
@@ -173,3 +173,25 @@ def held_out_gradient_norms(model: nn.Module, batch, seed: int) -> dict[str, flo
             for name, value in model.named_buffers():
                 value.copy_(buffers[name])
     return {key: norms[key].double().mean().item() for key in DYNAMICS_KEYS if norms[key] is not None}
+
+
+class HeldOutDynamics:
+    """train.dynamics_every: Figure 2's gradient norms on a fixed held-out batch, averaged between
+    evaluations and reported as train_grad_total, train_grad_reg, train_dh_de."""
+
+    def __init__(self, model: nn.Module, examples: list[list[int]], device: torch.device, seed: int):
+        encoding_module(model)  # a clear error for models the analysis does not cover
+        self.model, self.seed = model, seed
+        self.batch = make_batch(examples).to(device)
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def measure(self) -> None:
+        for key, value in held_out_gradient_norms(self.model, self.batch, self.seed).items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        out = {f"train_{key}": total / self.count for key, total in self.sums.items()} if self.count else {}
+        self.sums, self.count = {}, 0
+        return out
