@@ -140,7 +140,7 @@ def test_study_on_two_nodes_with_fractional_gpus_tracks_a_full_run_tree(cluster,
 
     from cvae_core.checkpoint import load_checkpoint
     from studies.runner import Options, run_study
-    from studies.tracking import UNUSED_WITHOUT_COUPLING, run_params
+    from studies.tracking import run_params, unused_settings
 
     spec_path = _tiny_spec(tmp_path / "tiny_mo.yaml", steps=60, num_samples=2, grace_period=3)
     # Kill one trial's process after its second evaluation, as a spot preemption would:
@@ -204,7 +204,7 @@ def test_study_on_two_nodes_with_fractional_gpus_tracks_a_full_run_tree(cluster,
         data = load_checkpoint(local)
         assert params == run_params(data.config)  # the checkpoint's config, as the run logged it
         unused = {k for k, v in params.items() if v == "none"}
-        assert unused == (set() if data.config.coupling.enabled else set(UNUSED_WITHOUT_COUPLING))
+        assert unused == set(unused_settings(data.config))
         assert {k: v for k, v in data.config.flat().items() if k not in unused} == {
             k: _typed(data.config.flat()[k], v) for k, v in params.items() if k not in unused}
         best_step = min(history, key=lambda m: m.value).step
@@ -231,10 +231,11 @@ def test_study_on_two_nodes_with_fractional_gpus_tracks_a_full_run_tree(cluster,
         "PRUNED" if r.status == "stopped" else "COMPLETE" for r in searched)
 
 
-def _kill_one_trial_after(url, study_name, n_evals, killed, stop):
-    """SIGKILL the process of the first trial that has logged ``n_evals`` evaluations."""
+def _act_once_a_trial_has_evaluated(url, study_name, n_evals, stop, act):
+    """Call ``act(run)`` once, on the MLflow run of the first RUNNING trial that has logged
+    ``n_evals`` evaluations (polling until ``stop`` is set)."""
     client = _client(url)
-    while not stop.is_set() and not killed:
+    while not stop.is_set():
         try:
             _, children = _study_runs(client, study_name)
         except Exception:  # noqa: BLE001 - the experiment may not exist yet
@@ -243,10 +244,18 @@ def _kill_one_trial_after(url, study_name, n_evals, killed, stop):
             if child.info.status != "RUNNING" or "ray.pid" not in child.data.tags:
                 continue
             if len(client.get_metric_history(child.info.run_id, "val_nll")) >= n_evals:
-                killed.update(trial=child.data.tags["ray_trial_id"], pid=child.data.tags["ray.pid"])
-                os.kill(int(killed["pid"]), signal.SIGKILL)
+                act(child)
                 return
         time.sleep(0.3)
+
+
+def _kill_one_trial_after(url, study_name, n_evals, killed, stop):
+    """SIGKILL the process of the first trial that has logged ``n_evals`` evaluations."""
+    def kill(run):
+        killed.update(trial=run.data.tags["ray_trial_id"], pid=run.data.tags["ray.pid"])
+        os.kill(int(killed["pid"]), signal.SIGKILL)
+
+    _act_once_a_trial_has_evaluated(url, study_name, n_evals, stop, kill)
 
 
 def _typed(core_value, text):
@@ -385,23 +394,15 @@ def test_interrupted_study_resumes_without_rerunning_or_duplicating(cluster, mlf
 
 def _remove_node_after(cluster_info, url, study_name, n_evals, removed, stop):
     """Remove (hard: its raylet and workers are killed) the node that runs the first trial having
-    logged ``n_evals`` evaluations."""
-    client = _client(url)
+    logged ``n_evals`` evaluations (trials run on worker nodes only: the head has no CPU)."""
     nodes = {n.node_id: n for n in cluster_info["cluster"].worker_nodes}
-    while not stop.is_set() and not removed:
-        try:
-            _, children = _study_runs(client, study_name)
-        except Exception:  # noqa: BLE001 - the experiment may not exist yet
-            children = []
-        for child in children:
-            node_id = child.data.tags.get("ray.node_id")
-            if child.info.status != "RUNNING" or node_id not in nodes:
-                continue
-            if len(client.get_metric_history(child.info.run_id, "val_nll")) >= n_evals:
-                removed.update(node_id=node_id, trial=child.data.tags["ray_trial_id"], pid=child.data.tags["ray.pid"])
-                cluster_info["cluster"].remove_node(nodes[node_id], allow_graceful=False)
-                return
-        time.sleep(0.3)
+
+    def remove(run):
+        node_id = run.data.tags["ray.node_id"]
+        removed.update(node_id=node_id, trial=run.data.tags["ray_trial_id"], pid=run.data.tags["ray.pid"])
+        cluster_info["cluster"].remove_node(nodes[node_id], allow_graceful=False)
+
+    _act_once_a_trial_has_evaluated(url, study_name, n_evals, stop, remove)
 
 
 def test_a_removed_node_costs_its_trials_minutes_not_the_study(cluster, mlflow_server, tmp_path):
