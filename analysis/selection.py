@@ -155,6 +155,13 @@ def coupling_triples(runs: pd.DataFrame) -> pd.Series:
                               cfg(runs, "coupling.lambda_r").astype(float))), index=runs.index, dtype=object)
 
 
+def distance_label(distance) -> str:
+    """As the paper prints a matching distance; "–" where the run has none (λ_m = 0 matches nothing)."""
+    if distance is None or (isinstance(distance, float) and math.isnan(distance)):
+        return "–"
+    return {"rq": "RQ", "eucl": "Eucl"}.get(distance, str(distance))
+
+
 def triple_order(triple: tuple) -> tuple:
     return ({"rq": 0, "eucl": 1}.get(triple[0], 2), str(triple[0]), triple[1], triple[2])
 

@@ -24,8 +24,8 @@ from typing import Callable, Iterable
 import pandas as pd
 
 from .runs import stopped_early
-from .selection import (DIALOGUE_PRESETS, Comparison, cfg, compare, config_keys, coupling_triples, family_label,
-                        family_of, format_lambda, matches_coupling, metric_column, ordered_datasets, pick_config,
+from .selection import (DIALOGUE_PRESETS, Comparison, cfg, compare, config_keys, coupling_triples, distance_label,
+                        family_label, family_of, format_lambda, matches_coupling, metric_column, ordered_datasets, pick_config,
                         preset_order, summarize_runs, triple_order)
 from .stats import Summary
 from .store import AnalysisError
@@ -130,7 +130,7 @@ def table1(runs: pd.DataFrame, at: str = "best", study: str = "", columns: list[
         for triple in sorted(distinct, key=triple_order):
             label = family_label(family, True)
             if len(distinct) > 1:
-                label += (f" ({'RQ' if triple[0] == 'rq' else 'Eucl'}, λ_m={format_lambda(triple[1])}, "
+                label += (f" ({distance_label(triple[0])}, λ_m={format_lambda(triple[1])}, "
                           f"λ_r={format_lambda(triple[2])})")
             these = coupled[triples == triple]
             rows.append(_row([label], these, datasets, metrics, at))
@@ -168,7 +168,7 @@ def table3(runs: pd.DataFrame, at: str = "best", study: str = "", family: str | 
         raise AnalysisError(f"table3: no runs of preset coupled-{family} in this study")
     datasets = ordered_datasets(pd.concat([coupled["dataset"], base["dataset"]]))
     triples = coupling_triples(coupled)
-    distances = sorted(set(t[0] for t in triples), key=lambda d: ({"rq": 0, "eucl": 1}.get(d, 2), str(d)))
+    distances = sorted(set(t[0] for t in triples), key=lambda d: triple_order((d, 0.0, 0.0)))
     blocks, covered, comparisons = [], set(), []
     base_label = family_label(family, False)
 
@@ -176,13 +176,13 @@ def table3(runs: pd.DataFrame, at: str = "best", study: str = "", family: str | 
         rows = []
         for triple in selected:
             these = coupled[triples == triple]
-            dist = "RQ" if triple[0] == "rq" else ("Eucl" if triple[0] == "eucl" else str(triple[0]))
-            rows.append(_row([dist, format_lambda(triple[1]), format_lambda(triple[2])], these, datasets, metrics, at))
+            cells = [distance_label(triple[0]), format_lambda(triple[1]), format_lambda(triple[2])]
+            rows.append(_row(cells, these, datasets, metrics, at))
             covered.add(triple)
         blocks.append(Block(title, rows))
 
     for distance in distances:
-        name = "RQ" if distance == "rq" else ("Eucl" if distance == "eucl" else str(distance))
+        name = "no matching" if distance_label(distance) == "–" else distance_label(distance)
         mine = sorted({t for t in triples if t[0] == distance}, key=lambda t: (t[1], t[2]))
         by_lm = [t for t in mine if math.isclose(t[2], ref_lambda_r)]
         if by_lm:
@@ -196,8 +196,7 @@ def table3(runs: pd.DataFrame, at: str = "best", study: str = "", family: str | 
     if len(base):
         blocks.append(Block(None, [_row([base_label, "", ""], base, datasets, metrics, at)], mark_best=False))
         for triple in sorted(set(triples), key=triple_order):
-            dist = "RQ" if triple[0] == "rq" else "Eucl"
-            label = f"{dist} λ_m={format_lambda(triple[1])} λ_r={format_lambda(triple[2])} − {base_label}"
+            label = f"{distance_label(triple[0])} λ_m={format_lambda(triple[1])} λ_r={format_lambda(triple[2])} − {base_label}"
             comparisons += compare(label, coupled[triples == triple], base, ("coupling.*",), metrics, at)
     table = Table("table3", f"Table 3 layout: hyperparameter analysis of {family_label(family, True)}",
                   ["Dist", "λ_m", "λ_r"], datasets, columns, blocks, _caption(study, at, runs),

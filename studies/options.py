@@ -14,6 +14,8 @@ from cvae_core.guards import adopt_tracking_credentials, redact
 from .spec import StudySpec, parse_objectives, validate_spec
 
 DEFAULT_EXPERIMENT = "coupled-vae-studies"
+# a few checkpoints of a paper-size model, Tune's experiment state and optuna.db fit in this
+DEFAULT_MIN_FREE_MB = 512
 
 
 class StudyError(Exception):
@@ -56,6 +58,9 @@ def build_parser(prog: str, default_spec: str, description: str) -> argparse.Arg
                    help="override the spec's base config, e.g. --set train.steps=1000 (repeatable)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="STUDY",
                    help="continue an interrupted study (default: the latest one of this spec under --root)")
+    p.add_argument("--min-free-mb", type=float, default=DEFAULT_MIN_FREE_MB,
+                   help="stop the study (resumable) when its folders have less free disk space than this "
+                        f"(default {DEFAULT_MIN_FREE_MB})")
     p.add_argument("--verbose", action="store_true", help="show Ray's own progress and worker logs")
     return p
 
@@ -82,6 +87,7 @@ class Options:
     dataset: str | None = None
     data_dir: str | None = None
     resume: str | None = None
+    min_free_mb: float = DEFAULT_MIN_FREE_MB
     verbose: bool = False
 
 

@@ -68,9 +68,16 @@ def mlflow_ui_command(tracking_uri: str, experiment_id: str, artifacts: Path) ->
     project's server launcher (MLflow's job runner off, one worker: 2 processes) on the local store.
     Absolute paths and this interpreter, so it runs as printed from any folder and shell."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}"
-    return shlex.join([sys.executable, str(REPO_ROOT / "mlflow" / "server.py"), "--backend-store-uri", tracking_uri,
-                       "--artifacts-destination", str(artifacts), "--workers", "1"]) + "   # then open http://127.0.0.1:5000"
+        return experiment_page(tracking_uri, experiment_id)
+    return (shlex.join([sys.executable, str(REPO_ROOT / "mlflow" / "server.py"), "--backend-store-uri", tracking_uri,
+                        "--artifacts-destination", str(artifacts), "--workers", "1"])
+            + f"   # then open {experiment_page('http://127.0.0.1:5000', experiment_id)}")
+
+
+def experiment_page(server_url: str, experiment_id: str) -> str:
+    """The experiment's runs table. The MLflow 3 UI opens on its GenAI (traces) view unless the
+    URL asks for the model-training one; the choice is kept in the browser afterwards."""
+    return f"{server_url.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def analysis_command(state: "StudyState") -> str:
@@ -98,7 +105,7 @@ def render_markdown(spec: StudySpec, state: StudyState, rows: list[TrialRow], su
 
 
 def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summary: dict[str, Any],
-                  interrupted: bool) -> None:
+                  interrupted: bool, stopped_because: str | None = None) -> None:
     counts = summary["counts"]
     front = set(summary["pareto_front"])
     print()
@@ -130,10 +137,17 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
     if state.optuna_storage != "none":
         print(f"Optuna study: {state.study_name} in {state.optuna_storage}")
     if interrupted:
-        resume = [sys.executable, str(REPO_ROOT / "studies" / _script_for(spec)), "--resume", state.study_name,
-                  "--root", str(Path(state.folder).parent)]
-        print(f"\nInterrupted. Continue with: {shlex.join(resume)}")
+        if stopped_because:
+            print(f"\nStopped: {stopped_because}. Free space, then continue with: {resume_command(spec, state)}")
+        else:
+            print(f"\nInterrupted. Continue with: {resume_command(spec, state)}")
     sys.stdout.flush()
+
+
+def resume_command(spec: StudySpec, state: StudyState) -> str:
+    """The command that continues this study, runnable as printed from any folder."""
+    return shlex.join([sys.executable, str(REPO_ROOT / "studies" / _script_for(spec)), "--resume", state.study_name,
+                       "--root", str(Path(state.folder).parent)])
 
 
 def _script_for(spec: StudySpec) -> str:

@@ -36,7 +36,7 @@ from cvae_core.metrics.names import IS_BEST
 
 from .options import (Options, StudyError, apply_flags, build_parser, resolve_storage_path,
                       resolve_tracking_uri)
-from .render import print_summary, render_markdown
+from .render import print_summary, render_markdown, resume_command
 from .spec import StudySpec, load_spec
 from .state import (StudyState, create_study, find_resumable, load_spec_name, lock_study_folder,
                     release_study_folders, spec_from_dict, sqlite_store_lock, total_trials)
@@ -46,6 +46,7 @@ from .summary import TrialRow, collect_rows, rank, summarize
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 EXIT_INTERRUPTED = 130
+EXIT_DISK_FULL = 75  # EX_TEMPFAIL: free space, then --resume
 
 
 def main(default_spec: str, description: str, argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -144,6 +145,11 @@ def _run_study(options: Options) -> StudyOutcome:
 
     base = build_config(spec.preset, spec.dataset, spec.scale, spec.overrides)
     corpus = load_corpus(base.data, ("train", "valid"))
+    from .diskspace import check_free_space, local_folders
+
+    folders = (local_folders(state.folder, state.storage_path) if state is not None
+               else local_folders(root, resolve_storage_path(options.storage_path, root)))
+    check_free_space(folders, options.min_free_mb)
     owns_ray = init_ray(options.address, options.verbose)
     try:
         check_resources(spec, options.address)
@@ -159,7 +165,8 @@ def _run_study(options: Options) -> StudyOutcome:
         # 4. the trials
         t0 = time.monotonic()
         try:
-            results, trials, statuses, interrupted = _fit(spec, state, corpus, options, study_run, base.train.steps)
+            results, trials, statuses, interrupted = _fit(spec, state, corpus, options, study_run, base.train.steps,
+                                                          folders)
             rows = collect_rows(spec, results, trials, statuses, study_run.trial_runs())
             summary = finalize(spec, state, study_run, rows, interrupted, time.monotonic() - t0)
         except BaseException:
@@ -170,8 +177,13 @@ def _run_study(options: Options) -> StudyOutcome:
             import ray
 
             ray.shutdown()
-    print_summary(spec, state, rows, summary, interrupted)
-    if interrupted:
+    from .diskspace import low_space
+
+    disk_problem = low_space(folders, options.min_free_mb) if interrupted else None
+    print_summary(spec, state, rows, summary, interrupted, stopped_because=disk_problem)
+    if disk_problem:
+        code = EXIT_DISK_FULL
+    elif interrupted:
         code = EXIT_INTERRUPTED
     elif rows and all(r.status == "error" for r in rows):
         code = 1
@@ -256,18 +268,21 @@ def _trainable(spec: StudySpec, state: StudyState, corpus):
         parent_run_id=state.parent_run_id, preset=spec.preset, dataset=spec.dataset, scale=spec.scale,
         overrides=dict(spec.overrides), code_version=state.code_version,
         cpus_per_trial=spec.resources.cpus_per_trial, gpus_per_trial=spec.resources.gpus_per_trial,
-        stop_points=stop_points(spec.scheduler.grace_period, spec.scheduler.reduction_factor, spec.evaluations))
+        stop_points=stop_points(spec.scheduler.grace_period, spec.scheduler.reduction_factor, spec.evaluations),
+        objectives=tuple(o.metric for o in spec.objectives))
     resources = {"cpu": spec.resources.cpus_per_trial}
     if spec.resources.gpus_per_trial:
         resources["gpu"] = spec.resources.gpus_per_trial
     return tune.with_resources(tune.with_parameters(train_trial, corpus=corpus, study=context), resources)
 
 
-def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run, steps: int):
+def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run, steps: int, folders: list[Path]):
     """Run (or continue) the study's trials. -> (Ray results, Ray trials, saved trial statuses,
-    whether the study was interrupted).  ``steps``: train.steps of the base config."""
+    whether the study was interrupted).  ``steps``: train.steps of the base config; ``folders``:
+    the study's local folders, whose free space the DiskGuard watches."""
     from ray import tune
 
+    from .diskspace import DiskGuard, low_space
     from .outcomes import RecordingASHA, TrialOutcomes
     from .progress import StudyProgress
 
@@ -294,10 +309,20 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
                 # the later of equal scores) besides the latest one a retry resumes from.
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=1, checkpoint_score_attribute=IS_BEST, checkpoint_score_order="max"),
-                callbacks=[progress, TrialOutcomes(study_run)], verbose=2 if options.verbose else 0,
+                callbacks=[progress, TrialOutcomes(study_run), DiskGuard(folders, options.min_free_mb)],
+                verbose=2 if options.verbose else 0,
                 log_to_file=True),
         )
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    except Exception:
+        problem = low_space(folders, options.min_free_mb)
+        if problem is None:
+            raise
+        # e.g. Ray's own result files cut short by the full disk; its experiment state on disk
+        # is the last complete one, which --resume continues from
+        raise StudyError(f"the study stopped: {problem}; free space, then continue with: "
+                         f"{resume_command(spec, state)}") from None
     # On Ctrl-C Tune saves the experiment state, *then* stops the running trials, which marks
     # them TERMINATED in memory. The saved state keeps what matters (RUNNING/PENDING =
     # unfinished), and it is what Tuner.restore will continue from.

@@ -49,8 +49,12 @@ class StudyState:
     def save(self) -> None:
         path = Path(self.folder) / "study.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves the previous study.json, never half of one
+            raise
 
     @classmethod
     def load(cls, folder: Path) -> "StudyState":

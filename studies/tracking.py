@@ -50,6 +50,7 @@ class StudyContext:
     gpus_per_trial: float = 0.0
     # evaluations (1-based) at which the scheduler may stop a trial: its rungs and the last one
     stop_points: tuple[int, ...] = ()
+    objectives: tuple[str, ...] = ()  # the study's objective metrics, logged first
 
 
 def code_version() -> str:
@@ -117,11 +118,22 @@ def source_tags(script: str) -> dict[str, str]:
     return tags
 
 
+def unused_settings(config: Config) -> tuple[str, ...]:
+    """Coupling settings this model never reads: all of them without coupling, the distance and
+    RQ's C when λ_m = 0 (no matching loss), RQ's C with the Euclidean distance."""
+    coupling = config.coupling
+    if not coupling.enabled:
+        return UNUSED_WITHOUT_COUPLING
+    if coupling.lambda_m == 0:
+        return ("coupling.distance", "coupling.rq_c")
+    return ("coupling.rq_c",) if coupling.distance != "rq" else ()
+
+
 def run_params(config: Config) -> dict[str, str]:
-    """``Config.flat()`` as MLflow params, with the settings this model does not use as "none"."""
+    """``Config.flat()`` as MLflow params, with the settings this model does not use as "none",
+    so that a filter on the distance or λ_m never mixes in runs that do not use them."""
     params = {k: str(v) for k, v in config.flat().items()}
-    if not config.coupling.enabled:
-        params.update({key: UNUSED for key in UNUSED_WITHOUT_COUPLING})
+    params.update({key: UNUSED for key in unused_settings(config)})
     return params
 
 
@@ -155,8 +167,9 @@ class TrialRun:
     once and returns (training goes on), the next call sends the backlog first, and
     :meth:`flush` waits for it, bounded, where a trial may end."""
 
-    def __init__(self, client: MlflowClient, run_id: str, logged_steps: set[int]):
+    def __init__(self, client: MlflowClient, run_id: str, logged_steps: set[int], first_metrics: tuple[str, ...] = ()):
         self.client, self.run_id, self.logged_steps = client, run_id, logged_steps
+        self.first_metrics = first_metrics
         self.pending: list[Metric] = []
 
     @classmethod
@@ -177,7 +190,7 @@ class TrialRun:
             retry(lambda: reopen(client, run_id))
             logged = {int(m.step) for m in retry(lambda: client.get_metric_history(run_id, "val_nll"))}
             retry(lambda: client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in extra_tags.items()]))
-            return cls(client, run_id, logged)
+            return cls(client, run_id, logged, study.objectives)
         run = retry(lambda: client.create_run(study.experiment_id, run_name=run_name or trial_name,
                                               tags={k: str(v) for k, v in tags.items()}))
         run_id = run.info.run_id
@@ -185,7 +198,7 @@ class TrialRun:
         for start in range(0, len(params), 100):  # MLflow's per-batch param limit
             retry(lambda: client.log_batch(run_id, params=params[start:start + 100]))
         retry(lambda: client.log_dict(run_id, config.to_dict(), "config.json"))
-        return cls(client, run_id, set())
+        return cls(client, run_id, set(), study.objectives)
 
     def log_metrics(self, metrics: dict[str, float]) -> bool:
         """Log one evaluation with step = training step; skip a step already logged (a retry
@@ -194,7 +207,10 @@ class TrialRun:
         if step in self.logged_steps:
             return False
         now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        # The study's objectives first: MLflow lists a run's metrics in logging order, and its
+        # run-comparison charts open on the first one (else on "step").
+        ordered = sorted(metrics, key=lambda k: (self.first_metrics + (k,)).index(k))  # stable
+        self.pending += [Metric(k, float(metrics[k]), now, step) for k in ordered if isinstance(metrics[k], (int, float))]
         self.logged_steps.add(step)
         if len(self.pending) > MAX_PENDING_METRICS:
             raise RuntimeError(f"{len(self.pending)} metrics could not reach the MLflow server; stopping this "
