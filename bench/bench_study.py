@@ -10,7 +10,7 @@ identical trials (seeds 0..N-1).
 * direct: ``cvae_core.train.train`` on the same resolved config, timed around the call only
   (imports and the corpus are loaded before, as the study's driver loads them before its trials).
 * study: ``studies.runner.run_study`` on a local Ray with a SQLite MLflow store in a temp dir.
-  Ray start-up = ``init_ray``; per-trial time = the study's own ``elapsed_s`` (Tuner created ->
+  Ray start-up = ``studies.raysetup.init_ray``; per-trial time = the study's own ``elapsed_s`` (Tuner created ->
   trial process started -> training with MLflow logging and checkpoint upload -> results collected
   -> summary written); study set-up = the rest (data, MLflow store, experiment and parent run).
   Tokens/s are the trials' own ``tokens_per_s`` (training only) read back from MLflow.
@@ -67,7 +67,8 @@ def run_study_timed(steps: int, trials: int, cpus: int) -> dict:
     import ray
     from mlflow import MlflowClient
 
-    from studies.runner import init_ray, run_study
+    from studies.raysetup import init_ray
+    from studies.runner import run_study
 
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         start = time.perf_counter()

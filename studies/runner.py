@@ -21,7 +21,6 @@ ranking, Pareto front), ``render`` (tables and final lines), ``progress`` (live 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -36,6 +35,7 @@ from cvae_core.metrics.names import IS_BEST
 
 from .options import (Options, StudyError, apply_flags, build_parser, resolve_storage_path,
                       resolve_tracking_uri)
+from .raysetup import check_resources, init_ray
 from .render import print_summary, render_markdown, resume_command
 from .spec import StudySpec, load_spec
 from .state import (StudyState, create_study, find_resumable, load_spec_name, lock_study_folder,
@@ -43,8 +43,6 @@ from .state import (StudyState, create_study, find_resumable, load_spec_name, lo
 from .record import Tag
 from .summary import TrialRow, collect_rows, rank, summarize
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 EXIT_INTERRUPTED = 130
 EXIT_DISK_FULL = 75  # EX_TEMPFAIL: free space, then --resume
 
@@ -59,45 +57,6 @@ def main(default_spec: str, description: str, argv: list[str] | None = None, pro
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     return outcome.exit_code
-
-
-def init_ray(address: str | None, verbose: bool) -> bool:
-    """Start or join Ray unless this process already did. -> whether we own the connection."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose,
-                              "logging_level": logging.INFO if verbose else logging.WARNING}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # Workers must import `studies` even from a checkout that is not pip-installed.
-        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        # address="local": a bare ray.init() would join the newest `ray start` cluster on this
-        # machine (Ray records it under /tmp/ray) instead of the study's own local instance.
-        ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **kwargs)
-    return True
-
-
-def check_resources(spec: StudySpec, address: str | None) -> None:
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= spec.resources.cpus_per_trial
-            and n["Resources"].get("GPU", 0) >= min(1.0, spec.resources.gpus_per_trial)]
-    if fits:
-        return
-    need = f"{spec.resources.cpus_per_trial:g} CPU" + (
-        f" + {spec.resources.gpus_per_trial:g} GPU" if spec.resources.gpus_per_trial else "")
-    have = "; ".join(f"{n['NodeManagerAddress']}: {n['Resources'].get('CPU', 0):g} CPU, "
-                     f"{n['Resources'].get('GPU', 0):g} GPU" for n in nodes)
-    if address:  # a cluster may still autoscale to a node that fits
-        print(f"warning: no node can run a trial ({need}) yet ({have}); waiting for the autoscaler", flush=True)
-        return
-    raise StudyError(f"no node of the local Ray can run a trial needing {need} ({have}); "
-                     "lower --gpus-per-trial/--cpus-per-trial or pass --address of a cluster")
 
 
 def trial_name(trial) -> str:
@@ -134,6 +93,10 @@ def _run_study(options: Options) -> StudyOutcome:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     cwd = Path.cwd().resolve()
     root = Path(options.root).expanduser().resolve() if options.root else cwd / "studies_out"
+    from .diskspace import check_free_space, local_folders
+
+    # before anything is written (a study folder, a lock, an MLflow store)
+    check_free_space(local_folders(root, resolve_storage_path(options.storage_path, root)), options.min_free_mb)
     spec, state, new_study = _settings(options, cwd, root)
 
     # 2. data and Ray first: a missing dataset or an impossible resource request fails before
@@ -145,11 +108,9 @@ def _run_study(options: Options) -> StudyOutcome:
 
     base = build_config(spec.preset, spec.dataset, spec.scale, spec.overrides)
     corpus = load_corpus(base.data, ("train", "valid"))
-    from .diskspace import check_free_space, local_folders
-
     folders = (local_folders(state.folder, state.storage_path) if state is not None
                else local_folders(root, resolve_storage_path(options.storage_path, root)))
-    check_free_space(folders, options.min_free_mb)
+    check_free_space(folders, options.min_free_mb)  # a resumed study's own folders
     owns_ray = init_ray(options.address, options.verbose)
     try:
         check_resources(spec, options.address)

@@ -1,0 +1,52 @@
+"""Ray for a study: start a local instance or join a cluster, and check that a trial fits."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .options import StudyError
+from .spec import StudySpec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
+
+
+def init_ray(address: str | None, verbose: bool) -> bool:
+    """Start or join Ray unless this process already did. -> whether we own the connection."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose,
+                              "logging_level": logging.INFO if verbose else logging.WARNING}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # Workers must import `studies` even from a checkout that is not pip-installed.
+        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        # address="local": a bare ray.init() would join the newest `ray start` cluster on this
+        # machine (Ray records it under /tmp/ray) instead of the study's own local instance.
+        ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **kwargs)
+    return True
+
+
+def check_resources(spec: StudySpec, address: str | None) -> None:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= spec.resources.cpus_per_trial
+            and n["Resources"].get("GPU", 0) >= min(1.0, spec.resources.gpus_per_trial)]
+    if fits:
+        return
+    need = f"{spec.resources.cpus_per_trial:g} CPU" + (
+        f" + {spec.resources.gpus_per_trial:g} GPU" if spec.resources.gpus_per_trial else "")
+    have = "; ".join(f"{n['NodeManagerAddress']}: {n['Resources'].get('CPU', 0):g} CPU, "
+                     f"{n['Resources'].get('GPU', 0):g} GPU" for n in nodes)
+    if address:  # a cluster may still autoscale to a node that fits
+        print(f"warning: no node can run a trial ({need}) yet ({have}); waiting for the autoscaler", flush=True)
+        return
+    raise StudyError(f"no node of the local Ray can run a trial needing {need} ({have}); "
+                     "lower --gpus-per-trial/--cpus-per-trial or pass --address of a cluster")
