@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from cvae_core.metrics.names import BEST_STEP, best_key, selection_metric
 from cvae_core.runtime import json_safe
-from studies.record import PARENT_RUN_ID, Outcome, Role, Tag
+from studies.record import PARENT_RUN_ID, UNUSED, Outcome, Role, Tag
 
 from .store import DEFAULT_EXPERIMENT, AnalysisError, connect, find_study, get_experiment, study_name, trial_runs
 
@@ -119,6 +119,8 @@ def _config_type(key: str) -> type:
 
 
 def _parse_param(key: str, text: str) -> Any:
+    if text == UNUSED:  # a setting the model never reads (e.g. the distance at lambda_m = 0)
+        return None
     kind = _config_type(key)
     try:
         if kind is bool:
@@ -321,8 +323,10 @@ def run_label(row: pd.Series | dict) -> str:
     get = row.get
     parts = [str(get("preset") or "?")]
     if bool(get(CONFIG_PREFIX + "coupling.enabled")):
-        parts.append(f"{get(CONFIG_PREFIX + 'coupling.distance')} λm={_num(get(CONFIG_PREFIX + 'coupling.lambda_m'))}"
-                     f" λr={_num(get(CONFIG_PREFIX + 'coupling.lambda_r'))}")
+        distance = get(CONFIG_PREFIX + "coupling.distance")  # missing where λ_m = 0 matches nothing
+        if distance is not None and not pd.isna(distance):
+            parts.append(str(distance))
+        parts.append(f"λm={_num(get(CONFIG_PREFIX + 'coupling.lambda_m'))} λr={_num(get(CONFIG_PREFIX + 'coupling.lambda_r'))}")
     if get("seed") is not None and not pd.isna(get("seed")):
         parts.append(f"seed {int(get('seed'))}")
     return " ".join(parts)

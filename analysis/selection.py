@@ -151,7 +151,10 @@ def format_lambda(value: Any) -> str:
 
 
 def coupling_triples(runs: pd.DataFrame) -> pd.Series:
-    return pd.Series(list(zip(cfg(runs, "coupling.distance"), cfg(runs, "coupling.lambda_m").astype(float),
+    """(distance, λ_m, λ_r) per run; a distance the run does not use (λ_m = 0) is None, never
+    NaN, so that such runs group together (NaN != NaN)."""
+    distances = [None if d is None or pd.isna(d) else d for d in cfg(runs, "coupling.distance")]
+    return pd.Series(list(zip(distances, cfg(runs, "coupling.lambda_m").astype(float),
                               cfg(runs, "coupling.lambda_r").astype(float))), index=runs.index, dtype=object)
 
 

@@ -28,6 +28,9 @@ from .selection import (DIALOGUE_PRESETS, Comparison, cfg, compare, config_keys,
                         family_label, family_of, format_lambda, matches_coupling, metric_column, ordered_datasets, pick_config,
                         preset_order, summarize_runs, triple_order)
 from .stats import Summary
+
+# the settings that differ between a coupled run and its λ_m = 0 twin (the last two are unused there)
+UNUSED_WITHOUT_MATCHING = ("coupling.lambda_m", "coupling.distance", "coupling.rq_c")
 from .store import AnalysisError
 
 LAYOUTS = ("table1", "table2", "table3", "table4", "table8")
@@ -236,13 +239,15 @@ def table4(runs: pd.DataFrame, at: str = "best", study: str = "", ref_lambda_m: 
                 settings["lambda_m"] = ref_lambda_m
             on_dataset = mine["dataset"] == dataset
             is_reference |= on_dataset & matches_coupling(mine, settings)
-            is_zero |= on_dataset & matches_coupling(mine, {**settings, "lambda_m": 0.0})
+            # without matching the distance and RQ's C are unused (logged "none" since the record
+            # says so; older stores logged the preset's): λ_m and λ_r decide
+            is_zero |= on_dataset & matches_coupling(mine, {"lambda_m": 0.0, "lambda_r": settings["lambda_r"]})
         reference, zero = mine[is_reference], mine[is_zero]
         label = family_label(family_of(preset), True)
         rows = [_row([f"{label}*"], reference, datasets, metrics, at),
                 _row([f"{label} (λ_m=0)"], zero, datasets, metrics, at)]
         blocks.append(Block(None, rows))
-        comparisons += compare(f"{label}* − {label} (λ_m=0)", reference, zero, ("coupling.lambda_m",), metrics, at)
+        comparisons += compare(f"{label}* − {label} (λ_m=0)", reference, zero, UNUSED_WITHOUT_MATCHING, metrics, at)
     if not blocks:
         raise AnalysisError("table4 needs coupled runs with coupling.lambda_m = 0; this study has none")
     notes = ["* each coupled preset at its own λ_m (as in Table 1; coupled-vae: 0.1, coupled-vmf-vae: 7.5 on PTB)"]

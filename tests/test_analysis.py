@@ -479,6 +479,13 @@ def test_table4_pairs_lambda_m_zero_with_the_preset_setting(store):
     assert "| Coupled-VAE* − Coupled-VAE (λ_m=0) | PTB | 2 | -1.0 [-7.4, +5.4] | -2.0 [-2.0, -2.0] |" in text
     assert "| Coupled-VAE* − Coupled-VAE (λ_m=0) | Yelp | 1 | +1.0 | -2.0 |" in text
 
+    # the record of newer studies: a λ_m = 0 run logs its unused distance and RQ's C as "none"
+    # (missing values); the table is the same
+    zero_rows = runs["config.coupling.lambda_m"] == 0.0
+    unused = runs.copy()
+    unused.loc[zero_rows, ["config.coupling.distance", "config.coupling.rq_c"]] = None
+    assert render_markdown(build_table(unused, "table4")) == text
+
 
 def test_table8_lists_dialogue_models_by_lambda_m(store):
     from analysis.runs import load_study
