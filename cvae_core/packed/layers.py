@@ -83,9 +83,11 @@ def gru_step(gi: Tensor, h: Tensor, weight_hh: Tensor, bias_hh: Tensor) -> Tenso
     """
     gh = torch.baddbmm(bias_hh.unsqueeze(1), h, weight_hh.transpose(1, 2))
     hidden = h.shape[-1]
-    rz = torch.sigmoid(gi[..., : 2 * hidden] + gh[..., : 2 * hidden])
-    r, z = rz[..., :hidden], rz[..., hidden:]
-    n = torch.tanh(gi[..., 2 * hidden :] + r * gh[..., 2 * hidden :])
+    # split, not slicing: a slice's backward fills a full-size zero tensor, a split's is one cat.
+    gi_rz, gi_n = gi.split([2 * hidden, hidden], dim=-1)
+    gh_rz, gh_n = gh.split([2 * hidden, hidden], dim=-1)
+    r, z = torch.sigmoid(gi_rz + gh_rz).chunk(2, dim=-1)
+    n = torch.tanh(gi_n + r * gh_n)
     return n + z * (h - n)
 
 
@@ -100,11 +102,12 @@ def gru_scan(x: Tensor, weights: tuple[Tensor, Tensor, Tensor, Tensor], h0: Tens
     """
     weight_ih, weight_hh, bias_ih, bias_hh = weights
     members, batch, steps, _ = x.shape
-    gi = linear(x, weight_ih, bias_ih).permute(2, 0, 1, 3).contiguous()  # [T, M, B, 3H]: one contiguous slice per step
+    gi = linear(x, weight_ih, bias_ih).permute(2, 0, 1, 3)  # [T, M, B, 3H]
     h = x.new_zeros(members, batch, weight_hh.shape[-1]) if h0 is None else h0
     outputs = []
-    for t in range(steps):
-        new = gru_step(gi[t], h, weight_hh, bias_hh)
+    # unbind, not gi[t]: the backward of T selections would fill T full-size zero tensors.
+    for t, gi_t in enumerate(gi.unbind(0)):
+        new = gru_step(gi_t, h, weight_hh, bias_hh)
         h = new if mask is None else torch.where(mask[:, t, None], new, h)
         outputs.append(h)
     return torch.stack(outputs, dim=2), h
