@@ -22,7 +22,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -32,10 +31,7 @@ from cvae_core.models import build_model
 from cvae_core.objectives import Objective
 from cvae_core.packed import PackedObjective, clip_grad_norm_per_member, pack
 from cvae_core.train import make_optimizer
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from studies.spec import load_spec  # noqa: E402  (needs the repository root on the path)
+from studies.spec import load_spec
 
 TARGET_K, TARGET_SPEEDUP = 8, 3.0
 WARMUP_STEPS = 3

@@ -60,11 +60,11 @@ class PackedGRU(nn.Module):
         super().__init__()
         self.hidden_dim = hidden_dim
         self.directions = ("_l0", "_l0_reverse") if bidirectional else ("_l0",)
+        shapes = {"weight_ih": (3 * hidden_dim, input_dim), "weight_hh": (3 * hidden_dim, hidden_dim),
+                  "bias_ih": (3 * hidden_dim,), "bias_hh": (3 * hidden_dim,)}
         for suffix in self.directions:
-            self.register_parameter(f"weight_ih{suffix}", nn.Parameter(torch.empty(members, 3 * hidden_dim, input_dim)))
-            self.register_parameter(f"weight_hh{suffix}", nn.Parameter(torch.empty(members, 3 * hidden_dim, hidden_dim)))
-            self.register_parameter(f"bias_ih{suffix}", nn.Parameter(torch.empty(members, 3 * hidden_dim)))
-            self.register_parameter(f"bias_hh{suffix}", nn.Parameter(torch.empty(members, 3 * hidden_dim)))
+            for name, shape in shapes.items():
+                self.register_parameter(name + suffix, nn.Parameter(torch.empty(members, *shape)))
 
     def stacked(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(weight_ih, weight_hh, bias_ih, bias_hh), directions concatenated along the members:
