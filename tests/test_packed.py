@@ -170,3 +170,22 @@ def test_unpackable_members_are_refused(tiny_config):
         check_pack_configs([configs[0], tiny_config("coupled-vae", **{"train.batch_size": 4})])
     with pytest.raises(CvaeError, match="Gaussian GRU"):
         check_pack_configs([tiny_config("coupled-vae", **{"model.posterior": "vmf"})])
+
+
+@torch.no_grad()
+def test_dropout_training_mode_matches_standalone_in_expectation(tiny_config):
+    """Dropout masks cannot be drawn identically, so with dropout on (training mode) each member's
+    mean loss over many masks and posterior draws must equal its standalone model's mean
+    (within 4 standard errors of the difference)."""
+    configs, models, batch = setup_members(tiny_config, "coupled-vae", COUPLED_MEMBERS[:2], **{"model.dropout": 0.3})
+    packed = pack(models).train()
+    objective = PackedObjective(configs)
+    draws = 150
+    packed_losses = torch.stack([objective(packed(batch), STEP)[1]["loss"] for _ in range(draws)])  # [N, K]
+    for k, (model, config) in enumerate(zip(models, configs)):
+        model.train()
+        alone = torch.stack([Objective(config)(model, model(batch), STEP)[0] for _ in range(draws)])
+        difference = packed_losses[:, k].mean() - alone.mean()
+        standard_error = (packed_losses[:, k].var() / draws + alone.var() / draws).sqrt()
+        assert packed_losses[:, k].std() > 0 and alone.std() > 0  # the masks really vary
+        assert abs(float(difference)) < 4 * float(standard_error), (k, float(difference), float(standard_error))

@@ -30,7 +30,7 @@ def check_pack_configs(configs: list[Config]) -> None:
     """One-line CvaeError unless the configs can train as one pack (see PER_MEMBER_SETTINGS)."""
     if not configs:
         raise CvaeError("a pack needs at least one configuration")
-    first = configs[0]
+    shared = {key: value for key, value in configs[0].flat().items() if key not in PER_MEMBER_SETTINGS}
     for config in configs:
         if config.model.kind != "vae" or config.model.posterior != "gaussian" or config.model.decoder != "gru":
             raise CvaeError("packed training supports the Gaussian GRU text VAE (model.kind vae) only, got "
@@ -38,9 +38,10 @@ def check_pack_configs(configs: list[Config]) -> None:
         if config.regularizer.kind != "kl" or config.train.aggressive or config.train.pretrain_steps \
                 or config.train.init_from:
             raise CvaeError("packed training supports the KL regularizer without Lagging-VAE or PreFB only")
-        for key, value in first.flat().items():
-            if key not in PER_MEMBER_SETTINGS and config.flat()[key] != value:
-                raise CvaeError(f"pack members must share {key}: got {value!r} and {config.flat()[key]!r}")
+        flat = config.flat()
+        for key, value in shared.items():
+            if flat[key] != value:
+                raise CvaeError(f"pack members must share {key}: got {value!r} and {flat[key]!r}")
 
 
 class PackedObjective:
