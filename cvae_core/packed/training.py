@@ -1,0 +1,101 @@
+"""The loss, the clipping and the configuration rules of packed training.
+
+The packed loss is the sum of the members' losses, so the gradient of member k's slices is
+exactly member k's standalone gradient.  Clipping is per member (each member's own global norm,
+as its standalone run clips).  Adam is elementwise, so one ``torch.optim.Adam`` over the stacked
+parameters keeps per-member state by construction (``train.make_optimizer`` serves as is).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Config
+from ..errors import CvaeError
+from ..objectives import RQ_SCALES, Objective, squared_distance
+from .model import PackedOutput
+
+# Settings that may differ between the members of one pack (the loss weights, their schedule,
+# the seed); every other setting must be equal.  The preset is only a label.
+PER_MEMBER_SETTINGS = frozenset({
+    "preset", "train.seed", "coupling.lambda_r", "coupling.lambda_m", "coupling.distance", "coupling.rq_c",
+    "regularizer.kl_cap", "regularizer.schedule", "regularizer.anneal_start", "regularizer.anneal_steps",
+    "regularizer.cycles", "regularizer.cycle_ratio",
+})
+
+
+def check_pack_configs(configs: list[Config]) -> None:
+    """One-line CvaeError unless the configs can train as one pack (see PER_MEMBER_SETTINGS)."""
+    if not configs:
+        raise CvaeError("a pack needs at least one configuration")
+    shared = {key: value for key, value in configs[0].flat().items() if key not in PER_MEMBER_SETTINGS}
+    for config in configs:
+        if config.model.kind != "vae" or config.model.posterior != "gaussian" or config.model.decoder != "gru":
+            raise CvaeError("packed training supports the Gaussian GRU text VAE (model.kind vae) only, got "
+                            f"{config.model.kind}/{config.model.posterior}/{config.model.decoder}")
+        if config.regularizer.kind != "kl" or config.train.aggressive or config.train.pretrain_steps \
+                or config.train.init_from:
+            raise CvaeError("packed training supports the KL regularizer without Lagging-VAE or PreFB only")
+        flat = config.flat()
+        for key, value in shared.items():
+            if flat[key] != value:
+                raise CvaeError(f"pack members must share {key}: got {value!r} and {flat[key]!r}")
+
+
+class PackedObjective:
+    """Each member's Eq. (4) with its own weights, as tensors over the K members:
+    loss_k = rec + w_KL,k(t)·KL + λ_r,k·rec^c + λ_m,k·match_k (batch means); returns their sum."""
+
+    def __init__(self, configs: list[Config]):
+        check_pack_configs(configs)
+        self.objectives = [Objective(config) for config in configs]
+        self.coupled = configs[0].coupling.enabled
+
+        def per_member(values: Iterable[float]) -> Tensor:
+            return torch.tensor(list(values), dtype=torch.float32)
+
+        self.lambda_r = per_member(c.coupling.lambda_r for c in configs)
+        self.lambda_m = per_member(c.coupling.lambda_m for c in configs)
+        self.rq_c = per_member(c.rq_c for c in configs)
+        self.uses_rq = torch.tensor([c.coupling.distance == "rq" for c in configs])
+
+    def kl_weight(self, step: int) -> Tensor:
+        """[K]: each member's KL weight at ``step`` from its own schedule."""
+        return torch.tensor([objective.kl_weight(step) for objective in self.objectives], dtype=torch.float32)
+
+    def matching(self, h: Tensor, h_coupled: Tensor) -> Tensor:
+        """[K, B] per member: eucl ||h - sg(h^c)||^2 or rq -sum_s sC_k / (sC_k + D), as ``matching_loss``."""
+        d2 = squared_distance(h, h_coupled.detach())
+        if not bool(self.uses_rq.any()):
+            return d2
+        c = self.rq_c.to(d2.device).unsqueeze(1)
+        rq = -sum(s * c / (s * c + d2) for s in RQ_SCALES)
+        return torch.where(self.uses_rq.to(d2.device).unsqueeze(1), rq, d2)
+
+    def __call__(self, output: PackedOutput, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """-> (scalar: the sum of the members' losses, named parts [K] each a batch mean)."""
+        device = output.rec.device
+        parts = {"rec": output.rec.mean(-1), "kl": output.kl.mean(-1)}
+        loss = parts["rec"] + self.kl_weight(step).to(device) * parts["kl"]
+        if self.coupled:
+            parts["rec_coupled"] = output.rec_coupled.mean(-1)
+            parts["match"] = self.matching(output.h, output.h_coupled).mean(-1)
+            loss = loss + self.lambda_r.to(device) * parts["rec_coupled"] + self.lambda_m.to(device) * parts["match"]
+        parts["loss"] = loss
+        return loss.sum(), parts
+
+
+def clip_grad_norm_per_member(parameters: Iterable[nn.Parameter], max_norm: float) -> Tensor:
+    """Clip each member's gradient by its own global norm (over its slices of every parameter),
+    as ``nn.utils.clip_grad_norm_`` clips a standalone run's.  -> the norms before clipping [K]."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    members = grads[0].shape[0]
+    norms = torch.stack([g.reshape(members, -1).norm(dim=1) for g in grads]).norm(dim=0)  # [K]
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale.view(members, *([1] * (grad.dim() - 1))))
+    return norms
