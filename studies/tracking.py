@@ -28,6 +28,7 @@ from .record import (EXPERIMENT_KIND, PARENT_RUN_ID, UNUSED, UNUSED_WITHOUT_COUP
                      child_runs_filter, quote, search_all)
 
 T = TypeVar("T")
+OPEN_ATTEMPTS = 10  # retry()'s doubling waits from 0.5 s: about 4 minutes for a server to come back
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -171,13 +172,16 @@ class TrialRun:
         self.client, self.run_id, self.logged_steps = client, run_id, logged_steps
         self.first_metrics = first_metrics
         self.pending: list[Metric] = []
+        self.checkpoint_due: Path | None = None  # a best checkpoint not uploaded yet
 
     @classmethod
     def open(cls, study: StudyContext, trial_id: str, trial_name: str, config: Config,
              extra_tags: dict[str, str], run_name: str | None = None) -> "TrialRun":
         client = MlflowClient(tracking_uri=study.tracking_uri)
+        # A retry may start while the server is down: wait for it (bounded) rather than fail the
+        # attempt, which would use up the trial's retries on an outage.
         existing = search_all(client, study.experiment_id, trial_run_filter(study.parent_run_id, trial_id),
-                              call=retry)
+                              call=lambda fn: retry(fn, attempts=OPEN_ATTEMPTS))
         tags = {
             PARENT_RUN_ID: study.parent_run_id, Tag.ROLE: Role.TRIAL, Tag.STUDY: study.study_name,
             Tag.TRIAL_ID: trial_id, Tag.TRIAL_NAME: trial_name, Tag.PRESET: config.preset,
@@ -238,18 +242,31 @@ class TrialRun:
             del self.pending[:len(chunk)]
         return True
 
-    def log_checkpoint(self, checkpoint_dir: Path) -> None:
-        """Upload a checkpoint directory's files as ``checkpoint/`` (same names each time, so a
-        newer best checkpoint replaces the older one file by file)."""
-        retry(lambda: self.client.log_artifacts(self.run_id, str(checkpoint_dir), artifact_path="checkpoint"))
-
-    def log_file(self, path: Path) -> None:
-        if path.is_file():
-            retry(lambda: self.client.log_artifact(self.run_id, str(path)))
+    def upload(self, log_path: Path, best_checkpoint: Path | None = None, wait_s: float = 0.0) -> bool:
+        """Upload the trial's log and, when given or still due, its best checkpoint as
+        ``checkpoint/`` (same names each time, so a newer best replaces the older one file by
+        file). While the server is unreachable the upload stays due for the next call and
+        training goes on; ``wait_s`` > 0 keeps trying that long. -> whether all went out."""
+        if best_checkpoint is not None:
+            self.checkpoint_due = best_checkpoint
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                if self.checkpoint_due is not None and self.checkpoint_due.is_dir():
+                    self.client.log_artifacts(self.run_id, str(self.checkpoint_due), artifact_path="checkpoint")
+                self.checkpoint_due = None
+                if log_path.is_file():
+                    self.client.log_artifact(self.run_id, str(log_path))
+                return True
+            except Exception as exc:  # noqa: BLE001 - MLflow wraps connection errors in several types
+                if not transient(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(1.0)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         retry(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
-
 
 
 # How a trial's MLflow run ends for each outcome: only a crash is FAILED; an interrupted trial

@@ -98,7 +98,7 @@ def report_divergence(run: TrialRun, exc: Diverged, log_path: Path) -> None:
     objectives tells Ray (the trial ends TERMINATED, never retried), Optuna (a NaN value is a
     FAIL) and the driver, which writes ``Tag.OUTCOME`` = diverged and ends the MLflow run."""
     run.set_tags({Tag.DIVERGED_AT_STEP: str(exc.step)})
-    run.log_file(log_path)
+    run.upload(log_path)
     tune.report({"step": float(exc.step), DIVERGED: 1.0, "diverged_reason": exc.reason, **NAN_OBJECTIVES})
 
 
@@ -156,10 +156,12 @@ def _run_trial(config: dict[str, Any], core_config: Config, study: StudyContext,
         stop_point = metrics["step"] >= core_config.train.steps or evaluation in study.stop_points
         if stop_point and not run.flush(wait_s=FINAL_FLUSH_S):
             log(f"warning: {len(run.pending)} metrics could not reach MLflow within {FINAL_FLUSH_S} s")
-        if not run.pending:  # artifacts follow the metrics once the server answers again
-            if metrics.get(IS_BEST, 0.0) >= 1.0:
-                run.log_checkpoint(checkpoint_dir)
-            run.log_file(log_path)
+        best = checkpoint_dir if metrics.get(IS_BEST, 0.0) >= 1.0 else None
+        # artifacts follow the metrics once the server answers again; a failed upload stays due
+        if not run.pending and not run.upload(log_path, best, wait_s=FINAL_FLUSH_S if stop_point else 0.0):
+            log("warning: the checkpoint/log upload to MLflow is waiting for the server")
+        elif run.pending and best is not None:
+            run.checkpoint_due = best
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     with open(log_path, "a", encoding="utf-8") as log_file:
@@ -178,6 +180,6 @@ def _run_trial(config: dict[str, Any], core_config: Config, study: StudyContext,
             shutil.rmtree(output_dir, ignore_errors=True)
             return
         except BaseException:
-            run.log_file(log_path)  # the run stays open: a retry reopens it, the driver ends it
+            run.upload(log_path)  # the run stays open: a retry reopens it, the driver ends it
             raise
     shutil.rmtree(output_dir, ignore_errors=True)

@@ -46,3 +46,62 @@ def test_metrics_logged_during_an_outage_arrive_once_the_server_is_back(tmp_path
             assert sorted(m.step for m in history) == [10, 20, 30, 40, 50], key
         assert [m.value for m in sorted(client.get_metric_history(run_id, "val_nll"), key=lambda m: m.step)] == [
             9.0, 7.0, 6.0, 5.0, 4.0]
+
+
+def test_a_study_survives_a_tracking_server_outage_with_complete_histories(tmp_path, monkeypatch):
+    """The whole study against a real server that is stopped for 30 s mid-study and restarted
+    on the same port and store: the study completes, every trial run is FINISHED with its
+    outcome, and every metric history has each evaluation exactly once."""
+    import threading
+
+    from mlflow import MlflowClient
+    from test_fault_divergence import tiny_spec
+
+    from studies.record import Role, Tag
+    from studies.runner import Options, run_study
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    port, store = free_port(), tmp_path / "server"
+    url = f"http://127.0.0.1:{port}"
+    spec = tiny_spec(tmp_path / "outage.yaml", [{"preset": "vae"}, {"preset": "vae", "train.seed": 1}], steps=80)
+    up, study_done, log = threading.Event(), threading.Event(), []
+
+    def serve_with_an_outage():
+        with mlflow_server(store, port=port):
+            up.set()
+            client = MlflowClient(url)
+            while not study_done.is_set():  # wait until a trial has logged 2 evaluations
+                runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                        if r.data.tags.get(Tag.ROLE) == Role.TRIAL]
+                if any(len(client.get_metric_history(r.info.run_id, "val_nll")) >= 2 for r in runs):
+                    break
+                time.sleep(0.5)
+        log.append(("down", time.monotonic()))
+        study_done.wait(timeout=30)
+        with mlflow_server(store, port=port):
+            log.append(("up", time.monotonic()))
+            study_done.wait(timeout=900)
+
+    server = threading.Thread(target=serve_with_an_outage, daemon=True)
+    server.start()
+    assert up.wait(timeout=120)
+    try:
+        outcome = run_study(Options(profile=str(spec), root=str(tmp_path / "out"), tracking_uri=url,
+                                    study_name="outage"))
+    finally:
+        study_done.set()
+    assert [event for event, _ in log][:2] == ["down", "up"], "the server was never stopped mid-study"
+    assert outcome.exit_code == 0 and sorted(r.status for r in outcome.rows) == ["done", "done"], outcome.rows
+
+    with mlflow_server(store, port=port):
+        client = MlflowClient(url)
+        experiment = client.get_experiment_by_name("coupled-vae-studies")
+        runs = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get(Tag.ROLE) == Role.TRIAL]
+        assert len(runs) == 2
+        for run in runs:
+            assert run.info.status == "FINISHED" and run.data.tags[Tag.OUTCOME] == "done"
+            for key in ("val_nll", "val_kl", "train_loss"):
+                steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+                assert sorted(steps) == [10, 20, 30, 40, 50, 60, 70, 80], (key, steps)
+    server.join(timeout=60)
