@@ -94,7 +94,7 @@ def _leave_free_once_a_checkpoint_exists(disk: Path, free_mb: int, filled: list[
 
 
 @pytest.mark.slow
-def test_a_study_on_a_filling_disk_stops_resumably_and_resume_finishes_it(tmp_path, capsys):
+def test_a_study_on_a_filling_disk_stops_resumably_and_resume_finishes_it(tmp_path, capsys, monkeypatch):
     from mlflow import MlflowClient
     from test_fault_divergence import tiny_spec
 
@@ -102,7 +102,7 @@ def test_a_study_on_a_filling_disk_stops_resumably_and_resume_finishes_it(tmp_pa
     from studies.runner import EXIT_DISK_FULL, Options, run_study
     from studies.tracking import child_runs
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as every in-process study of the suite
     spec = tiny_spec(tmp_path / "disk.yaml", [{"preset": "vae"}, {"preset": "vae", "train.seed": 1}], steps=60)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with _tmpfs(tmp_path / "disk", "160m") as disk:
