@@ -19,6 +19,7 @@ Two Table 1 baselines change the loop, each behind a config field:
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import sys
 import time
@@ -34,7 +35,7 @@ from .checkpoint import (BEST, LATEST, TrainState, install_checkpoint, load_chec
 from .config import Config, validate
 from .data import BucketBatcher, Corpus, load_corpus
 from .data.batching import POOL_BATCHES
-from .errors import CvaeError, Diverged, check_finite_loss, divergence_as_outcome
+from .errors import CvaeError, Diverged, divergence_as_outcome
 from .lagging import LaggingPhase, parameter_groups
 from .metrics import evaluate
 from .metrics.dynamics import GRAD_BATCH, HeldOutDynamics
@@ -88,15 +89,17 @@ class _Progress:
         self.window_tokens = 0
         self.eval_seconds = 0.0  # excluded from throughput, included in the ETA
 
-    def add(self, parts: dict[str, torch.Tensor], tokens: int, extra: dict[str, float]) -> None:
-        for key, value in {**{k: v.item() for k, v in parts.items()}, **extra}.items():
+    def add(self, parts: dict[str, torch.Tensor], tokens: int, extra: dict[str, float | torch.Tensor]) -> None:
+        # Summed as float64 tensors where they are (no host sync per step on a GPU); read at log lines.
+        for key, value in {**parts, **extra}.items():
+            value = value.detach().double() if isinstance(value, torch.Tensor) else value
             self.sums[key] = self.sums.get(key, 0.0) + value
         self.count += 1
         self.tokens += tokens
         self.window_tokens += tokens
 
     def means(self) -> dict[str, float]:
-        return {f"train_{k}": v / max(1, self.count) for k, v in self.sums.items()}
+        return {f"train_{k}": float(v) / max(1, self.count) for k, v in self.sums.items()}
 
     def reset(self) -> None:
         self.sums, self.count = {}, 0
@@ -183,6 +186,34 @@ def _resume(latest: Path, model: nn.Module, optimizer: torch.optim.Optimizer, co
     return state
 
 
+class _DivergenceWatch:
+    """A non-finite loss or gradient norm ends the run as ``Diverged``, naming the first step it
+    happened at.  The test runs on the device every step; the host reads its result only at log
+    lines and before evaluations, so a GPU never waits on the CPU between them.  A diverged run
+    goes on for at most ``log_every`` steps before it stops: no evaluation or checkpoint sees them."""
+
+    def __init__(self, device: torch.device):
+        self.first_step = torch.zeros((), dtype=torch.long, device=device)  # 0: all finite so far
+        self.loss = torch.zeros((), device=device)  # at first_step, for the message
+        self.grad_norm = torch.zeros((), device=device)
+
+    def watch(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        loss, grad_norm = loss.detach().float(), grad_norm.detach().float()
+        first = (self.first_step == 0) & ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.first_step = torch.where(first, step, self.first_step)
+        self.loss = torch.where(first, loss, self.loss)
+        self.grad_norm = torch.where(first, grad_norm, self.grad_norm)
+
+    def check(self, preset: str) -> None:
+        step = int(self.first_step)
+        if not step:
+            return
+        loss, grad_norm = float(self.loss), float(self.grad_norm)
+        if not math.isfinite(loss):
+            raise Diverged(step, f"loss is {loss} ({preset}); lower train.lr or check the posterior's numerics")
+        raise Diverged(step, f"gradient norm is {grad_norm} ({preset}); lower train.lr")
+
+
 class _Loop:
     """One run's step loop over a TrainState: training steps, evaluations, checkpoints."""
 
@@ -195,6 +226,7 @@ class _Loop:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.train.amp and device.type == "cuda"
                          else contextlib.nullcontext())
         self.progress = _Progress(config.train.steps, state.step)
+        self.divergence = _DivergenceWatch(device)
         self.dynamics = (HeldOutDynamics(model, corpus["valid"].examples[:GRAD_BATCH], device, config.train.seed)
                          if config.train.dynamics_every else None)
         self.lagging = (LaggingPhase(model, objective, optimizer, config, state, self.autocast, log)
@@ -210,9 +242,12 @@ class _Loop:
             step = state.step
             if self.dynamics is not None and step % config.train.dynamics_every == 0:
                 self.dynamics.measure()
+            evaluating = step % config.train.eval_every == 0 or step == config.train.steps
+            if step % config.train.log_every == 0 or evaluating:
+                self.divergence.check(config.preset)
             if step % config.train.log_every == 0:
                 self.log(self.progress.line(step, kl_weight, lr))
-            if step % config.train.eval_every == 0 or step == config.train.steps:
+            if evaluating:
                 metrics, ckpt = self.evaluate_and_checkpoint(kl_weight, lr)
                 last_metrics = metrics
                 try:
@@ -251,19 +286,20 @@ class _Loop:
             extra = self.lagging.encoder_updates(batch, self.fresh_batch, step)
             scope = self.lagging.step_scope()
         with scope:
-            with divergence_as_outcome(step, config.preset):
-                with self.autocast:
+            try:
+                with divergence_as_outcome(step, config.preset), self.autocast:
                     output = model(batch)
                     loss, parts = self.objective(model, output, step)
-            check_finite_loss(loss, step, config.preset)
+            except Diverged:
+                self.divergence.check(config.preset)  # an earlier step's non-finite loss is the first cause
+                raise
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.train.clip_norm)
-        if not torch.isfinite(grad_norm):  # stepping would write NaN/inf into the parameters
-            raise Diverged(step, f"gradient norm is {grad_norm.item()} ({config.preset}); lower train.lr")
+        self.divergence.watch(step, loss, grad_norm)
         optimizer.step()
         kl_weight = self.objective.kl_weight(step)
-        self.progress.add(parts, batch.n_tokens, {"grad_norm": grad_norm.item(), **extra})
+        self.progress.add(parts, batch.n_tokens, {"grad_norm": grad_norm, **extra})
         return kl_weight, lr
 
     def evaluate_and_checkpoint(self, kl_weight: float, lr: float) -> tuple[dict[str, float], Path]:

@@ -123,4 +123,4 @@ class PlanarFlowHead(nn.Module):
 
     def prior(self, device: torch.device | str) -> Distribution:
         zeros = torch.zeros(self.latent_dim, device=device)
-        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+        return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1)

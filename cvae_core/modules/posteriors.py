@@ -63,7 +63,9 @@ class DiagonalGaussian(LatentDistribution):
 
     def __init__(self, loc: Tensor, scale: Tensor):
         self.loc, self.scale = loc, scale
-        self._normal = Independent(Normal(loc, scale), 1)
+        # No argument validation: it is a host sync per call on a GPU; a NaN here becomes a NaN
+        # loss, which the training loop reports as divergence.
+        self._normal = Independent(Normal(loc, scale, validate_args=False), 1)
         super().__init__(batch_shape=loc.shape[:-1], event_shape=loc.shape[-1:], validate_args=False)
 
     @property
@@ -105,7 +107,7 @@ class GaussianHead(nn.Module):
 
     def prior(self, device: torch.device | str) -> Distribution:
         zeros = torch.zeros(self.latent_dim, device=device)
-        return Independent(Normal(zeros, torch.ones_like(zeros)), 1)
+        return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1)
 
 
 @register_kl(DiagonalGaussian, Independent)
