@@ -31,16 +31,18 @@ class Batch:
     post_lengths: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        """The batch on ``device``; to a GPU through pinned memory, so the copy does not block."""
+        """The batch on ``device``; to a GPU through pinned memory, so the copy does not block.
+        The lengths stay on the CPU: the encoders' packed sequences read them there, and copying
+        them back from a GPU would make every step wait for it."""
         device = torch.device(device)
         pinned = device.type == "cuda"
 
-        def moved(t: Tensor | None) -> Tensor | None:
-            if t is None:  # a sentence batch has no post fields
-                return None
+        def moved(name: str, t: Tensor | None) -> Tensor | None:
+            if t is None or name.endswith("lengths"):  # a sentence batch has no post fields
+                return t
             return (t.pin_memory() if pinned else t).to(device, non_blocking=pinned)
 
-        return type(self)(**{f.name: moved(getattr(self, f.name)) for f in fields(self)})
+        return type(self)(**{f.name: moved(f.name, getattr(self, f.name)) for f in fields(self)})
 
     def select(self, index: Tensor | list[int] | slice) -> "Batch":
         """The sentences at ``index`` (first dimension of every field), still padded to this T."""

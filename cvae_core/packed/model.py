@@ -46,7 +46,7 @@ class PackedBiGRUEncoder(nn.Module):
     def forward(self, words: Tensor, lengths: Tensor) -> Tensor:
         embedded = dropout(self.embedding(words), self.dropout_rate, self.training)  # [K, B, T, E]
         members, batch, steps, _ = embedded.shape
-        lengths = lengths.clamp(min=1)  # an empty sentence is read as one <pad>, as unpacked
+        lengths = lengths.to(words.device).clamp(min=1)  # an empty sentence is read as one <pad>, as unpacked
         positions = torch.arange(steps, device=words.device)
         mask = positions < lengths.unsqueeze(1)  # [B, T]
         # The backward direction reads each sentence's own tokens last-to-first: reversing every
