@@ -23,31 +23,43 @@ from cvae_core.objectives import Objective
 from cvae_core.train import make_optimizer
 
 
-def measure(presets: list[str], steps: int, rounds: int, batching: str = "bucket",
-            device: torch.device = torch.device("cpu")) -> dict[str, dict[str, float]]:
-    """-> {preset: {ms_per_step, tokens_per_s, tokens_per_step}} (medians over ``rounds``,
-    after one warm-up round), all presets on the same PTB training batches."""
+def setup(presets: list[str], steps: int, batching: str = "bucket", device: torch.device = torch.device("cpu")):
+    """-> (``steps`` PTB training batches on ``device``, {preset: (model, optimizer, objective)}):
+    paper-size models, seeded alike, the trainer's optimizer and loss."""
     configs = {name: build_config(name, "ptb", "quick", {"data.batching": batching}) for name in presets}
     corpus = load_corpus(configs[presets[0]].data, ("train",))
     batcher = BucketBatcher(corpus["train"].examples, 32, seed=0, pool_batches=POOL_BATCHES[batching])
     order = batcher.order(0)
     batches = [batcher.batch(order[i]).to(device) for i in range(steps)]
-    tokens = sum(b.n_tokens for b in batches)
     setups = {}
     for name, config in configs.items():
         torch.manual_seed(0)
         model = build_model(config, len(corpus.vocab)).to(device)
         setups[name] = (model, make_optimizer(model, config), Objective(config))
+    return batches, setups
+
+
+def train_steps(model, optimizer, objective, batches) -> None:
+    """The trainer's step (loss, backward, clipping at 30, Adam) over ``batches``."""
+    for step, batch in enumerate(batches, 1):
+        loss, _ = objective(model, model(batch), step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 30.0)
+        optimizer.step()
+
+
+def measure(presets: list[str], steps: int, rounds: int, batching: str = "bucket",
+            device: torch.device = torch.device("cpu")) -> dict[str, dict[str, float]]:
+    """-> {preset: {ms_per_step, tokens_per_s, tokens_per_step}} (medians over ``rounds``,
+    after one warm-up round), all presets on the same PTB training batches."""
+    batches, setups = setup(presets, steps, batching, device)
+    tokens = sum(b.n_tokens for b in batches)
     times: dict[str, list[float]] = {name: [] for name in presets}
     for round_index in range(rounds + 1):  # round 0 warms up
         for name, (model, optimizer, objective) in setups.items():
             start = time.perf_counter()
-            for step, batch in enumerate(batches, 1):
-                loss, _ = objective(model, model(batch), step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 30.0)
-                optimizer.step()
+            train_steps(model, optimizer, objective, batches)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if round_index:
