@@ -118,7 +118,9 @@ def _config_type(key: str) -> type:
     return FIELDS[key][2] if key in FIELDS else str
 
 
-def _parse_param(key: str, text: str) -> Any:
+def parse_param(key: str, text: str) -> Any:
+    """A logged MLflow param as the typed config value analysis stores: None for a setting the
+    model never reads (logged as the unused marker) or a value that does not parse."""
     if text == UNUSED:  # a setting the model never reads (e.g. the distance at lambda_m = 0)
         return None
     kind = _config_type(key)
@@ -161,7 +163,7 @@ def tidy_runs(runs: Iterable, history: pd.DataFrame) -> pd.DataFrame:
         last_at_step = hist.drop_duplicates(["metric", "step"], keep="last")
         final = last_at_step.drop_duplicates("metric", keep="last").set_index("metric")["value"]
         best_by, best_step, best = best_evaluation(last_at_step, final, params.get("model.kind", "vae"))
-        config = {key: _parse_param(key, value) for key, value in params.items()}
+        config = {key: parse_param(key, value) for key, value in params.items()}
         config_keys.update(config)
         metric_keys.update(final.index)
         steps = last_at_step["step"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from analysis.runs import _parse_param
+from analysis.runs import parse_param
 from cvae_core.config import build_config
 from studies.tracking import ensure_experiment, run_params
 
@@ -21,7 +21,7 @@ def test_experiment_is_marked_as_training_runs_new_or_existing(tmp_path):
 def test_baseline_params_say_none_for_coupling_and_analysis_reads_them_as_missing():
     vae = run_params(build_config("vae", "ptb", "quick", {}))
     assert {vae[k] for k in ("coupling.lambda_r", "coupling.lambda_m", "coupling.distance", "coupling.rq_c")} == {"none"}
-    assert _parse_param("coupling.lambda_m", vae["coupling.lambda_m"]) is None
+    assert parse_param("coupling.lambda_m", vae["coupling.lambda_m"]) is None
     coupled = run_params(build_config("coupled-vae", "ptb", "quick", {"coupling.lambda_m": 0.12}))
     assert coupled["coupling.lambda_m"] == "0.12" and coupled["coupling.distance"] == "rq"
 
