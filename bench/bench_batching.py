@@ -2,6 +2,7 @@
 
     python bench/bench_batching.py                       # quick scale, 3 seeds: 12 runs of ~10 min
     python bench/bench_batching.py --steps 300 --seeds 2 --valid-limit 500    # a reduced budget
+    python bench/bench_batching.py --default-study       # the default study's model and budget (minutes)
 
 For each preset and data.batching (bucket | random) and seed: train on PTB, then report the best
 checkpoint's validation NLL, KL and MI (mi_loo) and the run's wall time.  Bucketing changes
@@ -15,6 +16,9 @@ import statistics
 import tempfile
 import time
 
+import torch
+
+import bench_families
 from cvae_core.config import build_config
 from cvae_core.data import load_corpus
 from cvae_core.train import train
@@ -23,7 +27,8 @@ METRICS = ("val_nll", "val_kl", "val_mi_loo")
 
 
 def one_run(preset: str, batching: str, seed: int, args) -> dict[str, float]:
-    overrides = {"data.batching": batching, "train.seed": seed}
+    overrides = {**(bench_families.budget(preset) if args.default_study else {}),
+                 "data.batching": batching, "train.seed": seed, "train.dynamics_every": 0}
     if args.steps:
         overrides.update({"train.steps": args.steps, "train.eval_every": args.steps})
     if args.valid_limit:
@@ -45,9 +50,15 @@ def main() -> None:
     parser.add_argument("--scale", default="quick")
     parser.add_argument("--steps", type=int, default=0, help="override train.steps (0 = the scale's)")
     parser.add_argument("--valid-limit", type=int, default=0, help="validate on the first N sentences (0 = all)")
+    parser.add_argument("--default-study", action="store_true",
+                        help="the default study's small model and budget (studies/specs/lambda_sweep.yaml)")
     args = parser.parse_args()
-    print(f"PTB, scale {args.scale}, steps {args.steps or 'of the scale'}, {args.seeds} seeds, "
-          f"validation {args.valid_limit or 'all'} sentences")
+    budget = "the default study's model and budget" if args.default_study else f"scale {args.scale}"
+    config = build_config(args.presets[0], "ptb", args.scale, bench_families.budget(args.presets[0])
+                          if args.default_study else {})
+    print(f"PTB, {budget}, steps {args.steps or config.train.steps}, {args.seeds} seeds, "
+          f"validation {args.valid_limit or config.data.valid_limit or 'all'} sentences, "
+          f"{torch.get_num_threads()} torch threads")
     print(f"{'preset':<14} {'batching':<8} " + " ".join(f"{k:>16}" for k in (*METRICS, "wall_s")))
     for preset in args.presets:
         for batching in ("bucket", "random"):
