@@ -1,0 +1,169 @@
+"""A pack's checkpoints are ordinary ones: a member's checkpoint loads, evaluates and resumes as a
+standalone run's, and K of them rebuild the pack (weights and Adam state) exactly."""
+import json
+
+import pytest
+import torch
+
+from cvae_core.checkpoint import TrainState, load_checkpoint, load_model, restore_rng, save_checkpoint
+from cvae_core.cli import main as cvae_main
+from cvae_core.data import BucketBatcher, load_corpus
+from cvae_core.data.batching import POOL_BATCHES
+from cvae_core.errors import CvaeError
+from cvae_core.models import build_model
+from cvae_core.packed import (PackedObjective, load_pack, member_state_dict, pack, save_member_checkpoint,
+                              train_step)
+from cvae_core.train import make_optimizer, train
+from test_packed import COUPLED_MEMBERS, assert_close_to
+
+LATENT = 4  # tests/conftest.py's TINY latent size
+
+
+class Pack:
+    """A pack of tiny coupled members (member k: COUPLED_MEMBERS[k], seed k) and the trainer's
+    batches of one member's seed, trained with ``packed.train_step``."""
+
+    def __init__(self, tiny_config, n_members=3, batch_seed=0, **shared):
+        self.configs = [tiny_config("coupled-vae", **shared, **{"train.seed": k, **COUPLED_MEMBERS[k]})
+                        for k in range(n_members)]
+        self.corpus = load_corpus(self.configs[0].data, ("train", "valid"))
+        models = []
+        for k, config in enumerate(self.configs):
+            torch.manual_seed(10 + k)
+            models.append(build_model(config, len(self.corpus.vocab)))
+        self.model = pack(models)
+        self.objective = PackedObjective(self.configs)
+        self.optimizer = make_optimizer(self.model, self.configs[0])
+        config = self.configs[batch_seed]
+        # The batches a standalone run of member batch_seed reads, in its order (epoch 0).
+        batcher = BucketBatcher(self.corpus["train"].examples, config.train.batch_size, config.train.seed,
+                                pool_batches=POOL_BATCHES[config.data.batching])
+        self.batches = [batcher.batch(index) for index in batcher.order(0)]
+        self.step = 0
+
+    def train(self, steps, noises=None):
+        for n in range(steps):
+            self.step += 1
+            train_step(self.model, self.objective, self.optimizer, self.batches[self.step - 1], self.step,
+                       self.configs[0], None if noises is None else noises[n])
+
+    def save(self, directory, member):
+        return save_member_checkpoint(directory, self.model, self.optimizer, member, config=self.configs[member],
+                                      state=TrainState(step=self.step, epoch=0, batch_index=self.step),
+                                      vocab=self.corpus.vocab)
+
+
+def packed_parameter(pack_, name):
+    return dict(pack_.model.named_parameters())[name]
+
+
+def test_member_checkpoint_is_an_ordinary_checkpoint(tiny_config, tmp_path, capsys):
+    trained = Pack(tiny_config, n_members=2)
+    trained.train(3)
+    path = trained.save(tmp_path / "member1", member=1)
+
+    model, config, vocab = load_model(path)
+    assert config.flat() == trained.configs[1].flat() and vocab.itos == trained.corpus.vocab.itos
+    expected = member_state_dict(trained.model, 1)
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+    # The member's Adam state, in the ordinary model's parameter order.
+    saved = load_checkpoint(path).optimizer
+    order = [name for name, _ in model.named_parameters()]
+    for name in ("base.decoder.output.weight", "base.embedding.weight", "twin_signal.net.0.bias"):
+        packed_state = trained.optimizer.state[packed_parameter(trained, name)]
+        member_state = saved["state"][order.index(name)]
+        assert torch.equal(member_state["exp_avg"], packed_state["exp_avg"][1])
+        assert torch.equal(member_state["exp_avg_sq"], packed_state["exp_avg_sq"][1])
+        assert float(member_state["step"]) == 3.0
+    assert order.index("twin_head.log_std.weight") not in saved["state"]  # unused, as in a standalone run
+
+    code = cvae_main(["evaluate", str(path), "--split", "valid", "--n-samples", "3", "--mi-samples", "3",
+                      "--limit", "20", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["n_sentences"] == 20 and 0 < result["nll"] < 1e4
+
+
+def test_member_resumed_standalone_continues_as_in_the_pack(tiny_config, tmp_path):
+    """Member 1 trained N packed steps, saved, then resumed by the ordinary trainer for M steps
+    (`train(..., resume_from=...)`) equals member 1 trained N + M packed steps on the same
+    batches with the same posterior noise (dropout off: the noise is all the randomness)."""
+    n_before, n_after, member = 6, 8, 1  # the learning rate halves after step 10 (TINY)
+    trained = Pack(tiny_config, batch_seed=member, **{"train.clip_norm": 5.0, "train.steps": n_before + n_after,
+                                                      "train.eval_every": n_before + n_after})
+    trained.train(n_before)
+    torch.manual_seed(2024)  # the RNG state the member checkpoint records
+    path = trained.save(tmp_path / "member", member)
+
+    train(trained.configs[member], tmp_path / "standalone", resume_from=path, corpus=trained.corpus,
+          log=lambda _: None)
+
+    # The noise the resumed run drew: the next B x d normal draws of the restored RNG, step after step.
+    restore_rng(load_checkpoint(path).rng)
+    batches = trained.batches[n_before : n_before + n_after]
+    member_noise = [torch.empty(len(b.lengths), LATENT).normal_() for b in batches]
+    others = torch.Generator().manual_seed(7)
+    noises = []
+    for batch, noise in zip(batches, member_noise):
+        pack_noise = torch.randn(len(trained.configs), len(batch.lengths), LATENT, generator=others)
+        pack_noise[member] = noise
+        noises.append(pack_noise)
+    trained.train(n_after, noises)
+
+    resumed, _, _ = load_model(tmp_path / "standalone" / "checkpoints" / "latest")
+    expected = member_state_dict(trained.model, member)
+    for name, tensor in resumed.state_dict().items():
+        assert_close_to(tensor, expected[name])
+    assert not torch.allclose(expected["base.decoder.output.weight"],
+                              load_model(path)[0].state_dict()["base.decoder.output.weight"])
+
+
+def test_pack_resumed_from_member_checkpoints_continues_identically(tiny_config, tmp_path):
+    """With dropout and sampling on: K member checkpoints -> load_pack -> the pack continues
+    bit for bit as the uninterrupted pack (weights and Adam state), its RNG restored."""
+    trained = Pack(tiny_config, **{"model.dropout": 0.3})
+    trained.train(3)
+    paths = [trained.save(tmp_path / f"member{k}", k) for k in range(len(trained.configs))]
+    trained.train(4)  # the uninterrupted pack: saving has not touched its random stream
+
+    loaded = load_pack(paths)
+    assert [c.flat() for c in loaded.configs] == [c.flat() for c in trained.configs]
+    assert [s.step for s in loaded.states] == [3, 3, 3]
+    restore_rng(loaded.rng)
+    resumed = Pack.__new__(Pack)
+    resumed.__dict__.update(trained.__dict__, model=loaded.model, optimizer=loaded.optimizer, step=3)
+    resumed.train(4)
+
+    reference = dict(trained.model.named_parameters())
+    for name, parameter in loaded.model.named_parameters():
+        assert torch.equal(parameter, reference[name]), name
+        if reference[name] in trained.optimizer.state:
+            for key, value in trained.optimizer.state[reference[name]].items():
+                assert torch.equal(loaded.optimizer.state[parameter][key], value), (name, key)
+        else:
+            assert parameter not in loaded.optimizer.state
+
+
+def test_unpackable_checkpoints_are_refused(tiny_config, tmp_path):
+    trained = Pack(tiny_config, n_members=2)
+    with pytest.raises(CvaeError, match="member 2 is not in this pack"):
+        save_member_checkpoint(tmp_path / "absent", trained.model, trained.optimizer, 2, config=trained.configs[0],
+                               state=TrainState(), vocab=trained.corpus.vocab)
+    assert not (tmp_path / "absent").exists()
+    trained.train(1)
+    first = trained.save(tmp_path / "step1", 0)
+    trained.train(1)
+    second = trained.save(tmp_path / "step2", 1)
+    with pytest.raises(CvaeError, match="must be at one step"):
+        load_pack([first, second])
+    with pytest.raises(CvaeError, match="at least one checkpoint"):
+        load_pack([])
+    model, config, vocab = load_model(second)
+    weights_only = save_checkpoint(tmp_path / "no-optimizer", model=model, optimizer=None,
+                                   state=TrainState(step=2), config=config, vocab=vocab)
+    with pytest.raises(CvaeError, match="no optimizer state"):
+        load_pack([weights_only, second])
+    with pytest.raises(CvaeError, match="share train.batch_size"):
+        wider = tiny_config("coupled-vae", **{"train.batch_size": 4})
+        save_checkpoint(tmp_path / "other", model=model, optimizer=None, state=TrainState(step=2), config=wider,
+                        vocab=vocab)
+        load_pack([second, tmp_path / "other"])
