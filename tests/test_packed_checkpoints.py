@@ -1,12 +1,14 @@
 """A pack's checkpoints are ordinary ones: a member's checkpoint loads, evaluates and resumes as a
 standalone run's, and K of them rebuild the pack (weights and Adam state) exactly."""
 import json
+import random
 
 import pytest
 import torch
 
 from cvae_core.checkpoint import TrainState, load_checkpoint, load_model, restore_rng, save_checkpoint
 from cvae_core.cli import main as cvae_main
+from cvae_core.config import build_config
 from cvae_core.data import BucketBatcher, load_corpus
 from cvae_core.data.batching import POOL_BATCHES
 from cvae_core.errors import CvaeError
@@ -14,6 +16,7 @@ from cvae_core.models import build_model
 from cvae_core.packed import (PackedObjective, load_pack, member_state_dict, pack, save_member_checkpoint,
                               train_step)
 from cvae_core.train import make_optimizer, train
+from conftest import TINY
 from test_packed import COUPLED_MEMBERS, assert_close_to
 
 LATENT = 4  # tests/conftest.py's TINY latent size
@@ -167,3 +170,103 @@ def test_unpackable_checkpoints_are_refused(tiny_config, tmp_path):
         save_checkpoint(tmp_path / "other", model=model, optimizer=None, state=TrainState(step=2), config=wider,
                         vocab=vocab)
         load_pack([second, tmp_path / "other"])
+
+
+
+# ---------------------------------------------------------------------------------------------
+# With dropout and sampling on, a packed run cannot repeat a standalone run's random draws; what
+# must hold is that its members train like standalone runs: the same distribution of outcomes.
+
+AGREEMENT_STEPS = 200
+T_CRITICAL = 4.604  # Student's t with 4 degrees of freedom (3 + 3 runs): two-sided 1%
+
+
+@pytest.fixture(scope="module")
+def patterned_data_dir(tmp_path_factory):
+    """Text files over 20 words where each next word is usually the previous one's successor: a
+    tiny model learns it within a few hundred steps, so dropout changes the training loss a lot
+    (on a slice of PTB the same model stays near the unigram loss and dropout hardly shows)."""
+    rng = random.Random(0)
+
+    def sentence():
+        word, words = rng.randrange(20), []
+        for _ in range(rng.randint(4, 10)):
+            words.append(f"w{word}")
+            word = (word + 1) % 20 if rng.random() < 0.85 else rng.randrange(20)
+        return " ".join(words)
+
+    folder = tmp_path_factory.mktemp("patterned")
+    for split, n in (("train", 300), ("valid", 50), ("test", 50)):
+        (folder / f"{split}.txt").write_text("\n".join(sentence() for _ in range(n)) + "\n")
+    return folder
+
+
+def agreement_config(data_dir, seed):
+    """The tiny Coupled-VAE with dropout 0.5.  The loop evaluates at steps 100 and 200, so the
+    last evaluation's train_loss is the mean training loss of steps 101-200."""
+    return build_config("coupled-vae", "text", "quick", {
+        **TINY, "data.data_dir": str(data_dir), "model.dropout": 0.5, "train.lr": 5e-3, "train.seed": seed,
+        "train.steps": AGREEMENT_STEPS, "train.eval_every": AGREEMENT_STEPS // 2, "train.log_every": AGREEMENT_STEPS,
+        "train.lr_decay_start": 10 * AGREEMENT_STEPS, "regularizer.anneal_steps": AGREEMENT_STEPS // 2})
+
+
+@pytest.fixture(scope="module")
+def standalone_losses(tmp_path_factory, patterned_data_dir):
+    """The ordinary trainer's mean training loss of steps 101-200, seeds 0, 1, 2."""
+    torch.set_num_threads(1)  # as every test runs (conftest); module fixtures are set up before that
+    losses = []
+    for seed in range(3):
+        result = train(agreement_config(patterned_data_dir, seed), tmp_path_factory.mktemp(f"standalone{seed}"),
+                       log=lambda _: None)
+        losses.append(result.history[-1]["train_loss"])
+    return losses
+
+
+def packed_losses(data_dir):
+    """One pack of seeds 0, 1, 2 (each member initialised as the trainer initialises its seed),
+    trained on the batches the trainer reads for seed 0 -> each member's mean training loss of
+    steps 101-200."""
+    configs = [agreement_config(data_dir, seed) for seed in range(3)]
+    corpus = load_corpus(configs[0].data, ("train",))
+    models = []
+    for config in configs:
+        torch.manual_seed(config.train.seed)
+        models.append(build_model(config, len(corpus.vocab)))
+    packed, objective = pack(models), PackedObjective(configs)
+    optimizer = make_optimizer(packed, configs[0])
+    batcher = BucketBatcher(corpus["train"].examples, configs[0].train.batch_size, configs[0].train.seed,
+                            pool_batches=POOL_BATCHES[configs[0].data.batching])
+    order = [index for epoch in range(AGREEMENT_STEPS) for index in batcher.order(epoch)][:AGREEMENT_STEPS]
+    torch.manual_seed(0)
+    losses = []
+    for step, index in enumerate(order, 1):
+        parts, _ = train_step(packed, objective, optimizer, batcher.batch(index), step, configs[0])
+        losses.append(parts["loss"])
+    return torch.stack(losses[AGREEMENT_STEPS // 2 :]).mean(0).tolist()
+
+
+def student_t(a, b):
+    """Two-sample Student's t statistic of the means of a and b (pooled variance)."""
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    pooled = ((len(a) - 1) * a.var() + (len(b) - 1) * b.var()) / (len(a) + len(b) - 2)
+    return float((a.mean() - b.mean()) / (pooled * (1 / len(a) + 1 / len(b))).sqrt())
+
+
+@pytest.mark.slow
+def test_packed_members_train_like_standalone_runs(patterned_data_dir, standalone_losses):
+    """Dropout 0.5 and posterior sampling on, 200 steps: the members' mean training losses and the
+    standalone runs' (seeds 0-2 each) have equal means by Student's t-test at the 1% level."""
+    packed = packed_losses(patterned_data_dir)
+    t = student_t(packed, standalone_losses)
+    assert abs(t) < T_CRITICAL, (packed, standalone_losses, t)
+
+
+@pytest.mark.slow
+def test_agreement_test_detects_packed_training_without_dropout(patterned_data_dir, standalone_losses, monkeypatch):
+    """The test above can fail: a pack whose dropout is off is told apart from standalone runs."""
+    import cvae_core.packed.model
+
+    monkeypatch.setattr(cvae_core.packed.model, "dropout", lambda x, p, training: x)
+    packed = packed_losses(patterned_data_dir)
+    t = student_t(packed, standalone_losses)
+    assert abs(t) > T_CRITICAL, (packed, standalone_losses, t)
