@@ -132,9 +132,9 @@ def test_pack_resumed_from_member_checkpoints_continues_identically(tiny_config,
     assert [c.flat() for c in loaded.configs] == [c.flat() for c in trained.configs]
     assert [s.step for s in loaded.states] == [3, 3, 3]
     restore_rng(loaded.rng)
-    resumed = Pack.__new__(Pack)
-    resumed.__dict__.update(trained.__dict__, model=loaded.model, optimizer=loaded.optimizer, step=3)
-    resumed.train(4)
+    objective = PackedObjective(loaded.configs)
+    for step in range(4, 8):
+        train_step(loaded.model, objective, loaded.optimizer, trained.batches[step - 1], step, loaded.configs[0])
 
     reference = dict(trained.model.named_parameters())
     for name, parameter in loaded.model.named_parameters():
