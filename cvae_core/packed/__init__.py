@@ -1,7 +1,9 @@
 """Packed training: K Gaussian GRU text VAEs (coupled or not) that differ only in loss weights,
 schedules and seeds, trained as one model with a leading member dimension on every parameter."""
-from .model import PackedCoupledVAE, PackedOutput, PackedTextVAE, pack, unpack
-from .training import PackedObjective, check_pack_configs, clip_grad_norm_per_member
+from .checkpoints import LoadedPack, load_pack, save_member_checkpoint
+from .model import PackedCoupledVAE, PackedOutput, PackedTextVAE, member_state_dict, pack, unpack
+from .training import PackedObjective, check_pack_configs, clip_grad_norm_per_member, train_step
 
-__all__ = ["PackedCoupledVAE", "PackedObjective", "PackedOutput", "PackedTextVAE", "check_pack_configs",
-           "clip_grad_norm_per_member", "pack", "unpack"]
+__all__ = ["LoadedPack", "PackedCoupledVAE", "PackedObjective", "PackedOutput", "PackedTextVAE", "check_pack_configs",
+           "clip_grad_norm_per_member", "load_pack", "member_state_dict", "pack", "save_member_checkpoint",
+           "train_step", "unpack"]

@@ -240,5 +240,11 @@ def pack(models: list[nn.Module]) -> PackedTextVAE | PackedCoupledVAE:
 def unpack(packed: PackedTextVAE | PackedCoupledVAE) -> list[dict[str, Tensor]]:
     """-> K ordinary state_dicts (same keys, shared-embedding aliases included), one per member;
     each loads with ``load_state_dict(strict=True)`` into ``build_model`` of the member's config."""
-    state = packed.state_dict()
-    return [{name: tensor[k].clone() for name, tensor in state.items()} for k in range(packed.members)]
+    return [member_state_dict(packed, k) for k in range(packed.members)]
+
+
+def member_state_dict(packed: PackedTextVAE | PackedCoupledVAE, member: int) -> dict[str, Tensor]:
+    """Member ``member``'s ordinary state_dict (a copy), as ``unpack(packed)[member]``."""
+    if not 0 <= member < packed.members:
+        raise CvaeError(f"member {member} is not in this pack (members 0 to {packed.members - 1})")
+    return {name: tensor[member].clone() for name, tensor in packed.state_dict().items()}

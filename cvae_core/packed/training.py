@@ -13,9 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config
+from ..data import Batch
 from ..errors import CvaeError
 from ..objectives import RQ_SCALES, Objective, squared_distance
-from .model import PackedOutput
+from ..train import learning_rate
+from .model import PackedCoupledVAE, PackedOutput, PackedTextVAE
 
 # Settings that may differ between the members of one pack (the loss weights, their schedule,
 # the seed); every other setting must be equal.  The preset is only a label.
@@ -99,3 +101,22 @@ def clip_grad_norm_per_member(parameters: Iterable[nn.Parameter], max_norm: floa
     for grad in grads:
         grad.mul_(scale.view(members, *([1] * (grad.dim() - 1))))
     return norms
+
+
+def train_step(packed: PackedTextVAE | PackedCoupledVAE, objective: PackedObjective, optimizer: torch.optim.Optimizer,
+               batch: Batch, step: int, config: Config, noise: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """Training step ``step`` (1-based) of every member, as the trainer makes it for one model:
+    the learning rate of ``step``, forward in training mode (posterior noise [K, B, d], drawn if
+    None), the summed loss, backward, per-member clipping by train.clip_norm, one Adam step.
+    ``config`` is any member's (they share every train.* setting).
+    -> (named loss parts [K] each a batch mean, gradient norms before clipping [K])."""
+    lr = learning_rate(config, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    packed.train()
+    loss, parts = objective(packed(batch, noise), step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norms = clip_grad_norm_per_member(packed.parameters(), config.train.clip_norm)
+    optimizer.step()
+    return {name: value.detach() for name, value in parts.items()}, norms
