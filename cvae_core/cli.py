@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -217,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cvae: interrupted (resume a training run with --resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`cvae evaluate --json | head`): not an error of ours
+        # Python flushes stdout again at exit; pointing it at /dev/null keeps that flush quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a process ended by SIGPIPE
     return 0
 
 

@@ -82,3 +82,12 @@ def test_corrupted_checkpoint_via_cli(tiny_data_dir, tmp_path):
     proc = _run("evaluate", str(ckpt))
     assert proc.returncode == 2 and "corrupted: weights.pt" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback():
+    """`cvae presets | head -1`: the pipe closes before cvae writes; it exits quietly, as a shell tool does."""
+    proc = subprocess.Popen([sys.executable, "-m", "cvae_core.cli", "presets"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err and "BrokenPipeError" not in err, err
