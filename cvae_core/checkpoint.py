@@ -201,11 +201,13 @@ def point_link(link: str | Path, target: str | Path) -> None:
     os.replace(tmp, link)
 
 
-def required_files(manifest: dict[str, Any]) -> tuple[str, ...]:
-    """The files a checkpoint with this manifest must hold: the evaluation files, plus the resume
-    files when the manifest lists any of them (a full checkpoint)."""
-    resumable = any(name in manifest for name in RESUME_FILES)
-    return EVALUATION_FILES + (RESUME_FILES if resumable else ())
+def _lists_resume_files(manifest: dict[str, Any]) -> bool:
+    """Whether a manifest is a full checkpoint's (then it must hold the resume files too)."""
+    return any(name in manifest for name in RESUME_FILES)
+
+
+def _required_files(manifest: dict[str, Any]) -> tuple[str, ...]:
+    return EVALUATION_FILES + (RESUME_FILES if _lists_resume_files(manifest) else ())
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -227,7 +229,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     arbitrary objects.  An evaluation-only checkpoint has ``optimizer`` and ``rng`` None."""
     path = Path(path)
     manifest = _read_manifest(path)
-    names = required_files(manifest)
+    names = _required_files(manifest)
     for name in names:
         file = path / name
         if not file.is_file():
@@ -252,9 +254,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:  # noqa: BLE001 - a foreign file that slipped past the checksum
         raise CvaeError(f"checkpoint {path} cannot be read: {type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
-    resumable = "optimizer.pt" in tensors
     return CheckpointData(path, config, vocab, tensors["weights.pt"], tensors.get("optimizer.pt") or None,
-                          tensors.get("rng.pt"), state, resumable)
+                          tensors.get("rng.pt"), state, resumable=_lists_resume_files(manifest))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, Vocab]:
@@ -289,15 +290,14 @@ def is_checkpoint(path: str | Path) -> bool:
         if not path.is_dir():
             return False
         manifest = json.loads((path / MANIFEST).read_text())
-        return isinstance(manifest, dict) and all((path / name).is_file() for name in required_files(manifest))
+        return isinstance(manifest, dict) and all((path / name).is_file() for name in _required_files(manifest))
     except (OSError, ValueError):
         return False
 
 
 def is_resumable(path: str | Path) -> bool:
     """True for a full checkpoint (training can resume from it), False for an evaluation-only one."""
-    manifest = _read_manifest(Path(path))
-    return required_files(manifest) != EVALUATION_FILES
+    return _lists_resume_files(_read_manifest(Path(path)))
 
 
 def _read_json(path: Path, name: str) -> Any:

@@ -45,7 +45,8 @@ def test_cvae_analysis_is_python_m_analysis(capsys):
 def test_a_bad_study_name_is_one_line_listing_the_valid_ones(argv, problem, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {problem}; choose one of lambda_sweep, posterior_sweep, cvae_sweep (cvae-study NAME [options])\n"
+    valid = "lambda_sweep, posterior_sweep, cvae_sweep"
+    assert err == f"error: {problem}; choose one of {valid} (cvae-study NAME [options])\n"
 
 
 def test_help_names_the_study_and_its_description(capsys):
