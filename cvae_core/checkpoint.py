@@ -5,6 +5,13 @@
     config.json    the resolved Config          vocab.json    the vocabulary
     manifest.json  sha256 of every file above (checked on load)
 
+Two kinds, told apart by what the manifest lists.  A *full* checkpoint (what training writes)
+holds all of the above.  An *evaluation-only* checkpoint (:func:`export_for_evaluation`, what a
+study uploads to MLflow) leaves out optimizer.pt and rng.pt, two thirds of the bytes with Adam:
+it loads and evaluates like a full one, but training cannot resume from it.  The one rule: a
+checkpoint holds the evaluation files (weights, state, config, vocab) and the manifest, plus
+the resume files (optimizer, RNG) when its manifest lists them; every listed file must match.
+
 Written atomically: into a temporary sibling directory, then renamed into place; ``best`` and
 ``latest`` are symlinks replaced atomically.  Loaded with ``torch.load(weights_only=True)``, so
 a checkpoint can never execute pickled code.
@@ -12,7 +19,7 @@ a checkpoint can never execute pickled code.
 A run keeps its checkpoints in a private tree, ``<output_dir>/checkpoints/``: ``step-NNNNNNN``
 directories plus the ``latest`` and ``best`` links.  Code outside the core never names these
 files: it asks :func:`is_checkpoint`, :func:`read_config`, :func:`checkpoint_step`, and resumes
-from any checkpoint directory with ``train(..., resume_from=path)`` (:func:`install_checkpoint`).
+from any full checkpoint directory with ``train(..., resume_from=path)`` (:func:`install_checkpoint`).
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -38,7 +45,9 @@ from .errors import CvaeError
 TENSOR_FILES = ("weights.pt", "optimizer.pt", "rng.pt")
 JSON_FILES = ("state.json", "config.json", "vocab.json")
 MANIFEST = "manifest.json"
-CHECKPOINT_FILES = (*TENSOR_FILES, *JSON_FILES, MANIFEST)
+CHECKPOINT_FILES = (*TENSOR_FILES, *JSON_FILES, MANIFEST)  # a full checkpoint
+RESUME_FILES = ("optimizer.pt", "rng.pt")  # only a full checkpoint has them
+EVALUATION_FILES = tuple(name for name in TENSOR_FILES + JSON_FILES if name not in RESUME_FILES)
 LATEST, BEST = "latest", "best"  # links in a run's checkpoint tree
 
 
@@ -82,8 +91,9 @@ class CheckpointData:
     vocab: Vocab
     weights: dict[str, Any]
     optimizer: dict[str, Any] | None
-    rng: dict[str, Any]
+    rng: dict[str, Any] | None  # None in an evaluation-only checkpoint
     state: dict[str, Any]  # the raw state.json; TrainState.from_json(state) reads it
+    resumable: bool = True  # False for an evaluation-only checkpoint
 
     @property
     def train_state(self) -> TrainState:
@@ -120,10 +130,48 @@ def _save_tensors(obj: Any, path: Path) -> None:
         handle.write(buffer.getbuffer())
 
 
+def _write_manifest(directory: Path, names: Iterable[str]) -> None:
+    manifest = {name: _sha256(directory / name) for name in names}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
 def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     state: TrainState | dict[str, Any], config: Config, vocab: Vocab) -> Path:
-    """Write a checkpoint directory atomically; ``directory`` must not exist yet."""
-    directory = Path(directory)
+    """Write a full checkpoint directory atomically; ``directory`` must not exist yet."""
+    def fill(tmp: Path) -> None:
+        _save_tensors(model.state_dict(), tmp / "weights.pt")
+        _save_tensors(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
+        _save_tensors(rng_state(), tmp / "rng.pt")
+        raw_state = state.to_json() if isinstance(state, TrainState) else state
+        (tmp / "state.json").write_text(json.dumps(raw_state, indent=2, sort_keys=True))
+        (tmp / "config.json").write_text(config.to_json())
+        vocab.save(tmp / "vocab.json")
+        _write_manifest(tmp, TENSOR_FILES + JSON_FILES)
+
+    return _write_atomically(Path(directory), fill)
+
+
+def export_for_evaluation(source: str | Path, directory: str | Path) -> Path:
+    """Write the evaluation-only copy of checkpoint ``source`` (either kind) at ``directory``
+    (which must not exist yet), atomically: the evaluation files, each checked against the
+    source's manifest as it is copied, and a manifest of exactly those.  -> ``directory``."""
+    source = Path(source)
+    manifest = _read_manifest(source)
+
+    def fill(tmp: Path) -> None:
+        for name in EVALUATION_FILES:
+            if not (source / name).is_file():
+                raise CvaeError(f"checkpoint {source} is incomplete: {name} is missing")
+            shutil.copyfile(source / name, tmp / name)
+            if _sha256(tmp / name) != manifest.get(name):
+                raise CvaeError(f"checkpoint {source} is corrupted: {name} does not match its checksum")
+        _write_manifest(tmp, EVALUATION_FILES)
+
+    return _write_atomically(Path(directory), fill)
+
+
+def _write_atomically(directory: Path, fill: Callable[[Path], None]) -> Path:
+    """Let ``fill`` write into a temporary sibling of ``directory``, then rename it into place."""
     if directory.exists():
         raise CvaeError(f"checkpoint directory already exists: {directory}")
     try:
@@ -132,15 +180,7 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
     except OSError as exc:
         raise CvaeError(f"cannot write checkpoint {directory}: {exc.strerror or exc}") from None
     try:
-        _save_tensors(model.state_dict(), tmp / "weights.pt")
-        _save_tensors(optimizer.state_dict() if optimizer is not None else {}, tmp / "optimizer.pt")
-        _save_tensors(rng_state(), tmp / "rng.pt")
-        raw_state = state.to_json() if isinstance(state, TrainState) else state
-        (tmp / "state.json").write_text(json.dumps(raw_state, indent=2, sort_keys=True))
-        (tmp / "config.json").write_text(config.to_json())
-        vocab.save(tmp / "vocab.json")
-        manifest = {name: _sha256(tmp / name) for name in TENSOR_FILES + JSON_FILES}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        fill(tmp)
         os.rename(tmp, directory)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoints stay as they were
@@ -161,9 +201,16 @@ def point_link(link: str | Path, target: str | Path) -> None:
     os.replace(tmp, link)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> CheckpointData:
-    """Verify the manifest and load a checkpoint directory without unpickling arbitrary objects."""
-    path = Path(path)
+def _lists_resume_files(manifest: dict[str, Any]) -> bool:
+    """Whether a manifest is a full checkpoint's (then it must hold the resume files too)."""
+    return any(name in manifest for name in RESUME_FILES)
+
+
+def _required_files(manifest: dict[str, Any]) -> tuple[str, ...]:
+    return EVALUATION_FILES + (RESUME_FILES if _lists_resume_files(manifest) else ())
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise CvaeError(f"checkpoint not found (expected a directory): {path}")
     try:
@@ -172,14 +219,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CvaeError(f"checkpoint {path} is incomplete: {MANIFEST} is missing") from None
     except ValueError:
         raise CvaeError(f"checkpoint {path} is corrupted: {MANIFEST} is not valid JSON") from None
-    for name in TENSOR_FILES + JSON_FILES:
+    if not isinstance(manifest, dict):
+        raise CvaeError(f"checkpoint {path} is corrupted: {MANIFEST} is not a mapping of file names")
+    return manifest
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> CheckpointData:
+    """Verify the manifest and load a checkpoint directory (either kind) without unpickling
+    arbitrary objects.  An evaluation-only checkpoint has ``optimizer`` and ``rng`` None."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    names = _required_files(manifest)
+    for name in names:
         file = path / name
         if not file.is_file():
             raise CvaeError(f"checkpoint {path} is incomplete: {name} is missing")
         if _sha256(file) != manifest.get(name):
             raise CvaeError(f"checkpoint {path} is corrupted: {name} does not match its checksum")
-    tensors = {}
-    for name in TENSOR_FILES:
+    tensors: dict[str, Any] = {}
+    for name in (n for n in TENSOR_FILES if n in names):
         # A file whose manifest was rewritten to match passes the checksum: weights_only still
         # refuses anything but tensors and plain containers, before any of its code could run.
         try:
@@ -196,8 +254,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:  # noqa: BLE001 - a foreign file that slipped past the checksum
         raise CvaeError(f"checkpoint {path} cannot be read: {type(exc).__name__}: "
                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
-    return CheckpointData(path, config, vocab, tensors["weights.pt"],
-                          tensors["optimizer.pt"] or None, tensors["rng.pt"], state)
+    return CheckpointData(path, config, vocab, tensors["weights.pt"], tensors.get("optimizer.pt") or None,
+                          tensors.get("rng.pt"), state, resumable=_lists_resume_files(manifest))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, Vocab]:
@@ -219,25 +277,33 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 # Questions about a checkpoint directory, answered without loading its tensors.
 
 def has_checkpoint_files(names: Iterable[str]) -> bool:
-    """True when a listing of file names (e.g. an MLflow artifact folder) holds a whole checkpoint."""
-    return set(CHECKPOINT_FILES) <= {Path(name).name for name in names}
+    """True when a listing of file names (e.g. an MLflow artifact folder) holds a checkpoint of
+    either kind: the evaluation files and the manifest (which says, on load, what else it needs)."""
+    return {*EVALUATION_FILES, MANIFEST} <= {Path(name).name for name in names}
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """True for a directory :func:`load_checkpoint` can read: every file present and a readable
-    manifest (checksums are verified on load, not here). Never raises."""
+    """True for a directory :func:`load_checkpoint` can read: a readable manifest and every file
+    it requires present (checksums are verified on load, not here). Never raises."""
     path = Path(path)
     try:
-        if not path.is_dir() or not has_checkpoint_files(p.name for p in path.iterdir() if p.is_file()):
+        if not path.is_dir():
             return False
-        return isinstance(json.loads((path / MANIFEST).read_text()), dict)
+        manifest = json.loads((path / MANIFEST).read_text())
+        return isinstance(manifest, dict) and all((path / name).is_file() for name in _required_files(manifest))
     except (OSError, ValueError):
         return False
 
 
+def is_resumable(path: str | Path) -> bool:
+    """True for a full checkpoint (training can resume from it), False for an evaluation-only one."""
+    return _lists_resume_files(_read_manifest(Path(path)))
+
+
 def _read_json(path: Path, name: str) -> Any:
     if not is_checkpoint(path):
-        raise CvaeError(f"not a checkpoint directory (expected {', '.join(CHECKPOINT_FILES)}): {path}")
+        raise CvaeError(f"not a checkpoint directory (expected {', '.join((*EVALUATION_FILES, MANIFEST))}, "
+                        f"and {' and '.join(RESUME_FILES)} where the manifest lists them): {path}")
     try:
         return json.loads((path / name).read_text())
     except ValueError:
@@ -278,6 +344,10 @@ def install_checkpoint(source: str | Path, ckpt_root: str | Path) -> int:
     belong to a future that resuming from ``source`` replaces.  -> the checkpoint's step."""
     source, ckpt_root = Path(source), Path(ckpt_root)
     state = read_state(source)
+    if not is_resumable(source):
+        raise CvaeError(f"checkpoint {source} is evaluation-only (no optimizer or RNG state): it evaluates "
+                        "but cannot resume training; resume from the run's full checkpoint (a study keeps "
+                        "it in Ray's results folder, <storage path>/<study>/<trial>/checkpoint_*)")
     step = state.step
     target = step_dir(ckpt_root, step)
     ckpt_root.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """The study's MLflow runs: one experiment, one parent run per study (:class:`StudyRun`), one
 child run per trial (:class:`TrialRun`).  The tags and roles they write are published in
 ``studies/record.py`` (the contract with ``analysis/``); artifacts of a trial run are
-``checkpoint/`` (the best checkpoint directory), ``config.json`` and the training log.
+``checkpoint/`` (the best checkpoint, evaluation-only: weights, config, vocabulary, state; the
+full one with optimizer and RNG state, which a retry or ``--resume`` needs, stays in Ray's results
+folder), ``config.json`` and the training log.
 
 Everything goes through an explicit ``MlflowClient(tracking_uri)`` with an explicit experiment
 id: trial processes run in Ray's per-trial working directories, where MLflow's default
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 import cvae_core
+from cvae_core.checkpoint import export_for_evaluation
 from cvae_core.config import Config
 
 from .record import (EXPERIMENT_KIND, PARENT_RUN_ID, UNUSED, UNUSED_WITHOUT_COUPLING, Outcome, Role, Tag,
@@ -253,7 +257,7 @@ class TrialRun:
         while True:
             try:
                 if self.checkpoint_due is not None and self.checkpoint_due.is_dir():
-                    self.client.log_artifacts(self.run_id, str(self.checkpoint_due), artifact_path="checkpoint")
+                    self._upload_for_evaluation(self.checkpoint_due)
                 self.checkpoint_due = None
                 if log_path.is_file():
                     self.client.log_artifact(self.run_id, str(log_path))
@@ -264,6 +268,13 @@ class TrialRun:
                 if time.monotonic() >= deadline:
                     return False
                 time.sleep(1.0)
+
+    def _upload_for_evaluation(self, checkpoint: Path) -> None:
+        """``checkpoint/`` gets the evaluation-only copy (no optimizer or RNG state: a third of the
+        bytes): everything that reads it evaluates or serves; a retry resumes from Ray's full copy."""
+        with tempfile.TemporaryDirectory(prefix="cvae-upload-") as scratch:
+            exported = export_for_evaluation(checkpoint, Path(scratch) / "checkpoint")
+            self.client.log_artifacts(self.run_id, str(exported), artifact_path="checkpoint")
 
     def set_tags(self, tags: dict[str, str]) -> None:
         retry(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))

@@ -5,9 +5,10 @@ trial config, opens (or, after a retry/restore, reopens) the trial's MLflow chil
 plugs one callback into the core loop that, at every evaluation,
 
 1. logs the metrics to MLflow with ``step`` = training step,
-2. uploads the checkpoint to MLflow as ``checkpoint/`` when it is the new best, and the trial's
-   ``train.log``,
-3. calls ``tune.report(metrics, checkpoint=...)`` with the core checkpoint directory.
+2. uploads the checkpoint to MLflow as ``checkpoint/`` when it is the new best (its
+   evaluation-only copy: no optimizer or RNG state), and the trial's ``train.log``,
+3. calls ``tune.report(metrics, checkpoint=...)`` with the core checkpoint directory (the full
+   one: Ray's copy is what a retry or ``--resume`` continues from).
 
 Steps 1-2 come first because Tune may end the trial's process inside or right after any
 report (ASHA at a rung, and the ``max_t`` stop at the last evaluation; there the metrics a

@@ -1,7 +1,8 @@
 """`python -m analysis best` on real tiny checkpoints: the study layout is written by a training
 callback (as the study service does: every evaluation's metrics to the trial's MLflow run, the
-best checkpoint as the ``checkpoint/`` artifact), into a SQLite store and through a real
-``mlflow server`` with proxied artifacts."""
+best checkpoint as the ``checkpoint/`` artifact, uploaded by the study service's own code as its
+evaluation-only copy; one trial uploads a full checkpoint, as runs logged by older versions hold
+one), into a SQLite store and through a real ``mlflow server`` with proxied artifacts."""
 from __future__ import annotations
 
 import json
@@ -27,9 +28,13 @@ EXTRA_ARGS = ("--bleu-samples", "1", "--dist-samples", "16", "--max-steps", "12"
 
 
 def train_trial(client, experiment_id: str, parent_id: str, preset: str, seed: int, out: Path, data_dir: Path,
-                **overrides) -> dict:
-    """Train a tiny model; a callback logs each evaluation to the trial's run; log the best checkpoint."""
+                full_upload: bool = False, **overrides) -> dict:
+    """Train a tiny model; a callback logs each evaluation to the trial's run; log the best checkpoint
+    (the study service's evaluation-only upload, or with ``full_upload`` the whole directory)."""
     from mlflow.entities import Metric, Param
+
+    from cvae_core.checkpoint import export_for_evaluation
+    from studies.tracking import TrialRun
 
     config = build_config(preset, "text", "quick", {**TINY, "data.data_dir": str(data_dir), "train.seed": seed,
                                                     **overrides})
@@ -46,9 +51,14 @@ def train_trial(client, experiment_id: str, parent_id: str, preset: str, seed: i
                                           for k, v in metrics.items() if v is not None and math.isfinite(v)])
 
     result = train(config, out, callbacks=[log_evaluation], log=lambda _: None)
-    client.log_artifacts(run_id, str(result.best_checkpoint), artifact_path="checkpoint")
+    if full_upload:
+        client.log_artifacts(run_id, str(result.best_checkpoint), artifact_path="checkpoint")
+        uploaded = result.best_checkpoint
+    else:
+        assert TrialRun(client, run_id, set()).upload(out / "train.log", result.best_checkpoint)
+        uploaded = export_for_evaluation(result.best_checkpoint, out / "uploaded")  # the same bytes
     client.set_terminated(run_id)
-    return {"run_id": run_id, "checkpoint": result.best_checkpoint,
+    return {"run_id": run_id, "checkpoint": uploaded,
             "best_val_nll": min(m["val_nll"] for m in result.history)}
 
 
@@ -62,7 +72,7 @@ def trained(tmp_path_factory, tiny_data_dir):
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
     parent = log_study(client, experiment_id, name=STUDY)
-    trials = [train_trial(client, experiment_id, parent, "vae", 0, root / "vae", tiny_data_dir),
+    trials = [train_trial(client, experiment_id, parent, "vae", 0, root / "vae", tiny_data_dir, full_upload=True),
               train_trial(client, experiment_id, parent, "coupled-vae", 0, root / "cvae1", tiny_data_dir,
                           **{"coupling.lambda_m": 0.1}),
               train_trial(client, experiment_id, parent, "coupled-vae", 0, root / "cvae2", tiny_data_dir,
