@@ -130,7 +130,7 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
         if best["checkpoint"]:
             print(f"  checkpoint (Ray):    {best['checkpoint']}")
         if best["run_id"]:
-            print(f"  checkpoint (MLflow): runs:/{best['run_id']}/checkpoint")
+            print(f"  checkpoint (MLflow): runs:/{best['run_id']}/checkpoint   (evaluation-only: weights, config, vocab)")
     print(f"\nSummary:      {Path(state.folder) / 'summary.md'}")
     print(f"Compare runs: {mlflow_ui_command(state.tracking_uri, state.experiment_id, Path(state.folder).parent / 'mlartifacts')}")
     print(f"Analyse:      {analysis_command(state)}")
