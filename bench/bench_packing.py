@@ -29,7 +29,8 @@ from cvae_core.config import Config, build_config
 from cvae_core.data import BucketBatcher, load_corpus
 from cvae_core.models import build_model
 from cvae_core.objectives import Objective
-from cvae_core.packed import PackedObjective, clip_grad_norm_per_member, pack
+from cvae_core.packed import PackedObjective, pack
+from cvae_core.packed import train_step as packed_train_step
 from cvae_core.train import make_optimizer
 from studies.spec import load_spec
 
@@ -68,19 +69,15 @@ def measure(mode: str, members: int, steps: int, device: torch.device) -> dict[s
     else:
         model, objective = models[0], Objective(configs[0])
     optimizer = make_optimizer(model, configs[0])
-    clip = configs[0].train.clip_norm
 
     def train_step(batch, step):
-        if mode == "packed":
-            loss, _ = objective(model(batch), step)
-        else:
-            loss, _ = objective(model, model(batch), step)
+        if mode == "packed":  # the pack's trainer step: per-member clipping
+            packed_train_step(model, objective, optimizer, batch, step, configs[0])
+            return
+        loss, _ = objective(model, model(batch), step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if mode == "packed":
-            clip_grad_norm_per_member(model.parameters(), clip)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), configs[0].train.clip_norm)
         optimizer.step()
 
     for step, batch in enumerate(batches[:WARMUP_STEPS], 1):
