@@ -17,6 +17,8 @@ from pathlib import Path
 
 from .store import DEFAULT_EXPERIMENT, AnalysisError
 
+CONSOLE_SCRIPT = "cvae-analysis"  # pyproject.toml [project.scripts]
+
 
 def _quiet() -> None:
     """MLflow and alembic log INFO lines on every store open; keep stdout/stderr for our output."""
@@ -117,10 +119,10 @@ def _best(args) -> None:
     run_best(args, progress=_progress)
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     from cvae_core.errors import OneLineArgumentParser
 
-    top = OneLineArgumentParser(prog="python -m analysis",
+    top = OneLineArgumentParser(prog=prog,
                                   description="From the MLflow runs of a Coupled-VAE study to tables, plots and "
                                               "an evaluated best checkpoint.")
     common = argparse.ArgumentParser(add_help=False)
@@ -197,7 +199,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    # the usage lines name the command the user typed: the console script or python -m analysis
+    args = parser(CONSOLE_SCRIPT if Path(sys.argv[0]).name == CONSOLE_SCRIPT else "python -m analysis").parse_args(argv)
     _quiet()
     from cvae_core.guards import redact
 

@@ -40,6 +40,14 @@ def test_cvae_analysis_is_python_m_analysis(capsys):
     assert "--tracking-uri" in module.stdout
 
 
+def test_cvae_analysis_usage_names_the_console_script():
+    """Installed by pip install -e (the README's setup line): its usage lines say what the user typed."""
+    script = Path(sys.executable).parent / "cvae-analysis"
+    shown = subprocess.run([str(script), "table", "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: cvae-analysis table") and "python -m analysis" not in shown.stdout
+
+
 @pytest.mark.parametrize("argv, problem", [([], "no study named"), (["lambda"], "unknown study 'lambda'"),
                                            (["--profile", "lambda_sweep"], "unknown study '--profile'")])
 def test_a_bad_study_name_is_one_line_listing_the_valid_ones(argv, problem, capsys):
