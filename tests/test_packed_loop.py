@@ -16,15 +16,9 @@ from cvae_core.packed import loop as packed_loop
 from cvae_core.packed import train_pack
 from cvae_core.train import StopTraining, train
 from conftest import TINY
+from test_packed import COUPLED_MEMBERS
 
-# Three coupled members with different loss weights and KL schedules (all train.* settings shared).
-MEMBERS = [
-    {"coupling.lambda_r": 1.0, "coupling.lambda_m": 0.5, "coupling.distance": "rq"},
-    {"coupling.lambda_r": 0.3, "coupling.lambda_m": 2.0, "coupling.distance": "eucl",
-     "regularizer.anneal_start": 0, "regularizer.anneal_steps": 4},
-    {"coupling.lambda_r": 2.0, "coupling.lambda_m": 3.0, "coupling.distance": "rq", "coupling.rq_c": 3.0,
-     "regularizer.kl_cap": 0.5},
-]
+MEMBERS = COUPLED_MEMBERS[:3]  # coupled members with different loss weights and KL schedules
 RUN = {"train.steps": 20, "train.eval_every": 10, "train.log_every": 5}
 NOT_DETERMINISTIC = {"tokens_per_s"}  # wall-clock throughput
 STEP_10, STEP_20 = (step_dir(Path("."), step).name for step in (10, 20))
