@@ -185,3 +185,24 @@ def test_bad_input_is_refused_in_one_line(tiny_data_dir, tmp_path):
     with pytest.raises(CvaeError, match="pack members must share model.hidden_dim"):
         train_pack([configs[0], other], [tmp_path / "m0", tmp_path / "m1"], log=quiet)
     assert not (tmp_path / "m0").exists()
+
+
+def test_cvae_train_pack_writes_one_ordinary_run_per_member(tiny_data_dir, tmp_path, capsys):
+    settings = {**TINY, "train.steps": 10}
+    args = ["train", "--preset", "coupled-vae", "--dataset", "text", "--data-dir", str(tiny_data_dir),
+            *(f"--set={key}={value}" for key, value in settings.items())]
+    code = cvae_main([*args, "--pack", "coupling.lambda_m=0.1,2", "--out", str(tmp_path / "pack")])
+    out = capsys.readouterr().out
+    assert code == 0
+    for k, lambda_m in enumerate((0.1, 2.0)):
+        model, config, _ = load_model(tmp_path / "pack" / f"member-{k}" / "checkpoints" / "best")
+        assert config.coupling.lambda_m == lambda_m and read_state(
+            tmp_path / "pack" / f"member-{k}" / "checkpoints" / "best").step == 10
+        assert f"member {k} (coupling.lambda_m={'0.1' if k == 0 else '2'}): done, best val_nll " in out
+
+    for pack, problem in (("model.hidden_dim=8,16", "pack members must share model.hidden_dim: got 8 and 16"),
+                          ("coupling.lambda_m", "--pack expects KEY=V1,V2,... with two or more values")):
+        code = cvae_main([*args, "--pack", pack, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"cvae: error: {problem}") and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
