@@ -77,7 +77,7 @@ def _format_metrics(metrics: dict[str, float], keys: Iterable[str]) -> str:
     return " ".join(f"{k} {metrics[k]:.2f}" for k in keys if metrics.get(k) is not None)
 
 
-class _Progress:
+class Progress:
     """Running means of the loss parts between log lines, tokens/s and ETA."""
 
     def __init__(self, total_steps: int, start_step: int):
@@ -195,7 +195,7 @@ def _resume(latest: Path, model: nn.Module, optimizer: torch.optim.Optimizer, co
             device: torch.device, log: Log) -> TrainState:
     """Weights, optimizer, RNG and loop state from ``checkpoints/latest``."""
     data = load_checkpoint(latest, map_location=device)
-    _check_resumable(data.config, config, latest)
+    check_resumable(data.config, config, latest)
     model.load_state_dict(data.weights)
     optimizer.load_state_dict(data.optimizer)
     restore_rng(data.rng)
@@ -207,7 +207,7 @@ def _resume(latest: Path, model: nn.Module, optimizer: torch.optim.Optimizer, co
     return state
 
 
-class _DivergenceWatch:
+class DivergenceWatch:
     """A non-finite loss or gradient norm ends the run as ``Diverged``, naming the first step it
     happened at.  The test runs on the device every step; the host reads its result only at log
     lines and before evaluations, so a GPU never waits on the CPU between them.  A diverged run
@@ -264,8 +264,8 @@ class _Loop:
         self.state, self.log = state, log
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.train.amp and device.type == "cuda"
                          else contextlib.nullcontext())
-        self.progress = _Progress(config.train.steps, state.step)
-        self.divergence = _DivergenceWatch(device)
+        self.progress = Progress(config.train.steps, state.step)
+        self.divergence = DivergenceWatch(device)
         self.dynamics = (HeldOutDynamics(model, corpus["valid"].examples[:GRAD_BATCH], device, config.train.seed)
                          if config.train.dynamics_every else None)
         self.lagging = (LaggingPhase(model, objective, optimizer, config, state, self.autocast, log)
@@ -405,7 +405,7 @@ def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Adam:
     return torch.optim.Adam(parameter_groups(model, config), lr=config.train.lr, betas=(0.9, 0.999), fused=True)
 
 
-def _check_resumable(saved: Config, requested: Config, path: Path) -> None:
+def check_resumable(saved: Config, requested: Config, path: Path) -> None:
     a, b = saved.flat(), requested.flat()
     a.pop("train.steps"), b.pop("train.steps")
     diff = sorted(k for k in a if a[k] != b.get(k))

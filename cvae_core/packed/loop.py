@@ -29,7 +29,7 @@ from ..data.batching import POOL_BATCHES
 from ..errors import CvaeError, Diverged
 from ..models import build_model
 from ..runtime import format_duration, resolve_device
-from ..train import (Log, StopTraining, TrainResult, _check_resumable, _DivergenceWatch, _Progress,
+from ..train import (DivergenceWatch, Log, Progress, StopTraining, TrainResult, check_resumable,
                      evaluate_and_checkpoint, learning_rate, make_optimizer, train_result)
 from .checkpoints import load_pack, save_member_checkpoint
 from .model import PackedCoupledVAE, PackedTextVAE, member_state_dict, pack
@@ -151,7 +151,7 @@ def _resume(configs: list[Config], dirs: list[Path], sources: list[str | Path], 
     loaded = load_pack(latest, device)
     members = []
     for k, (config, path) in enumerate(zip(configs, latest)):
-        _check_resumable(loaded.configs[k], config, path)
+        check_resumable(loaded.configs[k], config, path)
         rng = load_checkpoint(path).rng
         members.append(_Member(k, config, dirs[k], loaded.states[k], _noise_stream(device, rng, config), {}))
     state = loaded.states[0]
@@ -210,8 +210,8 @@ class _PackLoop:
         self.step, self.epoch, self.batch_index = first.step, first.epoch, first.batch_index
         self.order = self.batcher.order(self.epoch)
         self.objective = PackedObjective([m.config for m in members])
-        self.progress = _Progress(train.steps, self.step)  # sums of [K] tensors, one entry per member
-        self.divergence = _DivergenceWatch(device, len(members))
+        self.progress = Progress(train.steps, self.step)  # sums of [K] tensors, one entry per member
+        self.divergence = DivergenceWatch(device, len(members))
         self.ends: dict[int, MemberEnd] = {}
 
     def run(self, callbacks: list[PackCallback]) -> None:
