@@ -284,13 +284,14 @@ def validate_spec(spec: StudySpec) -> None:
     if r.pack < 1:
         raise SpecError(f"{where}: pack must be >= 1 (1 = one model per trial), got {r.pack}")
     if r.pack > 1:
-        check_packable(spec, config)
+        check_packable(spec)
 
 
-def check_packable(spec: StudySpec, base: Any) -> None:
+def check_packable(spec: StudySpec) -> None:
     """With ``resources.pack`` > 1 the space may only vary settings that members of one pack may
-    differ in (``cvae_core.packed.training.PER_MEMBER_SETTINGS``), and the base configuration and
-    every baseline must be a model the packed loop trains; else a SpecError naming the problem."""
+    differ in (``cvae_core.packed.training.PER_MEMBER_SETTINGS``), and the base configuration,
+    every baseline and every configuration the search proposes (a sample of them) must be a model
+    the packed loop trains; else a SpecError naming the problem."""
     from cvae_core.packed.training import PER_MEMBER_SETTINGS, check_pack_configs
 
     where = spec.source or spec.name
@@ -298,10 +299,12 @@ def check_packable(spec: StudySpec, base: Any) -> None:
     if varied:
         raise SpecError(f"{where}: pack {spec.resources.pack}: the {spec.search} search varies {', '.join(varied)}, "
                         "which members of one pack must share; use --pack 1")
-    configs = [base] + [build_config(b.get("preset", spec.preset), spec.dataset, spec.scale,
-                                     {**spec.overrides, **{k: v for k, v in b.items() if k != "preset"}})
-                        for b in spec.baselines]
-    for config in configs:
+    from .spaces import SEARCH_PREFIX
+
+    cells = [{}] + list(spec.baselines) + search_cells(spec)
+    for cell in cells:
+        overrides = {k: v for k, v in cell.items() if k != "preset" and not k.startswith(SEARCH_PREFIX)}
+        config = build_config(cell.get("preset", spec.preset), spec.dataset, spec.scale, {**spec.overrides, **overrides})
         try:
             check_pack_configs([config, config])
         except CvaeError as exc:
@@ -311,7 +314,16 @@ def check_packable(spec: StudySpec, base: Any) -> None:
 def searched_keys(spec: StudySpec) -> set[str]:
     """Core config keys the search sets per trial (the grid's cells, or what the define-by-run
     space suggests or returns over a fixed sample of 32 draws)."""
-    from .spaces import GRIDS, SEARCH_PREFIX, SPACES
+    from .spaces import SEARCH_PREFIX
+
+    return {resolve_key(k) for cell in search_cells(spec) for k in cell
+            if k != "preset" and not k.startswith(SEARCH_PREFIX)}
+
+
+def search_cells(spec: StudySpec) -> list[dict[str, Any]]:
+    """The grid's cells, or a fixed sample of 32 draws of the define-by-run space (each the
+    parameters suggested plus the constants the space returns)."""
+    from .spaces import GRIDS, SPACES
 
     if spec.search == "grid":
         cells = GRIDS[spec.grid]()
@@ -325,7 +337,7 @@ def searched_keys(spec: StudySpec) -> set[str]:
             trial = study.ask()
             constants = SPACES[spec.space](trial) or {}
             cells.append({**trial.params, **constants})
-    return {resolve_key(k) for cell in cells for k in cell if k != "preset" and not k.startswith(SEARCH_PREFIX)}
+    return cells
 
 
 def spec_path(name_or_path: str) -> Path:
