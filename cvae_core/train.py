@@ -98,8 +98,20 @@ class _Progress:
         self.tokens += tokens
         self.window_tokens += tokens
 
-    def means(self) -> dict[str, float]:
-        return {f"train_{k}": float(v) / max(1, self.count) for k, v in self.sums.items()}
+    def means(self, member: int | None = None) -> dict[str, float]:
+        """The means since the last reset; of run ``member`` where the sums are a pack's [K] tensors."""
+        return {f"train_{k}": float(v if member is None else v[member]) / max(1, self.count)
+                for k, v in self.sums.items()}
+
+    def keep(self, members: list[int]) -> None:
+        """Keep only these runs' sums (of a pack whose other members were dropped)."""
+        index = torch.tensor(members)
+        self.sums = {k: v[index.to(v.device)] for k, v in self.sums.items()}
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (spent evaluating) out of the throughput; the ETA still counts them."""
+        self.eval_seconds += seconds
+        self.window_t0 += seconds
 
     def reset(self) -> None:
         self.sums, self.count = {}, 0
@@ -108,12 +120,16 @@ class _Progress:
         """Training throughput since this process started, evaluation time excluded."""
         return self.tokens / max(1e-9, time.perf_counter() - self.t0 - self.eval_seconds)
 
-    def line(self, step: int, kl_weight: float, lr: float) -> str:
+    def rate_and_eta(self, step: int) -> tuple[float, float]:
+        """-> (tokens/s since the last call, the estimated seconds left); starts a new window."""
         now = time.perf_counter()
         rate = self.window_tokens / max(1e-9, now - self.window_t0)
         self.window_t0, self.window_tokens = now, 0
         done = step - self.start_step
-        eta = (now - self.t0) / max(1, done) * (self.total - step)
+        return rate, (now - self.t0) / max(1, done) * (self.total - step)
+
+    def line(self, step: int, kl_weight: float, lr: float) -> str:
+        rate, eta = self.rate_and_eta(step)
         means = self.means()
         parts = " ".join(f"{k[6:]} {v:.2f}" for k, v in means.items() if k not in ("train_grad_norm",))
         return (f"step {step}/{self.total} | {parts} | kl_w {kl_weight:.3f} lr {lr:.2e} | "
@@ -163,7 +179,12 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
         f"{len(corpus['train'].examples):,} training sentences, device {device}, {config.train.steps} steps")
     loop = _Loop(config, model, optimizer, objective, batcher, corpus, device, ckpt_root, state, log)
     last_metrics = loop.run(callbacks)
-    best = ckpt_root / BEST
+    return train_result(config, output_dir, state, last_metrics)
+
+
+def train_result(config: Config, output_dir: Path, state: TrainState, last_metrics: dict[str, float]) -> TrainResult:
+    """The TrainResult of the run in ``output_dir`` that ended in ``state``."""
+    best = output_dir / "checkpoints" / BEST
     best_metrics = next((m for m in state.history if m["step"] == state.best_step), {})
     return TrainResult(output_dir, best.resolve() if best.exists() else None, best_metrics,
                        last_metrics or (state.history[-1] if state.history else {}), state.step, state.history,
@@ -192,10 +213,12 @@ class _DivergenceWatch:
     lines and before evaluations, so a GPU never waits on the CPU between them.  A diverged run
     goes on for at most ``log_every`` steps before it stops: no evaluation or checkpoint sees them."""
 
-    def __init__(self, device: torch.device):
-        self.first_step = torch.zeros((), dtype=torch.long, device=device)  # 0: all finite so far
-        self.loss = torch.zeros((), device=device)  # at first_step, for the message
-        self.grad_norm = torch.zeros((), device=device)
+    def __init__(self, device: torch.device, members: int | None = None):
+        # members=K watches K runs at once (a pack's [K] losses and norms), each on its own.
+        shape = () if members is None else (members,)
+        self.first_step = torch.zeros(shape, dtype=torch.long, device=device)  # 0: all finite so far
+        self.loss = torch.zeros(shape, device=device)  # at first_step, for the message
+        self.grad_norm = torch.zeros(shape, device=device)
 
     def watch(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         loss, grad_norm = loss.detach().float(), grad_norm.detach().float()
@@ -204,14 +227,30 @@ class _DivergenceWatch:
         self.loss = torch.where(first, loss, self.loss)
         self.grad_norm = torch.where(first, grad_norm, self.grad_norm)
 
+    def outcomes(self, presets: list[str]) -> list[Diverged | None]:
+        """Per watched run (presets[k] names run k in the message): its Diverged, or None."""
+        steps = self.first_step.reshape(-1).tolist()
+        if not any(steps):
+            return [None] * len(steps)
+        losses, norms = self.loss.reshape(-1).tolist(), self.grad_norm.reshape(-1).tolist()
+        return [_diverged(step, loss, norm, preset) if step else None
+                for step, loss, norm, preset in zip(steps, losses, norms, presets)]
+
     def check(self, preset: str) -> None:
-        step = int(self.first_step)
-        if not step:
-            return
-        loss, grad_norm = float(self.loss), float(self.grad_norm)
-        if not math.isfinite(loss):
-            raise Diverged(step, f"loss is {loss} ({preset}); lower train.lr or check the posterior's numerics")
-        raise Diverged(step, f"gradient norm is {grad_norm} ({preset}); lower train.lr")
+        (outcome,) = self.outcomes([preset])
+        if outcome is not None:
+            raise outcome
+
+    def keep(self, members: list[int]) -> None:
+        """Go on watching only these runs (of a pack whose other members were dropped)."""
+        index = torch.tensor(members, device=self.first_step.device)
+        self.first_step, self.loss, self.grad_norm = (t[index] for t in (self.first_step, self.loss, self.grad_norm))
+
+
+def _diverged(step: int, loss: float, grad_norm: float, preset: str) -> Diverged:
+    if not math.isfinite(loss):
+        return Diverged(step, f"loss is {loss} ({preset}); lower train.lr or check the posterior's numerics")
+    return Diverged(step, f"gradient norm is {grad_norm} ({preset}); lower train.lr")
 
 
 class _Loop:
@@ -305,42 +344,59 @@ class _Loop:
     def evaluate_and_checkpoint(self, kl_weight: float, lr: float) -> tuple[dict[str, float], Path]:
         """Validation metrics, the best-so-far bookkeeping, a checkpoint (and the links).
         -> (the evaluation's metrics, the checkpoint written)."""
-        config, state, progress = self.config, self.state, self.progress
-        step = state.step
-        metrics = {"step": float(step), "epoch": float(state.epoch), "kl_weight": kl_weight, "lr": lr,
-                   "tokens_per_s": progress.tokens_per_second(), **progress.means(),
-                   **(self.dynamics.means() if self.dynamics is not None else {})}
+        def save(directory: Path) -> Path:
+            return save_checkpoint(directory, model=self.model, optimizer=self.optimizer, state=self.state,
+                                   config=self.config, vocab=self.corpus.vocab)
+
+        progress = self.progress
+        training = {"kl_weight": kl_weight, "lr": lr, "tokens_per_s": progress.tokens_per_second(), **progress.means(),
+                    **(self.dynamics.means() if self.dynamics is not None else {})}
         progress.reset()
-        eval_start = time.perf_counter()
-        with divergence_as_outcome(step, config.preset):
-            scores = evaluate(self.model, self.corpus["valid"], n_samples=config.train.val_samples,
-                              mi_samples=config.train.mi_samples, seed=config.train.seed)
-            if getattr(self.model, "conditional", False):  # Table 8's diversity: one response per validation post
-                scores.update(response_diversity(self.model, self.corpus["valid"], seed=config.train.seed,
-                                                 max_steps=config.data.max_len))
-        metrics.update({f"val_{k}": float(v) for k, v in scores.items() if v is not None})
-        if self.lagging is not None:
-            self.lagging.after_evaluation(metrics, step)
-        eval_seconds = time.perf_counter() - eval_start
-        progress.eval_seconds += eval_seconds
-        progress.window_t0 += eval_seconds
-        key = selection_metric(config.model.kind)
-        improved = metrics[key] < state.best_value
-        if improved:
-            state.best_value, state.best_step = metrics[key], step
-        metrics.update({IS_BEST: float(improved), best_key(config.model.kind): state.best_value,
-                        BEST_STEP: float(state.best_step)})
-        state.history.append(metrics)
-        ckpt = save_checkpoint(step_dir(self.ckpt_root, step), model=self.model, optimizer=self.optimizer,
-                               state=state, config=config, vocab=self.corpus.vocab)
-        point_link(self.ckpt_root / LATEST, ckpt)
-        if improved:
-            point_link(self.ckpt_root / BEST, ckpt)
-        _prune(self.ckpt_root, config.train.keep_last)
-        self.log(f"eval step {step} | " + _format_metrics(
-            metrics, ("val_nll", "val_kl", "val_ppl", "val_rec", "val_mi_loo", "val_au"))
-            + (" | new best" if improved else f" | best {state.best_value:.2f} @ {state.best_step}"))
+        metrics, ckpt, eval_seconds = evaluate_and_checkpoint(
+            self.config, self.model, self.state, training, self.corpus, self.ckpt_root, save, self.log,
+            lagging=self.lagging)
+        progress.exclude(eval_seconds)
         return metrics, ckpt
+
+
+def evaluate_and_checkpoint(config: Config, model: nn.Module, state: TrainState, training: dict[str, float],
+                            corpus: Corpus, ckpt_root: Path, save: Callable[[Path], Path], log: Log, *,
+                            lagging: LaggingPhase | None = None, label: str = "") -> tuple[dict[str, float], Path, float]:
+    """One evaluation of the run ``config`` at ``state.step``: the validation metrics of ``model``
+    beside ``training`` (kl_weight, lr, tokens_per_s and the training means since the last
+    evaluation), the best-so-far bookkeeping in ``state``, the checkpoint written by
+    ``save(directory)`` under ``ckpt_root``, the latest/best links, pruning and the eval log line
+    (prefixed by ``label``).  Shared by ``train`` and the packed loop, whose members are ordinary runs.
+    -> (the evaluation's metrics, the checkpoint written, the seconds spent validating)."""
+    step = state.step
+    metrics = {"step": float(step), "epoch": float(state.epoch), **training}
+    eval_start = time.perf_counter()
+    with divergence_as_outcome(step, config.preset):
+        scores = evaluate(model, corpus["valid"], n_samples=config.train.val_samples,
+                          mi_samples=config.train.mi_samples, seed=config.train.seed)
+        if getattr(model, "conditional", False):  # Table 8's diversity: one response per validation post
+            scores.update(response_diversity(model, corpus["valid"], seed=config.train.seed,
+                                             max_steps=config.data.max_len))
+    metrics.update({f"val_{k}": float(v) for k, v in scores.items() if v is not None})
+    if lagging is not None:
+        lagging.after_evaluation(metrics, step)
+    eval_seconds = time.perf_counter() - eval_start
+    key = selection_metric(config.model.kind)
+    improved = metrics[key] < state.best_value
+    if improved:
+        state.best_value, state.best_step = metrics[key], step
+    metrics.update({IS_BEST: float(improved), best_key(config.model.kind): state.best_value,
+                    BEST_STEP: float(state.best_step)})
+    state.history.append(metrics)
+    ckpt = save(step_dir(ckpt_root, step))
+    point_link(ckpt_root / LATEST, ckpt)
+    if improved:
+        point_link(ckpt_root / BEST, ckpt)
+    _prune(ckpt_root, config.train.keep_last)
+    log(f"{label}eval step {step} | " + _format_metrics(
+        metrics, ("val_nll", "val_kl", "val_ppl", "val_rec", "val_mi_loo", "val_au"))
+        + (" | new best" if improved else f" | best {state.best_value:.2f} @ {state.best_step}"))
+    return metrics, ckpt, eval_seconds
 
 
 def make_optimizer(model: nn.Module, config: Config) -> torch.optim.Adam:
