@@ -3,8 +3,8 @@ weights, schedule and seed train as one packed model (``cvae_core.packed.train_p
 Ray Tune trial, and stay K trials everywhere else.
 
 * :class:`PackSearcher` wraps the study's :class:`~studies.searcher.StudySearcher`: Tune asks it
-  for one *pack*; it draws up to K proposals (each under its own *member trial id*,
-  ``<pack trial id>-<n>``) that share every setting members of a pack must share, and fans each
+  for one *pack*; it draws up to K proposals that share every setting members of a pack must
+  share (each becomes a trial with its own id, ``<pack's Ray trial id>-<k>``), and fans each
   pack result out to the study searcher member by member, so Optuna sees K trials.
 * :class:`MemberASHA` is ASHA's stopping rule for members (Tune's ASHA can only stop a whole
   pack); the pack trials ask it, held in one Ray actor on the driver's node, at every evaluation.
@@ -89,7 +89,7 @@ class PackSearcher(Searcher):
     """Groups the proposals of ``searcher`` (a StudySearcher) into packs of up to ``pack``.
 
     ``suggest(pack_id)`` first places the proposals that earlier packs could not take, then draws
-    new ones (member ids ``<pack_id>-<n>``) while the pack has room; a proposal whose shared
+    new ones while the pack has room (member ids ``<pack_id>-<k>``, k = place in the pack); a proposal whose shared
     settings (``key``) differ from the pack's waits for a later pack.  A partial pack goes out
     when the study searcher waits or finishes, or after K proposals that did not fit.
     """
@@ -123,7 +123,7 @@ class PackSearcher(Searcher):
                 self.waiting.remove(member)
         drawn = 0
         while len(members) < self.pack and len(self.waiting) < self.pack and not self.finished:
-            member_id = f"{trial_id}-{drawn}"
+            member_id = f"{trial_id}.draw{drawn}"  # named once it has its pack
             config = self.searcher.suggest(member_id)
             if config is None:
                 break  # the study searcher waits: go with what the pack has
@@ -136,6 +136,9 @@ class PackSearcher(Searcher):
             (members if key == pack_key else self.waiting).append((member_id, config))
         if not members:
             return Searcher.FINISHED if self.finished else None
+        for k, (drawn_as, config) in enumerate(members):
+            members[k] = (f"{trial_id}-{k}", config)
+            self.searcher.rename_trial(drawn_as, members[k][0])
         self.packs[trial_id] = [member_id for member_id, _ in members]
         return {PACK_CONFIG: [{"trial_id": member_id, "config": config} for member_id, config in members]}
 

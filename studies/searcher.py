@@ -233,6 +233,14 @@ class StudySearcher(Searcher):
             self.known_results[_key(group["config"])] = result
         self.searcher.on_trial_complete(group["primary"], result=result, error=result is None or all_failed)
 
+    def rename_trial(self, old: str, new: str) -> None:
+        """Call the trial proposed as ``old`` ``new`` from now on (a pack names its members only
+        once it knows which pack they go to); the inner searcher keeps its own id for it."""
+        index = self.trial_group.pop(old)
+        self.trial_group[new] = index
+        trials = self.groups[index]["trials"]
+        trials[new] = trials.pop(old)
+
     def _group(self, trial_id: str) -> dict[str, Any] | None:
         index = self.trial_group.get(trial_id)
         return None if index is None else self.groups[index]

@@ -36,14 +36,16 @@ def test_proposals_that_share_their_settings_pack_together_and_the_rest_waits():
     # the VAE baseline has no coupling: it cannot share a pack with the coupled proposals drawn after it
     assert a == [("a-0", {"preset": "vae", "train.seed": 0})]
     b = members_of(searcher.suggest("b"))
-    assert [m for m, _ in b] == ["a-1", "a-2"]
+    assert [m for m, _ in b] == ["b-0", "b-1"]  # named after the pack they train in
     assert [c["coupling.lambda_r"] for _, c in b] == [1.0, 2.0]
     c = members_of(searcher.suggest("c"))  # a different hidden size: alone; lambda_m 0.5 waits
     assert [(m, cfg.get("model.hidden_dim")) for m, cfg in c] == [("c-0", 32)]
     d = members_of(searcher.suggest("d"))
-    assert [(m, cfg.get("coupling.lambda_m")) for m, cfg in d] == [("c-1", 0.5)]
+    assert [(m, cfg.get("coupling.lambda_m")) for m, cfg in d] == [("d-0", 0.5)]
     assert searcher.suggest("e") == PackSearcher.FINISHED
     assert sum(len(v) for v in searcher.packs.values()) == len(fixed)
+    # the study searcher knows each proposal under its member id (its seeds, results and Optuna trial)
+    assert sorted(searcher.searcher.trial_group) == ["a-0", "b-0", "b-1", "c-0", "d-0"]
 
 
 def test_the_grouping_survives_a_restore():
