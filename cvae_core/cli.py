@@ -30,6 +30,9 @@ def _train(args: argparse.Namespace) -> None:
     overrides = parse_assignments(args.set or [])
     if args.data_dir:
         overrides["data.data_dir"] = args.data_dir
+    if args.pack:
+        _train_pack(args, overrides)
+        return
     config = build_config(args.preset, args.dataset, args.scale, overrides)
     out = Path(args.out or f"runs/{args.preset}-{args.dataset}-{args.scale}-seed{config.train.seed}")
     if out.exists() and not out.is_dir():
@@ -50,6 +53,29 @@ def _check_counts(args: argparse.Namespace, positive: tuple[str, ...], non_negat
     for name in non_negative:
         if getattr(args, name) < 0:
             raise CvaeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
+def _train_pack(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    """``--pack KEY=V1,V2,...``: one member per value, trained as one pack into <out>/member-<k>."""
+    from .packed import train_pack
+
+    if args.resume:
+        raise CvaeError("--resume does not apply to --pack (a pack starts afresh)")
+    key, _, values = args.pack.partition("=")
+    members = [value.strip() for value in values.split(",") if value.strip()]
+    if not key.strip() or len(members) < 2:
+        raise CvaeError(f"--pack expects KEY=V1,V2,... with two or more values, got {args.pack!r}")
+    configs = [build_config(args.preset, args.dataset, args.scale, {**overrides, key.strip(): value})
+               for value in members]
+    out = Path(args.out or f"runs/{args.preset}-{args.dataset}-{args.scale}-pack")
+    if out.exists() and not out.is_dir():
+        raise CvaeError(f"--out {out} is an existing file; give a folder for the pack")
+    ends = train_pack(configs, [out / f"member-{k}" for k in range(len(configs))])
+    print()
+    for end, value in zip(ends, members):
+        best = end.result.best_metrics
+        summary = f"best val_nll {best['val_nll']:.2f} at step {end.result.best_step}" if best else "no evaluation"
+        print(f"member {end.member} ({key.strip()}={value}): {end.outcome}, {summary}, {end.result.output_dir}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -159,6 +185,9 @@ def parser() -> argparse.ArgumentParser:
                                       "not needed for ptb and ptb-pairs)")
     p.add_argument("--out", help="output folder (default runs/<preset>-<dataset>-<scale>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest")
+    p.add_argument("--pack", metavar="KEY=V1,V2,...",
+                   help="train one member per value as one packed model (Gaussian GRU VAEs; loss weights, KL "
+                        "schedule or seed), into <out>/member-<k>")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint (IS-NLL, KL, PPL, ELBO, MI, AU; "

@@ -53,7 +53,9 @@ class MemberEnd:
     diverged: Diverged | None  # for outcome "diverged" (its step and reason), else None
 
 
-PackCallback = Callable[[list[MemberEvaluation]], "Iterable[int] | None"]
+# Called at each evaluation step with the evaluations of the members still training (member order);
+# returns the members to stop, or None.  Raising train.StopTraining stops every member.
+PackCallback = Callable[[list[MemberEvaluation]], Iterable[int] | None]
 
 
 @dataclass
