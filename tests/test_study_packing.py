@@ -187,9 +187,12 @@ def test_pack_flag_checks(monkeypatch):
     from studies.options import Options, apply_flags
     from studies.spec import SpecError, check_packable, load_spec
 
-    spec = apply_flags(load_spec("lambda_sweep"), Options(profile="lambda_sweep", pack=4))
-    assert spec.resources.pack == 4
     assert load_spec("lambda_sweep").resources.pack == 1  # the default study does not pack
+    with pytest.raises(SpecError, match="pack 4: packed training supports neither train.dynamics_every"):
+        apply_flags(load_spec("lambda_sweep"), Options(profile="lambda_sweep", pack=4))
+    spec = apply_flags(load_spec("lambda_sweep"), Options(profile="lambda_sweep", pack=4,
+                                                          overrides=["train.dynamics_every=0"]))
+    assert spec.resources.pack == 4
     with pytest.raises(SpecError, match="pack must be >= 1"):
         apply_flags(load_spec("lambda_sweep"), Options(profile="lambda_sweep", pack=0))
     with pytest.raises(SpecError, match=r"pack 2: packed training supports the Gaussian GRU .* got vae/vmf"):

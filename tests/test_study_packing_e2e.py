@@ -113,3 +113,65 @@ def test_packed_study_records_each_member_as_a_trial(tmp_path, capsys, local_ray
     frame = read_parquet(tmp_path / "runs.parquet")
     assert sorted(frame["ray_trial_id"]) == sorted(rows)
     assert sorted(frame["outcome"]) == sorted(runs[m].data.tags[Tag.OUTCOME] for m in rows)
+
+
+def test_killed_packed_study_resumes_whole_packs_without_duplicate_metrics(tmp_path):
+    """SIGKILL the driver (and its local Ray) once a pack has reported its second evaluation, then
+    --resume: Tune restores the packs from their checkpoints and the PackSearcher its grouping;
+    every member ends with one run, each step logged once, and Optuna holds one finished trial per
+    searched member."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    import optuna
+    from mlflow import MlflowClient
+    from optuna.trial import TrialState
+    from processes import kill_group
+    from test_study_commands import SWEEP, TINY_FLAGS, _env, _run_sweep, _wait_gone
+
+    args = ["--num-samples", "5", "--pack", "3", "--set", "train.dynamics_every=0", "--study-name", "killed"]
+    ray_tmp = tempfile.mkdtemp(prefix="cvae-ray-", dir="/tmp")
+    proc = subprocess.Popen([sys.executable, str(SWEEP), *args, *TINY_FLAGS], cwd=tmp_path,
+                            env={**_env(), "RAY_TMPDIR": ray_tmp}, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    seen, killed = [], False
+    deadline = time.monotonic() + 1200
+    for line in proc.stdout:
+        seen.append(line)
+        if "Packs of up to 3 trials" in line:
+            assert "GiB of memory per pack" in line
+        if re.search(r"\] eval   \w+-[12]  2/4 ", line):  # a member of a coupled pack, at its second evaluation
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
+            break
+        assert time.monotonic() < deadline, "".join(seen[-40:])
+    assert killed, "".join(seen[-40:])
+    kill_group(proc)
+    _wait_gone(ray_tmp)
+    try:
+        result = _run_sweep(tmp_path, "--resume", "killed", RAY_TMPDIR=ray_tmp)
+    finally:
+        _wait_gone(ray_tmp, timeout_s=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 0, result.stdout[-4000:]
+    summary = json.loads((tmp_path / "studies_out" / "killed" / "summary.json").read_text())
+    assert summary["status"] == "completed" and len(summary["trials"]) == 6  # the VAE baseline + 5 proposals
+    assert all(t["status"] in ("done", "stopped") for t in summary["trials"]), summary["trials"]
+
+    client = MlflowClient(summary["tracking_uri"])
+    experiment = client.get_experiment_by_name("coupled-vae-studies")
+    runs = client.search_runs([experiment.experiment_id], "tags.`cvae.role` = 'trial'")
+    assert sorted(r.data.tags["ray_trial_id"] for r in runs) == sorted(t["trial_id"] for t in summary["trials"])
+    by_id = {t["trial_id"]: t for t in summary["trials"]}
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["cvae.pack"]
+        steps = [int(m.step) for m in client.get_metric_history(run.info.run_id, "val_nll")]
+        assert len(steps) == len(set(steps)) == by_id[run.data.tags["ray_trial_id"]]["evaluations"], steps
+
+    study = optuna.load_study(study_name="killed", storage=summary["optuna_storage"])
+    assert not [t.number for t in study.trials if t.state == TrialState.RUNNING]
+    assert len(study.trials) == 5, [t.params for t in study.trials]
