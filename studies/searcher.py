@@ -68,6 +68,8 @@ class StudyOptunaSearch(OptunaSearch):
       trial knows them.  Instead of leaving them RUNNING and asking the sampler again (a
       phantom trial per lost ask), the next suggestions adopt them: same Optuna trial, same
       parameters (a define-by-run space re-reads parameters a trial already has).
+    * Trials that ended after that snapshot (a pack member ends while its pack trains on) are
+      not told again when their resumed pack re-reports them: the storage keeps its first word.
     """
 
     def _setup_study(self, mode):
@@ -79,6 +81,22 @@ class StudyOptunaSearch(OptunaSearch):
         known = {trial._trial_id for trial in self._ot_trials.values()}
         running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         self._orphans = [t._trial_id for t in sorted(running, key=lambda t: t.number) if t._trial_id not in known]
+
+    def _finished(self, trial_id: str) -> bool:
+        """Whether the storage already holds this trial's end: after a killed driver, a pack
+        member may have ended (and been told) after the searcher snapshot Tune restores."""
+        trial = self._ot_trials.get(trial_id)
+        return trial is not None and self._ot_study._storage.get_trial(trial._trial_id).state.is_finished()
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not self._finished(trial_id):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._finished(trial_id):
+            self._ot_trials.pop(trial_id, None)
+            return
+        super().on_trial_complete(trial_id, result, error)
 
     def suggest(self, trial_id: str) -> dict | None:
         orphans = getattr(self, "_orphans", None)

@@ -201,3 +201,27 @@ def test_pack_flag_checks(monkeypatch):
     spec.search, spec.grid = "grid", "sizes"
     with pytest.raises(SpecError, match="varies model.hidden_dim, which members of one pack must share"):
         check_packable(spec)
+
+
+def test_a_member_that_ended_after_the_searcher_snapshot_is_not_told_twice(tmp_path):
+    """A killed driver: Tune restores the Optuna searcher from a snapshot taken before a member
+    ended; the resumed pack re-reports that member, and the storage keeps its first word."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+
+    def searcher():
+        return StudyOptunaSearch(space=SPACES["lambda"], metric="val_nll", mode="min",
+                                 sampler=optuna.samplers.TPESampler(seed=0), study_name="snap", storage=storage)
+
+    before = searcher()
+    before.suggest("m-0")
+    before.save(str(tmp_path / "snapshot.pkl"))
+    before.on_trial_result("m-0", {"val_nll": 9.0, "training_iteration": 1})
+    before.on_trial_complete("m-0", result=None)  # pruned after the snapshot
+    restored = searcher()
+    restored.restore(str(tmp_path / "snapshot.pkl"))
+    restored.on_trial_result("m-0", {"val_nll": 9.0, "training_iteration": 1})
+    restored.on_trial_result("m-0", {"val_nll": 8.0, "training_iteration": 2})
+    restored.on_trial_complete("m-0", result={"val_nll": 8.0})
+    (trial,) = optuna.load_study(study_name="snap", storage=storage).get_trials()
+    assert trial.state == TrialState.PRUNED and trial.intermediate_values == {1: 9.0}
