@@ -175,3 +175,34 @@ def test_killed_packed_study_resumes_whole_packs_without_duplicate_metrics(tmp_p
     study = optuna.load_study(study_name="killed", storage=summary["optuna_storage"])
     assert not [t.number for t in study.trials if t.state == TrialState.RUNNING]
     assert len(study.trials) == 5, [t.params for t in study.trials]
+
+
+def test_a_diverging_member_is_its_own_outcome_and_its_pack_goes_on(tmp_path, local_ray_env):  # noqa: F811
+    from mlflow import MlflowClient
+
+    from studies.record import Outcome, Tag
+    from studies.runner import Options, run_study
+    from studies.tracking import child_runs
+
+    spec = tiny_spec(tmp_path / "diverge.yaml", [{"coupling.lambda_m": 0.5}, {"coupling.lambda_m": 1e38}], steps=30)
+    raw = yaml.safe_load(spec.read_text())
+    raw["base"]["preset"] = "coupled-vae"
+    raw["resources"]["pack"] = 2
+    spec.write_text(yaml.safe_dump(raw))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome = run_study(Options(profile=str(spec), root=str(tmp_path / "out"), tracking_uri=uri, study_name="diverge"))
+    assert outcome.exit_code == 0 and not outcome.interrupted
+    rows = {r.config["coupling.lambda_m"]: r for r in outcome.rows}
+    assert rows[0.5].status == "done" and rows[0.5].evaluations == 3
+    diverged = rows[1e38]
+    assert diverged.status == "diverged" and diverged.error.startswith("diverged at step ") and not diverged.best
+    assert diverged.trial_id.rsplit("-", 1)[0] == rows[0.5].trial_id.rsplit("-", 1)[0]  # one pack
+    state = json.loads((tmp_path / "out" / "diverge" / "study.json").read_text())
+    runs = {r.data.tags[Tag.TRIAL_ID]: r for r in child_runs(MlflowClient(uri), state["experiment_id"],
+                                                            state["parent_run_id"])}
+    run = runs[diverged.trial_id]
+    assert run.info.status == "FINISHED" and run.data.tags[Tag.OUTCOME] == Outcome.DIVERGED
+    assert diverged.error == f"diverged at step {run.data.tags[Tag.DIVERGED_AT_STEP]}: " + \
+        diverged.error.split(": ", 1)[1]
+    assert "val_nll" not in run.data.metrics  # no number invented for it
+    assert runs[rows[0.5].trial_id].data.tags[Tag.OUTCOME] == Outcome.DONE
