@@ -24,6 +24,8 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from .searcher import SearcherWrapper
+
 PACK_CONFIG = "pack_members"  # a pack trial's config: {PACK_CONFIG: [{"trial_id": ..., "config": {...}}, ...]}
 MEMBER_PREFIX = "member/"
 OUTCOME = "outcome"
@@ -85,7 +87,7 @@ class PackKey:
                           default=str)
 
 
-class PackSearcher(Searcher):
+class PackSearcher(SearcherWrapper):
     """Groups the proposals of ``searcher`` (a StudySearcher) into packs of up to ``pack``.
 
     ``suggest(pack_id)`` first places the proposals that earlier packs could not take, then draws
@@ -173,20 +175,6 @@ class PackSearcher(Searcher):
                 self.completed.add(member_id)
                 self.searcher.on_trial_complete(member_id, result=None if error else self.last.get(member_id),
                                                 error=error)
-
-    def get_state(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("searcher", None)
-        return state
-
-    def set_state(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-    def save(self, checkpoint_path: str) -> None:  # only used if this is ever the base searcher
-        raise NotImplementedError
-
-    def restore(self, checkpoint_path: str) -> None:
-        raise NotImplementedError
 
 
 class MemberASHA:

@@ -125,7 +125,27 @@ class NoSearch(Searcher):
         pass
 
 
-class StudySearcher(Searcher):
+class SearcherWrapper(Searcher):
+    """A searcher around another one (its ``searcher`` attribute): Tune saves the innermost
+    searcher with its own ``save`` and each wrapper with ``get_state``/``set_state``, so that
+    ``Tuner.restore`` rebuilds the whole chain."""
+
+    def get_state(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("searcher", None)
+        return state
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:  # only used if this is ever the base searcher
+        raise NotImplementedError
+
+    def restore(self, checkpoint_path: str) -> None:
+        raise NotImplementedError
+
+
+class StudySearcher(SearcherWrapper):
     """Fixed configurations, then ``n_search`` proposals of ``searcher``, each for every seed.
 
     ``metric``/``mode`` are the objective(s) told to the inner searcher (str or list);
@@ -263,19 +283,6 @@ class StudySearcher(Searcher):
         index = self.trial_group.get(trial_id)
         return None if index is None else self.groups[index]
 
-    def get_state(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("searcher", None)
-        return state
-
-    def set_state(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-    def save(self, checkpoint_path: str) -> None:  # only used if this is ever the base searcher
-        raise NotImplementedError
-
-    def restore(self, checkpoint_path: str) -> None:
-        raise NotImplementedError
 
 
 def _key(config: dict[str, Any]) -> str:

@@ -138,6 +138,8 @@ def test_killed_packed_study_resumes_whole_packs_without_duplicate_metrics(tmp_p
     proc = subprocess.Popen([sys.executable, str(SWEEP), *args, *TINY_FLAGS], cwd=tmp_path,
                             env={**_env(), "RAY_TMPDIR": ray_tmp}, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
+    # the kill-and-resume steps of test_study_commands' killed-driver test (a shared helper there
+    # would serve both; that file is not this change's)
     seen, killed = [], False
     deadline = time.monotonic() + 1200
     for line in proc.stdout:
