@@ -102,7 +102,7 @@ class StudySpec:
             "gpus_per_trial": str(self.resources.gpus_per_trial),
             "max_concurrent_trials": str(self.resources.max_concurrent_trials),
             "max_failures": str(self.resources.max_failures),
-            "pack": str(self.resources.pack),
+            **({"pack": str(self.resources.pack)} if self.resources.pack > 1 else {}),
             **{f"base.{k}": str(v) for k, v in sorted(self.overrides.items())},
         }
 

@@ -233,8 +233,12 @@ def train_pack_trial(config: dict[str, Any], corpus: Corpus | None = None, study
     device, gpu_ids = _assigned_device(study.gpus_per_trial)
     output_dir = _fresh_dir(_scratch_dir(context.get_trial_id()))
     checkpoint = tune.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as restored:
-        _run_pack(members, study, corpus, asha, output_dir, restored, context.get_trial_id(), device, gpu_ids)
+    try:
+        with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as restored:
+            _run_pack(members, study, corpus, asha, output_dir, restored, context.get_trial_id(), device, gpu_ids)
+    except SystemExit:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        raise  # Tune stopped the pack inside tune.report; the driver ends the MLflow runs
     shutil.rmtree(output_dir, ignore_errors=True)
 
 
@@ -326,7 +330,7 @@ def _run_pack(members: list[tuple[str, dict[str, Any]]], study: StudyContext, co
             train_pack(configs, [output_dir / member_id for member_id in ids], callbacks=[on_evaluation],
                        corpus=corpus, log=log, resume_from=resume_from, on_member_end=on_member_end)
         except SystemExit:
-            raise  # Tune stopped the pack inside tune.report; the driver ends the MLflow runs
+            raise
         except BaseException:
             for run in runs:
                 run.upload(log_path)  # the runs stay open: a retry reopens them, the driver ends them
