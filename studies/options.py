@@ -50,6 +50,10 @@ def build_parser(prog: str, default_spec: str, description: str) -> argparse.Arg
     p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (torch threads)")
     p.add_argument("--max-concurrent", type=int, default=None, help="max concurrent trials")
     p.add_argument("--max-failures", type=int, default=None, help="retries per trial (>= 1)")
+    p.add_argument("--pack", type=int, default=None, metavar="K",
+                   help="train up to K trials that differ only in loss weights, schedule and seed as one packed "
+                        "model in one Ray trial (1 = no packing; the start-up line estimates a pack's memory). "
+                        "Default: the spec's")
     p.add_argument("--dataset", default=None,
                    help="replace the spec's dataset (e.g. swda for cvae_sweep; needs --data-dir where the "
                         "dataset has files)")
@@ -83,6 +87,7 @@ class Options:
     cpus_per_trial: float | None = None
     max_concurrent: int | None = None
     max_failures: int | None = None
+    pack: int | None = None
     overrides: list[str] = field(default_factory=list)
     dataset: str | None = None
     data_dir: str | None = None
@@ -135,6 +140,8 @@ def apply_flags(spec: StudySpec, options: Options) -> StudySpec:
         spec.resources.max_concurrent_trials = options.max_concurrent
     if options.max_failures is not None:
         spec.resources.max_failures = options.max_failures
+    if options.pack is not None:
+        spec.resources.pack = options.pack
     if options.dataset:
         spec.dataset = options.dataset
     if options.data_dir:

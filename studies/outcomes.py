@@ -14,6 +14,7 @@ import math
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from .packing import OUTCOME, REASON, member_results, pack_members
 from .record import Outcome
 from .tracking import StudyRun
 
@@ -35,12 +36,16 @@ class RecordingASHA(ASHAScheduler):
         action = super().on_trial_result(tune_controller, trial, result)
         evaluation = result.get(self._time_attr)
         if action == TrialScheduler.STOP and evaluation is not None and evaluation < self._max_t:
-            value = result.get(self._metric)
-            shown = f"{value:.2f}" if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
-            _stop_reasons[trial.trial_id] = (
-                f"ASHA stopped at step {int(result.get('step', 0))} of {self._steps} (rung at evaluation "
-                f"{int(evaluation)} of {self._max_t}: {self._metric} {shown} worse than the rung's cutoff)")
+            _stop_reasons[trial.trial_id] = asha_stop_reason(int(result.get("step", 0)), self._steps, int(evaluation),
+                                                             self._max_t, self._metric, result.get(self._metric))
         return action
+
+
+def asha_stop_reason(step: int, steps: int, evaluation: int, max_t: int, metric: str, value) -> str:
+    """Why ASHA stopped a trial (``Tag.OUTCOME_REASON``), for trials and pack members alike."""
+    shown = f"{value:.2f}" if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
+    return (f"ASHA stopped at step {step} of {steps} (rung at evaluation {evaluation} of {max_t}: {metric} {shown} "
+            "worse than the rung's cutoff)")
 
 
 def stop_points(grace_period: int, reduction_factor: int, max_t: int) -> tuple[int, ...]:
@@ -99,8 +104,23 @@ class TrialOutcomes(tune.Callback):
         except Exception as exc:  # noqa: BLE001 - the record must never break the study
             print(f"warning: could not record the outcome of {trial_id} in MLflow: {exc}", flush=True)
 
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        # a pack member's run ends as soon as the pack reports the member's end
+        for member_id, values in member_results(result).items():
+            if OUTCOME in values and member_id not in _outcomes:
+                self._record(member_id, values[OUTCOME], str(values.get(REASON, "")))
+
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        self._record(trial.trial_id, *trial_outcome(trial.trial_id, trial.last_result))
+        members = pack_members(dict(trial.config))
+        if members is None:
+            self._record(trial.trial_id, *trial_outcome(trial.trial_id, trial.last_result))
+            return
+        self.on_trial_result(iteration, trials, trial, trial.last_result or {})
+        for member_id, _ in members:
+            if member_id not in _outcomes:  # never happens unless a pack trial ends without saying why
+                self._record(member_id, Outcome.ERROR, "the pack ended without reporting this member's end")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._record(trial.trial_id, Outcome.ERROR, first_error_line(trial))
+        members = pack_members(dict(trial.config))
+        for member_id in [trial.trial_id] if members is None else [m for m, _ in members if m not in _outcomes]:
+            self._record(member_id, Outcome.ERROR, first_error_line(trial))

@@ -13,6 +13,7 @@ import time
 from ray import tune
 
 from .outcomes import first_error_line, trial_outcome
+from .packing import OUTCOME, PACK_CONFIG, REASON, member_results, pack_members
 from .record import Outcome
 from .spaces import describe
 
@@ -21,6 +22,7 @@ class StudyProgress(tune.Callback):
     def __init__(self, base_preset: str, evaluations: int, total_trials: int):
         self.base_preset, self.evaluations, self.total_trials = base_preset, evaluations, total_trials
         self._t0 = time.monotonic()
+        self._ended: set[str] = set()  # pack members seen to finish
 
     def setup(self, **info) -> None:
         self._t0 = time.monotonic()
@@ -43,20 +45,50 @@ class StudyProgress(tune.Callback):
         return f"{value:.{digits}f}"
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        self._print(f"start  {trial.trial_id}  {self._label(trial)}")
-
-    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        if result.get("diverged"):
-            self._print(f"DIVERGED {trial.trial_id}  at step {int(result.get('step', 0))}: "
-                        f"{result.get('diverged_reason', '')}  (an outcome: not retried)")
+        members = pack_members(dict(trial.config))
+        if members is None:
+            self._print(f"start  {trial.trial_id}  {self._label(trial)}")
             return
+        for member_id, config in members:
+            seed = config.get("train.seed")
+            self._print(f"start  {member_id}  {describe(config, self.base_preset)}"
+                        + (f" seed={seed}" if seed is not None else "") + f"  (pack {trial.trial_id})")
+
+    def _evaluation(self, trial_id: str, result: dict) -> None:
         self._print(
-            f"eval   {trial.trial_id}  {result.get('training_iteration', '?')}/{self.evaluations} "
+            f"eval   {trial_id}  {result.get('training_iteration', '?')}/{self.evaluations} "
             f"step {int(result.get('step', 0))}  val_nll {self._num(result, 'val_nll')}  "
             f"kl {self._num(result, 'val_kl')}  mi {self._num(result, 'val_mi_loo')}  "
             f"au {self._num(result, 'val_au', 0)}")
 
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        if PACK_CONFIG in trial.config:
+            self._pack_result(trial, result)
+            return
+        if result.get("diverged"):
+            self._print(f"DIVERGED {trial.trial_id}  at step {int(result.get('step', 0))}: "
+                        f"{result.get('diverged_reason', '')}  (an outcome: not retried)")
+            return
+        self._evaluation(trial.trial_id, result)
+
+    def _pack_result(self, trial, result: dict) -> None:
+        for member_id, values in member_results(result).items():
+            if "step" in values:
+                self._evaluation(member_id, values)
+            outcome = values.get(OUTCOME)
+            if outcome is None or member_id in self._ended:
+                continue
+            self._ended.add(member_id)
+            if outcome == Outcome.DIVERGED:
+                self._print(f"DIVERGED {member_id}  {values.get(REASON, '')}  (an outcome: not retried)")
+                continue
+            how = "stopped by ASHA" if outcome == Outcome.STOPPED_EARLY else "done   "
+            self._print(f"{how} {member_id}  ({len(self._ended)}/{self.total_trials} trials finished)")
+
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        if PACK_CONFIG in trial.config:
+            self._print(f"pack   {trial.trial_id}  finished")
+            return
         last = trial.last_result or {}
         n = int(last.get("training_iteration", 0) or 0)
         outcome, _ = trial_outcome(trial.trial_id, last)

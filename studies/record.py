@@ -11,7 +11,9 @@ Runs, all in one experiment (tag ``Tag.ROLE``):
 * ``trial``      one child run per Ray trial (``mlflow.parentRunId`` = the study run):
                  ``Tag.TRIAL_ID`` (one run per trial, reopened on a retry), ``Tag.PRESET``,
                  ``Tag.DATASET``, ``Tag.SEED``, ``Tag.CONFIG_ID``, ``Tag.CODE_VERSION``, ``Tag.DEVICE``
-                 and the Ray placement tags; a diverged trial ``Tag.DIVERGED_AT_STEP``; params =
+                 and the Ray placement tags; a diverged trial ``Tag.DIVERGED_AT_STEP``; in a
+                 packed study (``--pack K``) each member of a pack is one trial with its own run
+                 (``Tag.TRIAL_ID`` = the member's id) and ``Tag.PACK``; params =
                  the flattened core config; metrics per evaluation with ``step`` = training step;
                  at the end ``Tag.OUTCOME`` (one of :class:`Outcome`) and ``Tag.OUTCOME_REASON``.
 * ``evaluation`` a test evaluation of a trial's checkpoint (``analysis best``), nested under the
@@ -51,6 +53,7 @@ class Tag:
     OUTCOME = "cvae.outcome"
     OUTCOME_REASON = "cvae.outcome_reason"
     DIVERGED_AT_STEP = "cvae.diverged_at_step"
+    PACK = "cvae.pack"  # a packed study's trial: the Ray trial id of the pack it trained in
     # study runs, at the end
     STATUS = "cvae.status"
     BEST_TRIAL_ID = "cvae.best_trial_id"

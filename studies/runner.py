@@ -123,6 +123,12 @@ def _run_study(options: Options) -> StudyOutcome:
             state.save()
             print(f"Resuming study {state.study_name} ({state.experiment_path})", flush=True)
         study_run = StudyRun(state.tracking_uri, state.experiment_id, state.parent_run_id)
+        if spec.resources.pack > 1:
+            from .packing import pack_memory_estimate
+
+            gib, how = pack_memory_estimate(base, len(corpus.vocab), spec.resources.pack)
+            print(f"  Packs of up to {spec.resources.pack} trials, one Ray trial each: about {gib:.2f} GiB of memory "
+                  f"per pack ({how})", flush=True)
         # 4. the trials
         t0 = time.monotonic()
         try:
@@ -171,7 +177,7 @@ def _settings(options: Options, cwd: Path, root: Path) -> tuple[StudySpec, Study
                                             ("--num-samples", options.num_samples), ("--seeds", options.seeds),
                                             ("--seed", options.seed), ("--set", options.overrides or None),
                                             ("--dataset", options.dataset), ("--data-dir", options.data_dir),
-                                            ("--storage-path", options.storage_path))
+                                            ("--storage-path", options.storage_path), ("--pack", options.pack))
                    if value is not None]
         if ignored:
             print(f"note: resuming {state.study_name} with its saved settings; ignoring {', '.join(ignored)}")
@@ -205,23 +211,30 @@ def build_searcher(spec: StudySpec, state: StudyState):
     mode: str | list[str] = modes if spec.multi_objective else modes[0]
     seeds = [spec.seed + i for i in range(spec.seeds)]
     if spec.search == "grid":
-        return StudySearcher(NoSearch(metric, mode), fixed=GRIDS[spec.grid](), n_search=0, seeds=seeds,
-                             metric=metric, mode=mode, evaluations=spec.evaluations)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    inner = StudyOptunaSearch(space=SPACES[spec.space], metric=metric, mode=mode,
-                         sampler=optuna.samplers.TPESampler(seed=spec.seed),
-                         study_name=state.study_name,
-                         storage=optuna.storages.RDBStorage(state.optuna_storage))
-    return StudySearcher(inner, fixed=spec.baselines, n_search=spec.num_samples, seeds=seeds,
-                         metric=metric, mode=mode, evaluations=spec.evaluations)
+        searcher = StudySearcher(NoSearch(metric, mode), fixed=GRIDS[spec.grid](), n_search=0, seeds=seeds,
+                                 metric=metric, mode=mode, evaluations=spec.evaluations)
+    else:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        inner = StudyOptunaSearch(space=SPACES[spec.space], metric=metric, mode=mode,
+                                  sampler=optuna.samplers.TPESampler(seed=spec.seed),
+                                  study_name=state.study_name,
+                                  storage=optuna.storages.RDBStorage(state.optuna_storage))
+        searcher = StudySearcher(inner, fixed=spec.baselines, n_search=spec.num_samples, seeds=seeds,
+                                 metric=metric, mode=mode, evaluations=spec.evaluations)
+    if spec.resources.pack == 1:
+        return searcher
+    from .packing import PackKey, PackSearcher
+
+    return PackSearcher(searcher, spec.resources.pack, PackKey(spec.preset, spec.dataset, spec.scale,
+                                                               dict(spec.overrides)))
 
 
-def _trainable(spec: StudySpec, state: StudyState, corpus):
+def _trainable(spec: StudySpec, state: StudyState, corpus, steps: int):
     from ray import tune
 
     from .outcomes import stop_points
     from .tracking import StudyContext
-    from .trainable import train_trial
+    from .trainable import train_pack_trial, train_trial
 
     context = StudyContext(
         study_name=state.study_name, spec_name=spec.name, tracking_uri=state.tracking_uri,
@@ -230,11 +243,20 @@ def _trainable(spec: StudySpec, state: StudyState, corpus):
         overrides=dict(spec.overrides), code_version=state.code_version,
         cpus_per_trial=spec.resources.cpus_per_trial, gpus_per_trial=spec.resources.gpus_per_trial,
         stop_points=stop_points(spec.scheduler.grace_period, spec.scheduler.reduction_factor, spec.evaluations),
-        objectives=tuple(o.metric for o in spec.objectives))
+        objectives=tuple(o.metric for o in spec.objectives), scheduler_metric=spec.scheduler.metric)
     resources = {"cpu": spec.resources.cpus_per_trial}
     if spec.resources.gpus_per_trial:
         resources["gpu"] = spec.resources.gpus_per_trial
-    return tune.with_resources(tune.with_parameters(train_trial, corpus=corpus, study=context), resources)
+    if spec.resources.pack == 1:
+        return tune.with_resources(tune.with_parameters(train_trial, corpus=corpus, study=context), resources)
+    from .packing import start_member_asha
+
+    # ASHA per member (Tune's ASHA could only stop whole packs); its rungs survive a --resume
+    asha = start_member_asha(grace_period=spec.scheduler.grace_period, reduction_factor=spec.scheduler.reduction_factor,
+                             max_t=spec.evaluations, mode=spec.scheduler.mode, metric=spec.scheduler.metric,
+                             steps=steps, state_path=str(Path(state.folder) / "member_asha.json"))
+    return tune.with_resources(tune.with_parameters(train_pack_trial, corpus=corpus, study=context, asha=asha),
+                               resources)
 
 
 def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run, steps: int, folders: list[Path]):
@@ -247,29 +269,39 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
     from .outcomes import RecordingASHA, TrialOutcomes
     from .progress import StudyProgress
 
-    trainable = _trainable(spec, state, corpus)
+    from .packing import count_trials
+
+    trainable = _trainable(spec, state, corpus, steps)
+    packed = spec.resources.pack > 1
     if tune.Tuner.can_restore(state.experiment_path):
         tuner = tune.Tuner.restore(state.experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
         progress = StudyProgress(spec.preset, spec.evaluations, total_trials(spec))
-        scheduler = RecordingASHA(steps=steps, time_attr="training_iteration", max_t=spec.evaluations,
-                                  grace_period=spec.scheduler.grace_period,
-                                  reduction_factor=spec.scheduler.reduction_factor)
+        if packed:  # a pack ends when all its members end; MemberASHA stops members (studies/packing.py)
+            scheduler, metric, mode = tune.schedulers.FIFOScheduler(), None, None
+            # the pack's latest checkpoint (its active members'); each member's best is in MLflow
+            checkpoint_config = tune.CheckpointConfig(num_to_keep=1)
+        else:
+            scheduler = RecordingASHA(steps=steps, time_attr="training_iteration", max_t=spec.evaluations,
+                                      grace_period=spec.scheduler.grace_period,
+                                      reduction_factor=spec.scheduler.reduction_factor)
+            metric, mode = spec.scheduler.metric, spec.scheduler.mode
+            # Keep the core's best checkpoint (the latest report with is_best = 1: Tune keeps
+            # the later of equal scores) besides the latest one a retry resumes from.
+            checkpoint_config = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=IS_BEST,
+                                                      checkpoint_score_order="max")
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                metric=spec.scheduler.metric, mode=spec.scheduler.mode, search_alg=build_searcher(spec, state),
+                metric=metric, mode=mode, search_alg=build_searcher(spec, state),
                 scheduler=scheduler, num_samples=total_trials(spec),
                 max_concurrent_trials=spec.resources.max_concurrent_trials, reuse_actors=False,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(
                 name=state.study_name, storage_path=state.storage_path,
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
-                # Keep the core's best checkpoint (the latest report with is_best = 1: Tune keeps
-                # the later of equal scores) besides the latest one a retry resumes from.
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=1, checkpoint_score_attribute=IS_BEST, checkpoint_score_order="max"),
+                checkpoint_config=checkpoint_config,
                 callbacks=[progress, TrialOutcomes(study_run), DiskGuard(folders, options.min_free_mb)],
                 verbose=2 if options.verbose else 0,
                 log_to_file=True),
@@ -290,7 +322,7 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
     trials = tune.ExperimentAnalysis(state.experiment_path).trials
     statuses = {t.trial_id: t.status for t in trials}
     interrupted = (any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
-                   or len(trials) < total_trials(spec))
+                   or count_trials(trials) < total_trials(spec))
     return results, trials, statuses, interrupted
 
 

@@ -68,6 +68,8 @@ class StudyOptunaSearch(OptunaSearch):
       trial knows them.  Instead of leaving them RUNNING and asking the sampler again (a
       phantom trial per lost ask), the next suggestions adopt them: same Optuna trial, same
       parameters (a define-by-run space re-reads parameters a trial already has).
+    * Trials that ended after that snapshot (a pack member ends while its pack trains on) are
+      not told again when their resumed pack re-reports them: the storage keeps its first word.
     """
 
     def _setup_study(self, mode):
@@ -79,6 +81,22 @@ class StudyOptunaSearch(OptunaSearch):
         known = {trial._trial_id for trial in self._ot_trials.values()}
         running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         self._orphans = [t._trial_id for t in sorted(running, key=lambda t: t.number) if t._trial_id not in known]
+
+    def _finished(self, trial_id: str) -> bool:
+        """Whether the storage already holds this trial's end: after a killed driver, a pack
+        member may have ended (and been told) after the searcher snapshot Tune restores."""
+        trial = self._ot_trials.get(trial_id)
+        return trial is not None and self._ot_study._storage.get_trial(trial._trial_id).state.is_finished()
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not self._finished(trial_id):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._finished(trial_id):
+            self._ot_trials.pop(trial_id, None)
+            return
+        super().on_trial_complete(trial_id, result, error)
 
     def suggest(self, trial_id: str) -> dict | None:
         orphans = getattr(self, "_orphans", None)
@@ -107,7 +125,27 @@ class NoSearch(Searcher):
         pass
 
 
-class StudySearcher(Searcher):
+class SearcherWrapper(Searcher):
+    """A searcher around another one (its ``searcher`` attribute): Tune saves the innermost
+    searcher with its own ``save`` and each wrapper with ``get_state``/``set_state``, so that
+    ``Tuner.restore`` rebuilds the whole chain."""
+
+    def get_state(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("searcher", None)
+        return state
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:  # only used if this is ever the base searcher
+        raise NotImplementedError
+
+    def restore(self, checkpoint_path: str) -> None:
+        raise NotImplementedError
+
+
+class StudySearcher(SearcherWrapper):
     """Fixed configurations, then ``n_search`` proposals of ``searcher``, each for every seed.
 
     ``metric``/``mode`` are the objective(s) told to the inner searcher (str or list);
@@ -233,23 +271,18 @@ class StudySearcher(Searcher):
             self.known_results[_key(group["config"])] = result
         self.searcher.on_trial_complete(group["primary"], result=result, error=result is None or all_failed)
 
+    def rename_trial(self, old: str, new: str) -> None:
+        """Call the trial proposed as ``old`` ``new`` from now on (a pack names its members only
+        once it knows which pack they go to); the inner searcher keeps its own id for it."""
+        index = self.trial_group.pop(old)
+        self.trial_group[new] = index
+        trials = self.groups[index]["trials"]
+        trials[new] = trials.pop(old)
+
     def _group(self, trial_id: str) -> dict[str, Any] | None:
         index = self.trial_group.get(trial_id)
         return None if index is None else self.groups[index]
 
-    def get_state(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("searcher", None)
-        return state
-
-    def set_state(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-    def save(self, checkpoint_path: str) -> None:  # only used if this is ever the base searcher
-        raise NotImplementedError
-
-    def restore(self, checkpoint_path: str) -> None:
-        raise NotImplementedError
 
 
 def _key(config: dict[str, Any]) -> str:

@@ -52,6 +52,8 @@ class Resources:
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int = 2
     max_failures: int = 1
+    # trials trained as one packed model in one Ray trial (cvae_core.packed); 1 = no packing
+    pack: int = 1
 
 
 @dataclass
@@ -100,6 +102,7 @@ class StudySpec:
             "gpus_per_trial": str(self.resources.gpus_per_trial),
             "max_concurrent_trials": str(self.resources.max_concurrent_trials),
             "max_failures": str(self.resources.max_failures),
+            **({"pack": str(self.resources.pack)} if self.resources.pack > 1 else {}),
             **{f"base.{k}": str(v) for k, v in sorted(self.overrides.items())},
         }
 
@@ -203,6 +206,7 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> StudySpec:
         gpus_per_trial=_take(res_raw, "gpus_per_trial", float, f"{source}: resources", 0.0),
         max_concurrent_trials=_take(res_raw, "max_concurrent_trials", int, f"{source}: resources", 2),
         max_failures=_take(res_raw, "max_failures", int, f"{source}: resources", 1),
+        pack=_take(res_raw, "pack", int, f"{source}: resources", 1),
     )
     spec = StudySpec(
         name=_take(raw, "name", str, source),
@@ -277,12 +281,54 @@ def validate_spec(spec: StudySpec) -> None:
                         f"got {r.max_failures}")
     if spec.num_samples < 0 or spec.seeds < 1:
         raise SpecError(f"{where}: budget needs num_samples >= 0 and seeds >= 1, got {spec.num_samples}, {spec.seeds}")
+    if r.pack < 1:
+        raise SpecError(f"{where}: pack must be >= 1 (1 = one model per trial), got {r.pack}")
+    if r.pack > 1:
+        check_packable(spec)
+
+
+def check_packable(spec: StudySpec) -> None:
+    """With ``resources.pack`` > 1 the space may only vary settings that members of one pack may
+    differ in (``cvae_core.packed.training.PER_MEMBER_SETTINGS``), and the base configuration,
+    every baseline and every configuration the search proposes (a sample of them) must be a model
+    the packed loop trains; else a SpecError naming the problem."""
+    from cvae_core.packed.training import PER_MEMBER_SETTINGS, check_pack_configs
+
+    where = spec.source or spec.name
+    varied = sorted(searched_keys(spec) - PER_MEMBER_SETTINGS)
+    if varied:
+        raise SpecError(f"{where}: pack {spec.resources.pack}: the {spec.search} search varies {', '.join(varied)}, "
+                        "which members of one pack must share; use --pack 1")
+    from .spaces import SEARCH_PREFIX
+
+    cells = [{}] + list(spec.baselines) + search_cells(spec)
+    for cell in cells:
+        overrides = {k: v for k, v in cell.items() if k != "preset" and not k.startswith(SEARCH_PREFIX)}
+        config = build_config(cell.get("preset", spec.preset), spec.dataset, spec.scale, {**spec.overrides, **overrides})
+        try:
+            check_pack_configs([config, config])
+        except CvaeError as exc:
+            raise SpecError(f"{where}: pack {spec.resources.pack}: {exc}; use --pack 1") from None
+        # train_pack refuses these too (cvae_core.packed.loop), after check_pack_configs
+        if config.train.dynamics_every or config.train.amp:
+            raise SpecError(f"{where}: pack {spec.resources.pack}: packed training supports neither "
+                            "train.dynamics_every nor train.amp; add --set train.dynamics_every=0 "
+                            "(and train.amp=false), or use --pack 1")
 
 
 def searched_keys(spec: StudySpec) -> set[str]:
     """Core config keys the search sets per trial (the grid's cells, or what the define-by-run
     space suggests or returns over a fixed sample of 32 draws)."""
-    from .spaces import GRIDS, SEARCH_PREFIX, SPACES
+    from .spaces import SEARCH_PREFIX
+
+    return {resolve_key(k) for cell in search_cells(spec) for k in cell
+            if k != "preset" and not k.startswith(SEARCH_PREFIX)}
+
+
+def search_cells(spec: StudySpec) -> list[dict[str, Any]]:
+    """The grid's cells, or a fixed sample of 32 draws of the define-by-run space (each the
+    parameters suggested plus the constants the space returns)."""
+    from .spaces import GRIDS, SPACES
 
     if spec.search == "grid":
         cells = GRIDS[spec.grid]()
@@ -296,7 +342,7 @@ def searched_keys(spec: StudySpec) -> set[str]:
             trial = study.ask()
             constants = SPACES[spec.space](trial) or {}
             cells.append({**trial.params, **constants})
-    return {resolve_key(k) for cell in cells for k in cell if k != "preset" and not k.startswith(SEARCH_PREFIX)}
+    return cells
 
 
 def spec_path(name_or_path: str) -> Path:

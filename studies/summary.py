@@ -43,11 +43,10 @@ SUMMARY_KEYS = ("val_nll", "val_kl", "val_mi_loo", "val_au", "val_ppl", "val_elb
 
 
 def collect_rows(spec: StudySpec, results, trials, statuses: dict[str, str], runs: dict[str, Any]) -> list[TrialRow]:
-    """One row per Ray trial.  ``results``: Tune's ResultGrid; ``trials``: the saved Ray trials;
-    ``statuses``: their saved Ray statuses; ``runs``: trial id -> its MLflow run, whose
-    ``Tag.OUTCOME`` says how a finished trial ended."""
-    from .outcomes import recorded_outcome
-    from .spaces import describe
+    """One row per study trial (a packed study: per member of each pack).  ``results``: Tune's
+    ResultGrid; ``trials``: the saved Ray trials; ``statuses``: their saved Ray statuses; ``runs``:
+    trial id -> its MLflow run, whose ``Tag.OUTCOME`` says how a finished trial ended."""
+    from .packing import member_results, pack_members
 
     by_path = {result.path: result for result in results}
     rows = []
@@ -55,35 +54,55 @@ def collect_rows(spec: StudySpec, results, trials, statuses: dict[str, str], run
         result = by_path.get(trial.path)
         history = result.metrics_dataframe if result is not None else None
         records = history.to_dict("records") if history is not None and len(history) else []
-        records = [r for r in records if not (finite(r.get("diverged")) and r["diverged"])]  # no evaluation
-        # A trial resumed from an older checkpoint re-reports the steps after it: count steps once.
-        n_evals = len({r.get("step") for r in records})
-        best = _core_best(records)
-        run = runs.get(trial.trial_id)
-        tags = run.data.tags if run is not None else {}
-        outcome, reason = recorded_outcome(trial.trial_id) or (tags.get(Tag.OUTCOME), tags.get(Tag.OUTCOME_REASON, ""))
         ray_status = statuses.get(trial.trial_id, trial.status)
-        if ray_status in ("TERMINATED", "ERROR") and outcome in ROW_STATUS:
-            status = ROW_STATUS[outcome]
-        elif ray_status in ("TERMINATED", "ERROR"):  # its outcome never reached MLflow (server down)
-            status, reason = ("error" if ray_status == "ERROR" else "done" if n_evals >= spec.evaluations
-                              else "stopped"), "outcome not recorded; read from Ray"
-        else:
-            status = "interrupted" if n_evals else "pending"
-        error = ""
-        if status == "diverged":
-            error = reason
-        elif result is not None and result.error:
-            error = str(result.error).strip().splitlines()[-1][:200]
+        error = str(result.error).strip().splitlines()[-1][:200] if result is not None and result.error else ""
         config = {k: v for k, v in dict(trial.config).items() if not k.startswith("__")}
-        rows.append(TrialRow(
-            trial_id=trial.trial_id, label=describe(config, spec.preset), config=config,
-            seed=config.get("train.seed"), status=status, evaluations=n_evals,
-            best={k: float(best[k]) for k in SUMMARY_KEYS if k in best and finite(best[k])},
-            run_id=run.info.run_id if run else "", config_id=tags.get(Tag.CONFIG_ID, ""),
-            checkpoint=_checkpoint_at(result, best.get("step")) if best else "", error=error,
-            reason=reason if status == "stopped" else ""))
+        members = pack_members(config)
+        if members is None:
+            rows.append(_row(spec, trial.trial_id, config, records, ray_status, runs.get(trial.trial_id), error,
+                             lambda step: _checkpoint_at(result, step)))
+            continue
+        per_member = [member_results(r) for r in records]
+        for member_id, member_config in members:
+            evaluations = [values[member_id] for values in per_member if "step" in values.get(member_id, {})]
+            # Tune keeps the pack's latest checkpoint only (the members still training then), so a
+            # member's best checkpoint is its MLflow artifact, not a Ray path.
+            rows.append(_row(spec, member_id, member_config, evaluations, ray_status, runs.get(member_id), error,
+                             lambda step: "", member=True))
     return rows
+
+
+def _row(spec: StudySpec, trial_id: str, config: dict[str, Any], records: list[dict], ray_status: str, run,
+         error: str, checkpoint_at, member: bool = False) -> TrialRow:
+    from .outcomes import recorded_outcome
+    from .spaces import describe
+
+    records = [r for r in records if not (finite(r.get("diverged")) and r["diverged"])]  # no evaluation
+    # A trial resumed from an older checkpoint re-reports the steps after it: count steps once.
+    n_evals = len({r.get("step") for r in records})
+    best = _core_best(records)
+    tags = run.data.tags if run is not None else {}
+    outcome, reason = recorded_outcome(trial_id) or (tags.get(Tag.OUTCOME), tags.get(Tag.OUTCOME_REASON, ""))
+    if ray_status in ("TERMINATED", "ERROR") and outcome in ROW_STATUS:
+        status = ROW_STATUS[outcome]
+    elif ray_status in ("TERMINATED", "ERROR"):  # its outcome never reached MLflow (server down)
+        status, reason = ("error" if ray_status == "ERROR" else "done" if n_evals >= spec.evaluations
+                          else "stopped"), "outcome not recorded; read from Ray"
+    elif member and outcome in ROW_STATUS and outcome != Outcome.INTERRUPTED:  # ended while its pack ran on
+        status = ROW_STATUS[outcome]
+    else:
+        status = "interrupted" if n_evals else "pending"
+    if status == "diverged":
+        error = reason
+    elif member and status != "error":
+        error = ""  # a member that ended before its pack failed
+    return TrialRow(
+        trial_id=trial_id, label=describe(config, spec.preset), config=config,
+        seed=config.get("train.seed"), status=status, evaluations=n_evals,
+        best={k: float(best[k]) for k in SUMMARY_KEYS if k in best and finite(best[k])},
+        run_id=run.info.run_id if run else "", config_id=tags.get(Tag.CONFIG_ID, ""),
+        checkpoint=checkpoint_at(best.get("step")) if best else "", error=error,
+        reason=reason if status == "stopped" else "")
 
 
 def _core_best(records: list[dict]) -> dict:

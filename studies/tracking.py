@@ -56,6 +56,7 @@ class StudyContext:
     # evaluations (1-based) at which the scheduler may stop a trial: its rungs and the last one
     stop_points: tuple[int, ...] = ()
     objectives: tuple[str, ...] = ()  # the study's objective metrics, logged first
+    scheduler_metric: str = "val_nll"  # what ASHA compares (pack members: studies/packing.py)
 
 
 def code_version() -> str:

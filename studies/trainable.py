@@ -94,6 +94,11 @@ DIVERGED = "diverged"  # the result key that tells the driver (studies/outcomes.
 NAN_OBJECTIVES = {f"val_{m.name}": float("nan") for m in METRICS.values() if m.ranked or m.name == "kl"}
 
 
+def run_name(config: dict[str, Any], core_config: Config, study: StudyContext) -> str:
+    """The trial run's name says what the trial is (e.g. "rq λr=3 λm=0.12 seed=0"); its id is a tag."""
+    return f"{describe(config, study.preset)} seed={core_config.train.seed}"
+
+
 def report_divergence(run: TrialRun, exc: Diverged, log_path: Path) -> None:
     """A diverged trial is an outcome, not a crash: one last result with ``diverged=1`` and NaN
     objectives tells Ray (the trial ends TERMINATED, never retried), Optuna (a NaN value is a
@@ -103,15 +108,57 @@ def report_divergence(run: TrialRun, exc: Diverged, log_path: Path) -> None:
     tune.report({"step": float(exc.step), DIVERGED: 1.0, "diverged_reason": exc.reason, **NAN_OBJECTIVES})
 
 
-def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: StudyContext | None = None) -> None:
-    """Function trainable. ``corpus`` and ``study`` come from ``tune.with_parameters``."""
-    if study is None:
-        raise CvaeError("train_trial needs the study context: wrap it with tune.with_parameters(..., study=...)")
+def _prepare_worker(study: StudyContext) -> None:
     torch.set_num_threads(max(1, int(study.cpus_per_trial)))
     # The MLflow client's own retries wait up to minutes with growing back-off; a trial buffers
     # instead (TrialRun.flush), so each request fails fast while the server is down.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def _fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)  # a retry on the same node: the Tune checkpoint is the truth
+    path.mkdir(parents=True)
+    return path
+
+
+def _placement_tags(device: str, gpu_ids: list[str], resumed_step: int | None) -> dict[str, str]:
+    import ray
+
+    return {Tag.DEVICE: device, Tag.GPU_IDS: ",".join(gpu_ids) or "none",
+            Tag.NODE_ID: ray.get_runtime_context().get_node_id(), Tag.PID: str(os.getpid()),
+            Tag.RESUMED_FROM_STEP: str(resumed_step) if resumed_step is not None else "none"}
+
+
+def _log_name(resumed_step: int | None) -> str:
+    # one log per attempt, so that a retry does not overwrite the first attempt's log in MLflow
+    return "train.log" if resumed_step is None else f"train-resumed-at-step-{resumed_step}.log"
+
+
+def record_evaluation(run: TrialRun, metrics: dict[str, float], checkpoint_dir: Path, log_path: Path,
+                      stop_point: bool, log) -> None:
+    """Everything MLflow needs from one evaluation, *before* the Tune report: the metrics, then
+    (when it is the new best) the evaluation-only checkpoint and the log.  While the server is
+    down, metrics wait in a bounded buffer and training goes on; where Tune may stop the trial
+    (``stop_point``: a scheduler rung, the last evaluation) the process can end inside
+    tune.report, taking the buffer with it, so there it waits (bounded) for the backlog to go out."""
+    run.log_metrics(metrics)
+    if stop_point and not run.flush(wait_s=FINAL_FLUSH_S):
+        log(f"warning: {len(run.pending)} metrics could not reach MLflow within {FINAL_FLUSH_S} s")
+    best = checkpoint_dir if metrics.get(IS_BEST, 0.0) >= 1.0 else None
+    # artifacts follow the metrics once the server answers again; a failed upload stays due
+    if not run.pending and not run.upload(log_path, best, wait_s=FINAL_FLUSH_S if stop_point else 0.0):
+        log("warning: the checkpoint/log upload to MLflow is waiting for the server")
+    elif run.pending and best is not None:
+        run.checkpoint_due = best
+
+
+def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: StudyContext | None = None) -> None:
+    """Function trainable. ``corpus`` and ``study`` come from ``tune.with_parameters``."""
+    if study is None:
+        raise CvaeError("train_trial needs the study context: wrap it with tune.with_parameters(..., study=...)")
+    _prepare_worker(study)
     context = tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
     core_config = resolve_trial_config(study, config)
@@ -119,10 +166,7 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
     # so "auto" picks exactly that; the config (params, config_id, resume check) stays device-free.
     device, gpu_ids = _assigned_device(study.gpus_per_trial)
 
-    output_dir = _scratch_dir(trial_id)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)  # a retry on the same node: the Tune checkpoint is the truth
-    output_dir.mkdir(parents=True)
+    output_dir = _fresh_dir(_scratch_dir(trial_id))
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as resume_from:
         _run_trial(config, core_config, study, corpus, output_dir, resume_from, trial_id, trial_name, device, gpu_ids)
@@ -134,35 +178,14 @@ def _run_trial(config: dict[str, Any], core_config: Config, study: StudyContext,
     """One attempt of a trial: the MLflow run, the core loop (resumed from ``resume_from``, a
     checkpoint directory, when Tune handed one back), and the trial's outcome."""
     resumed_step = checkpoint_step(resume_from) if resume_from is not None else None
-    # one log per attempt, so that a retry does not overwrite the first attempt's log in MLflow
-    log_path = output_dir / ("train.log" if resumed_step is None else f"train-resumed-at-step-{resumed_step}.log")
-
-    import ray
-
-    # the run's name says what the trial is (e.g. "rq λr=3 λm=0.12 seed=0"); its id is a tag
-    run_name = f"{describe(config, study.preset)} seed={core_config.train.seed}"
-    run = TrialRun.open(study, trial_id, trial_name, core_config, run_name=run_name, extra_tags={
-        Tag.DEVICE: device, Tag.GPU_IDS: ",".join(gpu_ids) or "none",
-        Tag.NODE_ID: ray.get_runtime_context().get_node_id(), Tag.PID: str(os.getpid()),
-        Tag.RESUMED_FROM_STEP: str(resumed_step) if resumed_step is not None else "none",
-    })
+    log_path = output_dir / _log_name(resumed_step)
+    run = TrialRun.open(study, trial_id, trial_name, core_config, run_name=run_name(config, core_config, study),
+                        extra_tags=_placement_tags(device, gpu_ids, resumed_step))
 
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        # Everything MLflow needs is logged *before* tune.report. While the server is down,
-        # metrics wait in a bounded buffer and training goes on; where Tune may stop the trial
-        # (a scheduler rung, the last evaluation) the process can end inside tune.report, taking
-        # the buffer with it, so there the trial waits (bounded) for the backlog to go out.
-        run.log_metrics(metrics)
         evaluation = math.ceil(metrics["step"] / core_config.train.eval_every)
         stop_point = metrics["step"] >= core_config.train.steps or evaluation in study.stop_points
-        if stop_point and not run.flush(wait_s=FINAL_FLUSH_S):
-            log(f"warning: {len(run.pending)} metrics could not reach MLflow within {FINAL_FLUSH_S} s")
-        best = checkpoint_dir if metrics.get(IS_BEST, 0.0) >= 1.0 else None
-        # artifacts follow the metrics once the server answers again; a failed upload stays due
-        if not run.pending and not run.upload(log_path, best, wait_s=FINAL_FLUSH_S if stop_point else 0.0):
-            log("warning: the checkpoint/log upload to MLflow is waiting for the server")
-        elif run.pending and best is not None:
-            run.checkpoint_due = best
+        record_evaluation(run, metrics, checkpoint_dir, log_path, stop_point, log)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     with open(log_path, "a", encoding="utf-8") as log_file:
@@ -184,3 +207,137 @@ def _run_trial(config: dict[str, Any], core_config: Config, study: StudyContext,
             run.upload(log_path)  # the run stays open: a retry reopens it, the driver ends it
             raise
     shutil.rmtree(output_dir, ignore_errors=True)
+
+
+PACK_FAULT_ENV = "CVAE_TEST_PACK_FAULT_ONCE"  # tests: a marker file path; the first pack to report creates it and fails
+
+
+def train_pack_trial(config: dict[str, Any], corpus: Corpus | None = None, study: StudyContext | None = None,
+                     asha=None) -> None:
+    """Function trainable of one pack (``studies/packing.py``): its members train as one packed
+    model (``cvae_core.packed.train_pack``), and each member is a trial everywhere else: its own
+    MLflow run (``Tag.PACK`` = this Ray trial's id), metrics, best checkpoint and log.  ``asha``:
+    the :class:`~studies.packing.MemberASHA` actor that decides which members stop (None: none
+    stop early).  One ``tune.report`` per evaluation with every member's result and a Tune
+    checkpoint holding each active member's latest checkpoint and which members ended, and how;
+    a retry or ``--resume`` continues the active members from it."""
+    if study is None:
+        raise CvaeError("train_pack_trial needs the study context: wrap it with tune.with_parameters(..., study=...)")
+    from .packing import pack_members
+
+    _prepare_worker(study)
+    context = tune.get_context()
+    members = pack_members(config)
+    if not members:
+        raise CvaeError(f"a pack trial's config needs its members, got keys {sorted(config)}")
+    device, gpu_ids = _assigned_device(study.gpus_per_trial)
+    output_dir = _fresh_dir(_scratch_dir(context.get_trial_id()))
+    checkpoint = tune.get_checkpoint()
+    try:
+        with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as restored:
+            _run_pack(members, study, corpus, asha, output_dir, restored, context.get_trial_id(), device, gpu_ids)
+    except SystemExit:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        raise  # Tune stopped the pack inside tune.report; the driver ends the MLflow runs
+    shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def _run_pack(members: list[tuple[str, dict[str, Any]]], study: StudyContext, corpus: Corpus | None, asha,
+              output_dir: Path, restored: str | None, pack_id: str, device: str, gpu_ids: list[str]) -> None:
+    """One attempt of a pack: ``restored`` is the pack's Tune checkpoint when Tune handed one back."""
+    import json
+
+    import ray
+
+    from cvae_core.packed import train_pack
+
+    from .packing import OUTCOME, PACK_STATE, REASON, TRAINING_ITERATION, member_key
+    from .record import Outcome
+
+    ended: dict[str, dict[str, str]] = json.loads((Path(restored) / PACK_STATE).read_text())["ended"] if restored else {}
+    active = [(member_id, trial_config) for member_id, trial_config in members if member_id not in ended]
+    if not active:
+        return  # every member ended before the last checkpoint
+    ids = [member_id for member_id, _ in active]
+    configs = [resolve_trial_config(study, trial_config) for _, trial_config in active]
+    resume_from = [Path(restored) / member_id for member_id in ids] if restored else None
+    resumed_step = checkpoint_step(resume_from[0]) if resume_from else None
+    log_path = output_dir / _log_name(resumed_step)
+    tags = {**_placement_tags(device, gpu_ids, resumed_step), Tag.PACK: pack_id}
+    runs = [TrialRun.open(study, member_id, f"trial_{member_id}", core_config,
+                          run_name=run_name(trial_config, core_config, study), extra_tags=tags)
+            for (member_id, trial_config), core_config in zip(active, configs)]
+    eval_every, steps = configs[0].train.eval_every, configs[0].train.steps
+    reported: set[str] = set(ended)  # ends already in a report
+    metric = study.scheduler_metric
+
+    def end_values() -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for member_id, end in ended.items():
+            if member_id not in reported:
+                values.update({member_key(member_id, name): value for name, value in end.items()})
+        reported.update(ended)
+        return values
+
+    def on_evaluation(evaluations) -> list[int]:
+        step = int(evaluations[0].metrics["step"])
+        evaluation = math.ceil(step / eval_every)
+        stop_point = step >= steps or evaluation in study.stop_points
+        result: dict[str, Any] = {"step": float(step)}
+        stops = []
+        for item in evaluations:
+            member_id = ids[item.member]
+            record_evaluation(runs[item.member], item.metrics, item.checkpoint, log_path, stop_point, log)
+            result.update({member_key(member_id, k): v for k, v in item.metrics.items()})
+            result[member_key(member_id, TRAINING_ITERATION)] = evaluation
+            if step >= steps:
+                ended[member_id] = {OUTCOME: Outcome.DONE}
+            elif asha is not None:
+                reason = ray.get(asha.decide.remote(member_id, evaluation, step, item.metrics.get(metric)))
+                if reason:
+                    stops.append(item.member)
+                    ended[member_id] = {OUTCOME: Outcome.STOPPED_EARLY, REASON: reason}
+        result.update(end_values())
+        folder = output_dir / f"pack-checkpoint-{step}"
+        for item in evaluations:
+            if ids[item.member] not in ended:
+                shutil.copytree(item.checkpoint, folder / ids[item.member])
+        folder.mkdir(exist_ok=True)
+        (folder / PACK_STATE).write_text(json.dumps({"ended": ended}))
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+        shutil.rmtree(folder, ignore_errors=True)
+        fault = os.environ.get(PACK_FAULT_ENV)
+        if fault and not os.path.exists(fault):
+            Path(fault).touch()
+            raise RuntimeError(f"fault injected for a test ({PACK_FAULT_ENV})")
+        return stops
+
+    def on_member_end(end) -> None:
+        member_id = ids[end.member]
+        if end.outcome == "diverged" and member_id not in ended:
+            log(f"{member_id}: {end.diverged}")
+            runs[end.member].set_tags({Tag.DIVERGED_AT_STEP: str(end.diverged.step)})
+            runs[end.member].upload(log_path)
+            ended[member_id] = {OUTCOME: Outcome.DIVERGED, "diverged_at_step": float(end.diverged.step),
+                                REASON: f"diverged at step {end.diverged.step}: {end.diverged.reason}"}
+
+    with open(log_path, "a", encoding="utf-8") as log_file:
+        def log(text: str) -> None:
+            log_file.write(text + "\n")
+            log_file.flush()
+
+        try:
+            train_pack(configs, [output_dir / member_id for member_id in ids], callbacks=[on_evaluation],
+                       corpus=corpus, log=log, resume_from=resume_from, on_member_end=on_member_end)
+        except SystemExit:
+            raise
+        except BaseException:
+            for run in runs:
+                run.upload(log_path)  # the runs stay open: a retry reopens them, the driver ends them
+            raise
+    for run in runs:
+        run.flush(wait_s=FINAL_FLUSH_S)
+        run.upload(log_path, wait_s=FINAL_FLUSH_S)
+    last = end_values()  # ends no evaluation reported (a member that diverged last)
+    if last:
+        tune.report(last)

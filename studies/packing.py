@@ -1,0 +1,272 @@
+"""Packed studies (``resources.pack`` / ``--pack K``): up to K trials that differ only in loss
+weights, schedule and seed train as one packed model (``cvae_core.packed.train_pack``) inside one
+Ray Tune trial, and stay K trials everywhere else.
+
+* :class:`PackSearcher` wraps the study's :class:`~studies.searcher.StudySearcher`: Tune asks it
+  for one *pack*; it draws up to K proposals that share every setting members of a pack must
+  share (each becomes a trial with its own id, ``<pack's Ray trial id>-<k>``), and fans each
+  pack result out to the study searcher member by member, so Optuna sees K trials.
+* :class:`MemberASHA` is ASHA's stopping rule for members (Tune's ASHA can only stop a whole
+  pack); the pack trials ask it, held in one Ray actor on the driver's node, at every evaluation.
+* A pack trial reports one flat result per evaluation: ``member/<member id>/<metric>`` for each
+  member evaluated, and ``member/<member id>/outcome`` (+ ``/reason``) once a member has ended.
+
+The pack trainable itself is :func:`studies.trainable.train_pack_trial`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from .searcher import SearcherWrapper
+
+PACK_CONFIG = "pack_members"  # a pack trial's config: {PACK_CONFIG: [{"trial_id": ..., "config": {...}}, ...]}
+MEMBER_PREFIX = "member/"
+OUTCOME = "outcome"
+REASON = "reason"
+TRAINING_ITERATION = "training_iteration"  # a member's own number of evaluations
+PACK_STATE = "pack.json"  # in a pack's Tune checkpoint: the members that ended, and how
+
+
+def member_key(member_id: str, name: str) -> str:
+    return f"{MEMBER_PREFIX}{member_id}/{name}"
+
+
+def member_results(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A pack trial's flat result -> member id -> its values in that result (finite numbers and
+    strings; a dataframe row's NaN for a member absent from that report is dropped)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in result.items():
+        if not key.startswith(MEMBER_PREFIX):
+            continue
+        member_id, _, name = key[len(MEMBER_PREFIX):].partition("/")
+        if isinstance(value, float) and math.isnan(value) and name != OUTCOME:
+            continue
+        if value is None or (name == OUTCOME and not isinstance(value, str)):
+            continue
+        out.setdefault(member_id, {})[name] = value
+    return out
+
+
+def pack_members(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]] | None:
+    """A trial's config -> [(member id, member config)] for a pack trial, else None."""
+    members = config.get(PACK_CONFIG)
+    if members is None:
+        return None
+    return [(m["trial_id"], dict(m["config"])) for m in members]
+
+
+def count_trials(trials) -> int:
+    """Study trials among Ray's trials: a pack counts its members."""
+    return sum(len(pack_members(dict(t.config)) or [None]) for t in trials)
+
+
+@dataclass(frozen=True)
+class PackKey:
+    """The settings members of one pack must share: the resolved config of a trial config
+    (the study's base + the proposal) without ``PER_MEMBER_SETTINGS``, as a string."""
+
+    preset: str
+    dataset: str
+    scale: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, trial_config: dict[str, Any]) -> str:
+        from cvae_core.packed.training import PER_MEMBER_SETTINGS
+
+        from .trainable import resolve_trial_config
+
+        flat = resolve_trial_config(self, trial_config).flat()  # reads preset/dataset/scale/overrides
+        return json.dumps({k: v for k, v in flat.items() if k not in PER_MEMBER_SETTINGS}, sort_keys=True,
+                          default=str)
+
+
+class PackSearcher(SearcherWrapper):
+    """Groups the proposals of ``searcher`` (a StudySearcher) into packs of up to ``pack``.
+
+    ``suggest(pack_id)`` first places the proposals that earlier packs could not take, then draws
+    new ones while the pack has room (member ids ``<pack_id>-<k>``, k = place in the pack); a proposal whose shared
+    settings (``key``) differ from the pack's waits for a later pack.  A partial pack goes out
+    when the study searcher waits or finishes, or after K proposals that did not fit.
+    """
+
+    def __init__(self, searcher: Searcher, pack: int, key):
+        # No metric of its own: a pack result holds only member/<id>/<metric> keys, and Tune
+        # checks that every result carries the searcher's metric.
+        super().__init__(metric=None, mode=None)
+        self.searcher = searcher
+        self.pack = pack
+        self.key = key
+        self.waiting: list[tuple[str, dict[str, Any]]] = []  # drawn, not yet in a pack
+        self.packs: dict[str, list[str]] = {}  # pack trial id -> member ids
+        self.last: dict[str, dict[str, Any]] = {}  # member id -> its latest evaluation (as told)
+        self.completed: set[str] = set()
+        self.finished = False
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        members: list[tuple[str, dict[str, Any]]] = []
+        pack_key = None
+        for member in list(self.waiting):
+            if len(members) == self.pack:
+                break
+            key = self.key(member[1])
+            pack_key = pack_key or key
+            if key == pack_key:
+                members.append(member)
+                self.waiting.remove(member)
+        drawn = 0
+        while len(members) < self.pack and len(self.waiting) < self.pack and not self.finished:
+            member_id = f"{trial_id}.draw{drawn}"  # named once it has its pack
+            config = self.searcher.suggest(member_id)
+            if config is None:
+                break  # the study searcher waits: go with what the pack has
+            if config == Searcher.FINISHED:
+                self.finished = True
+                break
+            drawn += 1
+            key = self.key(config)
+            pack_key = pack_key or key
+            (members if key == pack_key else self.waiting).append((member_id, config))
+        if not members:
+            return Searcher.FINISHED if self.finished else None
+        for k, (drawn_as, config) in enumerate(members):
+            members[k] = (f"{trial_id}-{k}", config)
+            self.searcher.rename_trial(drawn_as, members[k][0])
+        self.packs[trial_id] = [member_id for member_id, _ in members]
+        return {PACK_CONFIG: [{"trial_id": member_id, "config": config} for member_id, config in members]}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        from .trainable import DIVERGED, NAN_OBJECTIVES
+
+        for member_id, values in member_results(result).items():
+            if member_id in self.completed or member_id not in self.packs.get(trial_id, ()):
+                continue
+            if "step" in values:  # evaluated in this report
+                evaluation = {k: v for k, v in values.items() if k not in (OUTCOME, REASON)}
+                self.last[member_id] = evaluation
+                self.searcher.on_trial_result(member_id, evaluation)
+            outcome = values.get(OUTCOME)
+            if outcome is None:
+                continue
+            last = self.last.get(member_id, {})
+            if outcome == "diverged":
+                # as an unpacked trial's divergence report: one more result, NaN objectives
+                final = {**NAN_OBJECTIVES, DIVERGED: 1.0, "step": values.get("diverged_at_step", last.get("step", 0)),
+                         TRAINING_ITERATION: int(last.get(TRAINING_ITERATION, 0)) + 1}
+            else:
+                final = last
+            self.completed.add(member_id)
+            self.searcher.on_trial_complete(member_id, result=final or None, error=False)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and not error:
+            self.on_trial_result(trial_id, result)
+        for member_id in self.packs.get(trial_id, ()):
+            if member_id not in self.completed:
+                self.completed.add(member_id)
+                self.searcher.on_trial_complete(member_id, result=None if error else self.last.get(member_id),
+                                                error=error)
+
+
+class MemberASHA:
+    """ASHA's rule (as Ray Tune's ``AsyncHyperBandScheduler``, one bracket), decided per member.
+
+    Rungs sit at ``grace_period * reduction_factor**k`` evaluations below ``max_t``.  The first
+    time a member reaches a rung, it continues iff its value is within the best
+    ``1/reduction_factor`` of the values recorded at that rung so far (the cutoff is their
+    ``(1 - 1/rf)`` percentile, as Ray's ``_Bracket.cutoff``); then its value is recorded there.
+    ``state_path`` (optional) keeps the rungs across a driver restart (``--resume``); a member
+    asked again at a rung (a retried pack re-runs evaluations) gets the same answer.
+    """
+
+    def __init__(self, grace_period: int, reduction_factor: int, max_t: int, mode: str,
+                 metric: str = "val_nll", steps: int = 0, state_path: str | None = None):
+        from .outcomes import stop_points
+
+        self.rf, self.max_t, self.sign, self.metric, self.steps = reduction_factor, max_t, (
+            1.0 if mode == "max" else -1.0), metric, steps
+        self.rungs = [r for r in stop_points(grace_period, reduction_factor, max_t) if r < max_t]
+        self.recorded: dict[int, dict[str, float]] = {rung: {} for rung in self.rungs}
+        self.stops: dict[str, str] = {}  # member -> the reason it was stopped
+        self.state_path = Path(state_path) if state_path else None
+        if self.state_path is not None and self.state_path.is_file():
+            saved = json.loads(self.state_path.read_text())
+            self.recorded.update({int(rung): values for rung, values in saved["recorded"].items()})
+            self.stops = saved["stops"]
+
+    def cutoff(self, recorded: dict[str, float]) -> float | None:
+        import numpy as np
+
+        if not recorded:
+            return None
+        return float(np.nanpercentile(list(recorded.values()), (1 - 1 / self.rf) * 100))
+
+    def decide(self, member: str, evaluation: int, step: int, value: float | None) -> str | None:
+        """-> the reason to stop ``member`` at its ``evaluation`` (at training ``step``, with
+        ``value`` of the metric), or None to let it continue."""
+        from .outcomes import asha_stop_reason
+
+        if member in self.stops:
+            return self.stops[member]
+        for rung in reversed(self.rungs):
+            recorded = self.recorded[rung]
+            if evaluation >= rung and member in recorded:
+                break  # decided at this rung already: it continued
+            if evaluation < rung:
+                continue
+            if value is None:
+                break
+            reward = self.sign * value
+            cutoff = self.cutoff(recorded)
+            recorded[member] = reward
+            if cutoff is not None and reward < cutoff:
+                self.stops[member] = asha_stop_reason(step, self.steps, evaluation, self.max_t, self.metric, value)
+            self._save()
+            break
+        return self.stops.get(member)
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"recorded": self.recorded, "stops": self.stops}))
+        os.replace(tmp, self.state_path)
+
+
+def start_member_asha(**kwargs) -> Any:
+    """One :class:`MemberASHA` in a Ray actor on this (the driver's) node: every pack trial asks
+    the same one, and its state file is on the driver's disk."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(num_cpus=0)(MemberASHA)
+    return actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(**kwargs)
+
+
+def pack_memory_estimate(config, vocab_size: int, pack: int) -> tuple[float, str]:
+    """A rough upper bound of one pack's training memory -> (GiB, how it is computed).
+
+    Parameters x members x 4 float32 copies (weights, gradients, Adam's two moments), plus
+    activations: batch x sentence length x (vocabulary + 8 x hidden) floats per member and decoder
+    (the output logits dominate; a coupled model has two decoders)."""
+    from cvae_core.models.text_vae import build_model
+
+    params = sum(p.numel() for p in build_model(config, vocab_size).parameters())
+    decoders = 2 if config.coupling.enabled else 1
+    length = min(config.data.max_len, 64)  # sentences are bucketed; long ones are rare
+    activations = config.train.batch_size * length * (vocab_size + 8 * config.model.hidden_dim) * decoders
+    total = 4 * pack * (4 * params + activations)
+    how = (f"{params:,} parameters x {pack} members x 4 float32 copies (weights, gradients, Adam's 2 moments) "
+           f"+ activations ~ batch {config.train.batch_size} x {length} tokens x (vocabulary {vocab_size} + "
+           f"8 x hidden {config.model.hidden_dim}) x {decoders} decoder(s) per member")
+    return total / 1024**3, how
