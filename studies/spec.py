@@ -309,11 +309,6 @@ def check_packable(spec: StudySpec) -> None:
             check_pack_configs([config, config])
         except CvaeError as exc:
             raise SpecError(f"{where}: pack {spec.resources.pack}: {exc}; use --pack 1") from None
-        # train_pack refuses these too (cvae_core.packed.loop), after check_pack_configs
-        if config.train.dynamics_every or config.train.amp:
-            raise SpecError(f"{where}: pack {spec.resources.pack}: packed training supports neither "
-                            "train.dynamics_every nor train.amp; add --set train.dynamics_every=0 "
-                            "(and train.amp=false), or use --pack 1")
 
 
 def searched_keys(spec: StudySpec) -> set[str]:

@@ -184,6 +184,9 @@ def test_bad_input_is_refused_in_one_line(tiny_data_dir, tmp_path):
     other = member_configs(tiny_data_dir, **{"model.hidden_dim": 8})[1]
     with pytest.raises(CvaeError, match="pack members must share model.hidden_dim"):
         train_pack([configs[0], other], [tmp_path / "m0", tmp_path / "m1"], log=quiet)
+    measured = member_configs(tiny_data_dir, **{"train.dynamics_every": 5})[:2]  # Figure 2's norms: not packed
+    with pytest.raises(CvaeError, match="packed training supports neither train.dynamics_every nor train.amp"):
+        train_pack(measured, [tmp_path / "m0", tmp_path / "m1"], log=quiet)
     assert not (tmp_path / "m0").exists()
 
 

@@ -125,8 +125,6 @@ def _check_arguments(configs: list[Config], output_dirs: list[str | Path],
     if resume_from is not None and len(resume_from) != len(configs):
         raise CvaeError(f"train_pack resumes from one checkpoint per member: {len(configs)} configs, "
                         f"{len(resume_from)} checkpoints")
-    if configs[0].train.dynamics_every or configs[0].train.amp:
-        raise CvaeError("packed training supports neither train.dynamics_every nor train.amp; set them to 0/false")
 
 
 def _start(configs: list[Config], dirs: list[Path], vocab_size: int,

@@ -40,6 +40,9 @@ def check_pack_configs(configs: list[Config]) -> None:
         if config.regularizer.kind != "kl" or config.train.aggressive or config.train.pretrain_steps \
                 or config.train.init_from:
             raise CvaeError("packed training supports the KL regularizer without Lagging-VAE or PreFB only")
+        if config.train.dynamics_every or config.train.amp:
+            raise CvaeError("packed training supports neither train.dynamics_every nor train.amp; "
+                            "set train.dynamics_every=0 and train.amp=false")
         flat = config.flat()
         for key, value in shared.items():
             if flat[key] != value:
