@@ -209,9 +209,6 @@ def _run_trial(config: dict[str, Any], core_config: Config, study: StudyContext,
     shutil.rmtree(output_dir, ignore_errors=True)
 
 
-PACK_FAULT_ENV = "CVAE_TEST_PACK_FAULT_ONCE"  # tests: a marker file path; the first pack to report creates it and fails
-
-
 def train_pack_trial(config: dict[str, Any], corpus: Corpus | None = None, study: StudyContext | None = None,
                      asha=None) -> None:
     """Function trainable of one pack (``studies/packing.py``): its members train as one packed
@@ -306,10 +303,6 @@ def _run_pack(members: list[tuple[str, dict[str, Any]]], study: StudyContext, co
         (folder / PACK_STATE).write_text(json.dumps({"ended": ended}))
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(folder)))
         shutil.rmtree(folder, ignore_errors=True)
-        fault = os.environ.get(PACK_FAULT_ENV)
-        if fault and not os.path.exists(fault):
-            Path(fault).touch()
-            raise RuntimeError(f"fault injected for a test ({PACK_FAULT_ENV})")
         return stops
 
     def on_member_end(end) -> None:

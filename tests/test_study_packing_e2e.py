@@ -1,6 +1,6 @@
 """A packed study end to end (real local Ray, SQLite MLflow, Optuna): 6 proposals in 2 packs of 3,
-per-member ASHA, and one pack that fails once after its first report and is retried from its
-checkpoint.  A user must not be able to tell its records from an unpacked study's, except for the
+per-member ASHA, and one pack whose worker process is killed (SIGKILL) after its first report and
+is retried from its checkpoint.  A user must not be able to tell its records from an unpacked study's, except for the
 ``pack`` tag: one MLflow run per member with its own metric history (no step twice), its best
 checkpoint and log; one summary row per member; one Optuna trial per member in the right state;
 ``python -m analysis export`` reads it."""
@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_packed_study_records_each_member_as_a_trial(tmp_path, capsys, local_ray_env, monkeypatch):  # noqa: F811
+def test_packed_study_records_each_member_as_a_trial(tmp_path, capsys, local_ray_env):  # noqa: F811
     import optuna
     from mlflow import MlflowClient
     from optuna.trial import TrialState
@@ -28,22 +29,30 @@ def test_packed_study_records_each_member_as_a_trial(tmp_path, capsys, local_ray
 
     from studies.record import Outcome, Tag
     from studies.runner import Options, run_study
-    from studies.trainable import PACK_FAULT_ENV
     from studies.tracking import child_runs
+    from test_studies_cluster import _kill_one_trial_after
 
     spec = tiny_spec(tmp_path / "packed.yaml", [], num_samples=6, steps=40)
     raw = yaml.safe_load(spec.read_text())
     raw["base"]["preset"] = "coupled-vae"  # every lambda proposal packs with every other
     raw["resources"]["pack"] = 3
     spec.write_text(yaml.safe_dump(raw))
-    marker = tmp_path / "fault-injected"
-    monkeypatch.setenv(PACK_FAULT_ENV, str(marker))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    outcome = run_study(Options(profile=str(spec), root=str(tmp_path / "out"), tracking_uri=uri,
-                                study_name="packed"))
+    # the first pack to log two evaluations loses its worker process (SIGKILL): Tune retries it from
+    # its checkpoint of the first
+    killed: dict[str, str] = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_kill_one_trial_after, args=(uri, "packed", 2, killed, stop), daemon=True)
+    watcher.start()
+    try:
+        outcome = run_study(Options(profile=str(spec), root=str(tmp_path / "out"), tracking_uri=uri,
+                                    study_name="packed"))
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
     out = capsys.readouterr().out
     assert outcome.exit_code == 0 and not outcome.interrupted, out
-    assert marker.exists(), "no fault was injected: the retry went unchecked"
+    assert killed, "no pack was killed: the retry went unchecked"
     assert "Packs of up to 3 trials, one Ray trial each: about " in out and " GiB of memory per pack (" in out
 
     # Ray: two pack trials, one of them retried once from its checkpoint
@@ -86,6 +95,7 @@ def test_packed_study_records_each_member_as_a_trial(tmp_path, capsys, local_ray
                                  r"[\d.]+ worse than the rung's cutoff\)", tags[Tag.OUTCOME_REASON])
             assert match and int(match.group(1)) == 10 * row.evaluations == 20, tags[Tag.OUTCOME_REASON]
     retried_members = [m for m, r in runs.items() if r.data.tags[Tag.PACK] == retried[0].trial_id]
+    assert killed["trial"] in retried_members, (killed, retried_members)
     assert len(retried_members) == 3
     resumed = [runs[m] for m in retried_members if runs[m].data.tags[Tag.RESUMED_FROM_STEP] != "none"]
     assert resumed, "no member of the retried pack was resumed from its checkpoint"
