@@ -159,34 +159,43 @@ def test_printed_commands_run_and_optuna_matches_the_record(tmp_path):
             assert float(run.data.params["coupling.lambda_r"]) >= 0
 
 
-def test_killed_driver_and_resume_leave_no_running_or_phantom_optuna_trial(tmp_path):
-    args = ["--num-samples", "3", "--study-name", "killed"]
+def kill_driver_then_resume(tmp_path: Path, args: list[str], study_name: str,
+                            kill_at) -> tuple[list[str], subprocess.CompletedProcess]:
+    """Run the sweep with ``args`` (and TINY_FLAGS), SIGKILL the driver and the local Ray it
+    started at the first output line for which ``kill_at(line, lines so far)`` is true, then
+    ``--resume`` the study.  -> (the lines printed before the kill, the resumed run)."""
     # a Ray temp dir of its own (short: Ray's socket paths must fit 107 bytes), so this study's local
     # Ray is told apart from any other on the machine
     ray_tmp = tempfile.mkdtemp(prefix="cvae-ray-", dir="/tmp")
     proc = subprocess.Popen([sys.executable, str(SWEEP), *args, *TINY_FLAGS], cwd=tmp_path,
                             env={**_env(), "RAY_TMPDIR": ray_tmp}, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    seen, killed_after = [], None
+    seen, killed = [], False
     deadline = time.monotonic() + 1200
     for line in proc.stdout:
         seen.append(line)
-        match = START.match(line)
-        # the third trial is the second Optuna proposal, asked right before its start line
-        if match and sum(1 for s in seen if START.match(s)) == 3:
-            killed_after = match.group(1)
+        if kill_at(line, seen):
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+            killed = True
             break
         assert time.monotonic() < deadline, "".join(seen[-40:])
-    assert killed_after, "".join(seen[-40:])
+    assert killed, "".join(seen[-40:])
     kill_group(proc)
     _wait_gone(ray_tmp)
-
     try:
-        result = _run_sweep(tmp_path, "--resume", "killed", RAY_TMPDIR=ray_tmp)
+        return seen, _run_sweep(tmp_path, "--resume", study_name, RAY_TMPDIR=ray_tmp)
     finally:
         _wait_gone(ray_tmp, timeout_s=30)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_killed_driver_and_resume_leave_no_running_or_phantom_optuna_trial(tmp_path):
+    def at_third_start(line: str, seen: list[str]) -> bool:
+        # the third trial is the second Optuna proposal, asked right before its start line
+        return bool(START.match(line)) and sum(1 for s in seen if START.match(s)) == 3
+
+    _, result = kill_driver_then_resume(tmp_path, ["--num-samples", "3", "--study-name", "killed"], "killed",
+                                        at_third_start)
     assert result.returncode == 0, result.stdout[-4000:]
     summary = json.loads((tmp_path / "studies_out" / "killed" / "summary.json").read_text())
     assert summary["status"] == "completed"

@@ -130,45 +130,18 @@ def test_killed_packed_study_resumes_whole_packs_without_duplicate_metrics(tmp_p
     --resume: Tune restores the packs from their checkpoints and the PackSearcher its grouping;
     every member ends with one run, each step logged once, and Optuna holds one finished trial per
     searched member."""
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import tempfile
-    import time
-
     import optuna
     from mlflow import MlflowClient
     from optuna.trial import TrialState
-    from processes import kill_group
-    from test_study_commands import SWEEP, TINY_FLAGS, _env, _run_sweep, _wait_gone
+    from test_study_commands import kill_driver_then_resume
 
-    args = ["--num-samples", "5", "--pack", "3", "--set", "train.dynamics_every=0", "--study-name", "killed"]
-    ray_tmp = tempfile.mkdtemp(prefix="cvae-ray-", dir="/tmp")
-    proc = subprocess.Popen([sys.executable, str(SWEEP), *args, *TINY_FLAGS], cwd=tmp_path,
-                            env={**_env(), "RAY_TMPDIR": ray_tmp}, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    # the kill-and-resume steps of test_study_commands' killed-driver test (a shared helper there
-    # would serve both; that file is not this change's)
-    seen, killed = [], False
-    deadline = time.monotonic() + 1200
-    for line in proc.stdout:
-        seen.append(line)
+    def at_a_second_pack_evaluation(line: str, seen: list[str]) -> bool:
         if "Packs of up to 3 trials" in line:
             assert "GiB of memory per pack" in line
-        if re.search(r"\] eval   \w+-[12]  2/4 ", line):  # a member of a coupled pack, at its second evaluation
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        assert time.monotonic() < deadline, "".join(seen[-40:])
-    assert killed, "".join(seen[-40:])
-    kill_group(proc)
-    _wait_gone(ray_tmp)
-    try:
-        result = _run_sweep(tmp_path, "--resume", "killed", RAY_TMPDIR=ray_tmp)
-    finally:
-        _wait_gone(ray_tmp, timeout_s=30)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        return bool(re.search(r"\] eval   \w+-[12]  2/4 ", line))  # a member of a coupled pack, at its second evaluation
+
+    args = ["--num-samples", "5", "--pack", "3", "--set", "train.dynamics_every=0", "--study-name", "killed"]
+    _, result = kill_driver_then_resume(tmp_path, args, "killed", at_a_second_pack_evaluation)
     assert result.returncode == 0, result.stdout[-4000:]
     summary = json.loads((tmp_path / "studies_out" / "killed" / "summary.json").read_text())
     assert summary["status"] == "completed" and len(summary["trials"]) == 6  # the VAE baseline + 5 proposals
