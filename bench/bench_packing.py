@@ -219,6 +219,10 @@ def main() -> None:
         parser.error(f"--device {args.device}: CUDA is not available here")
     if args.members is not None and min(args.members) < 1:
         parser.error(f"--members: pack sizes must be >= 1, got {args.members}")
+    if args.steps < 1 or args.threads < 1:
+        parser.error(f"--steps and --threads must be >= 1, got {args.steps} and {args.threads}")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json {args.json}: folder {args.json.parent} does not exist")
     torch.set_num_threads(args.threads)
     device_type = torch.device(args.device).type
     if args.child:
