@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cvae_core.checkpoint import load_checkpoint
 from cvae_core.errors import CvaeError
@@ -104,6 +105,11 @@ def test_a_study_on_a_filling_disk_stops_resumably_and_resume_finishes_it(tmp_pa
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as every in-process study of the suite
     spec = tiny_spec(tmp_path / "disk.yaml", [{"preset": "vae"}, {"preset": "vae", "train.seed": 1}], steps=60)
+    # ASHA never stops a trial here (its only rung is the last evaluation): which of two concurrent
+    # trials reaches a rung first is a race, and this test is about both finishing after the resume
+    raw = yaml.safe_load(spec.read_text())
+    raw["scheduler"]["grace_period"] = 6
+    spec.write_text(yaml.safe_dump(raw))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with _tmpfs(tmp_path / "disk", "160m") as disk:
         root = disk / "out"

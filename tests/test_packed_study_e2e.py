@@ -38,6 +38,9 @@ def test_packed_study_records_each_member_as_a_trial(tmp_path, capsys, local_ray
     raw["resources"]["pack"] = 3
     spec.write_text(yaml.safe_dump(raw))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # The store exists before the watcher polls it: otherwise its client and the study would create
+    # it at the same time, and the study's check can see an SQLite file whose tables are not there yet.
+    MlflowClient(uri).search_experiments()
     # the first pack to log two evaluations loses its worker process (SIGKILL): Tune retries it from
     # its checkpoint of the first
     killed: dict[str, str] = {}
