@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny real-text corpus and tiny configs so that tests run in seconds."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -9,6 +10,12 @@ import torch
 
 from cvae_core.config import build_config
 from processes import mlflow_server as running_mlflow_server
+
+# Every Ray session the suite starts in this process has token auth off. The tests share one process
+# and Ray's driver keeps auth state from its first session: a later session started with another
+# RAY_AUTH_MODE (unset, then "disabled") rejects its own GCS's calls ("Missing authorization header")
+# and every actor of that session dies before it runs ("cancelled before it started running").
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -27,12 +27,8 @@ def study_store(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("record_study")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    # Token auth off, as in every in-process study of the suite: the tests share one process, and
-    # a later Ray session started with the other auth mode fails to create any trial actor.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_AUTH_MODE", "disabled")
-        outcome = run_study(Options(profile="lambda_sweep", num_samples=2, seeds=1, root=str(root / "out"),
-                                    tracking_uri=uri, study_name=STUDY, overrides=TINY))
+    outcome = run_study(Options(profile="lambda_sweep", num_samples=2, seeds=1, root=str(root / "out"),
+                                tracking_uri=uri, study_name=STUDY, overrides=TINY))
     assert outcome.exit_code == 0
     return uri
 

@@ -95,7 +95,7 @@ def _leave_free_once_a_checkpoint_exists(disk: Path, free_mb: int, filled: list[
 
 
 @pytest.mark.slow
-def test_a_study_on_a_filling_disk_stops_resumably_and_resume_finishes_it(tmp_path, capsys, monkeypatch):
+def test_a_study_on_a_filling_disk_stops_resumably_and_resume_finishes_it(tmp_path, capsys):
     from mlflow import MlflowClient
     from test_fault_divergence import tiny_spec
 
@@ -103,7 +103,6 @@ def test_a_study_on_a_filling_disk_stops_resumably_and_resume_finishes_it(tmp_pa
     from studies.runner import EXIT_DISK_FULL, Options, run_study
     from studies.tracking import child_runs
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as every in-process study of the suite
     spec = tiny_spec(tmp_path / "disk.yaml", [{"preset": "vae"}, {"preset": "vae", "train.seed": 1}], steps=60)
     # ASHA never stops a trial here (its only rung is the last evaluation): which of two concurrent
     # trials reaches a rung first is a race, and this test is about both finishing after the resume

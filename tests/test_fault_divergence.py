@@ -39,7 +39,6 @@ def tiny_spec(path, baselines, num_samples=0, steps=20, max_concurrent=2):
 
 @pytest.fixture
 def local_ray_env(monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 

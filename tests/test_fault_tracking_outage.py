@@ -60,7 +60,6 @@ def test_a_study_survives_a_tracking_server_outage_with_complete_histories(tmp_p
     from studies.record import Role, Tag
     from studies.runner import Options, run_study
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     port, store = free_port(), tmp_path / "server"
     url = f"http://127.0.0.1:{port}"

@@ -86,7 +86,6 @@ def test_credentials_in_the_tracking_uri_leak_nowhere(tmp_path, capsys, monkeypa
     # restored afterwards: the study moves the URI's credentials into these variables
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "placeholder")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "placeholder")
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with mlflow_server(tmp_path / "server", ("--auth-file", str(_auth_file(tmp_path)))) as server:
         url, port = server["url"], server["port"]
