@@ -1,9 +1,10 @@
 """Bucketed vs random training batches: VAE and Coupled-VAE, several seeds, mean ± sd.
 
-    python bench/bench_batching.py                       # quick scale, 3 seeds: 12 runs of ~10 min
+    python bench/bench_batching.py                       # quick scale, 3 seeds: 12 runs of ~30 min at 1 thread
     python bench/bench_batching.py --steps 300 --seeds 2 --valid-limit 500    # a reduced budget
     python bench/bench_batching.py --default-study       # the default study's model and budget (minutes)
     python bench/bench_batching.py --results runs/batching   # keep each run's figures; a rerun continues
+    python bench/bench_batching.py --results runs/batching --first-seed 2   # a second process, on another core
 
 For each preset and data.batching (bucket | random) and seed: train on PTB, then report the best
 checkpoint's validation NLL, KL and MI (mi_loo) and the run's wall time.  Bucketing changes
@@ -58,16 +59,21 @@ def main() -> None:
     parser.add_argument("--default-study", action="store_true",
                         help="the default study's small model and budget (studies/specs/lambda_sweep.yaml)")
     parser.add_argument("--results", help="folder keeping each run's figures; runs found there are not trained again")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="start at this seed: a second invocation sharing --results takes the later seeds while "
+                             "the first works through the earlier ones (it skips what the other saved)")
     args = parser.parse_args()
+    if not 0 <= args.first_seed < args.seeds:
+        parser.error(f"--first-seed must be in [0, --seeds {args.seeds}), got {args.first_seed}")
     budget = "the default study's model and budget" if args.default_study else f"scale {args.scale}"
     config = build_config(args.presets[0], "ptb", args.scale, bench_families.budget(args.presets[0])
                           if args.default_study else {})
-    print(f"PTB, {budget}, steps {args.steps or config.train.steps}, {args.seeds} seeds, "
+    print(f"PTB, {budget}, steps {args.steps or config.train.steps}, seeds {args.first_seed}..{args.seeds - 1}, "
           f"validation {args.valid_limit or config.data.valid_limit or 'all'} sentences, "
           f"{torch.get_num_threads()} torch threads")
     # seed by seed, so that an interrupted benchmark has every preset and batching at the same seeds
     runs: dict[tuple[str, str], list[dict[str, float]]] = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         for preset in args.presets:
             for batching in ("bucket", "random"):
                 figures = saved_or_run(preset, batching, seed, args)
