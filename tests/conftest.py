@@ -51,6 +51,12 @@ def tiny_config(tiny_data_dir):
     return make
 
 
+@pytest.fixture
+def no_tracking_uri_env(monkeypatch):
+    """A study under test picks its MLflow store from its flags, not from the caller's environment."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -37,12 +37,7 @@ def tiny_spec(path, baselines, num_samples=0, steps=20, max_concurrent=2):
     return path
 
 
-@pytest.fixture
-def local_ray_env(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
-def test_diverging_trial_is_an_outcome_and_the_study_goes_on(tmp_path, capsys, local_ray_env):
+def test_diverging_trial_is_an_outcome_and_the_study_goes_on(tmp_path, capsys, no_tracking_uri_env):
     import optuna
     from mlflow import MlflowClient
     from ray import tune

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_fault_divergence import local_ray_env, tiny_spec  # noqa: F401 - the fixture is used by name
+from test_fault_divergence import tiny_spec
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_packed_study_records_each_member_as_a_trial(tmp_path, capsys, local_ray_env):  # noqa: F811
+def test_packed_study_records_each_member_as_a_trial(tmp_path, capsys, no_tracking_uri_env):
     import optuna
     from mlflow import MlflowClient
     from optuna.trial import TrialState
@@ -165,7 +165,7 @@ def test_killed_packed_study_resumes_whole_packs_without_duplicate_metrics(tmp_p
     assert len(study.trials) == 5, [t.params for t in study.trials]
 
 
-def test_a_diverging_member_is_its_own_outcome_and_its_pack_goes_on(tmp_path, local_ray_env):  # noqa: F811
+def test_a_diverging_member_is_its_own_outcome_and_its_pack_goes_on(tmp_path, no_tracking_uri_env):
     from mlflow import MlflowClient
 
     from studies.record import Outcome, Tag

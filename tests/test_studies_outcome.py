@@ -11,12 +11,12 @@ import re
 
 import pytest
 import yaml
-from test_fault_divergence import local_ray_env, tiny_spec  # noqa: F401 - the fixture is used by name
+from test_fault_divergence import tiny_spec
 
 pytestmark = pytest.mark.slow
 
 
-def test_done_and_stopped_trials_carry_their_outcome(tmp_path, local_ray_env):  # noqa: F811
+def test_done_and_stopped_trials_carry_their_outcome(tmp_path, no_tracking_uri_env):
     from mlflow import MlflowClient
 
     from studies.record import Outcome, Tag
