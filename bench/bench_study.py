@@ -14,6 +14,8 @@ identical trials (seeds 0..N-1).
   trial process started -> training with MLflow logging and checkpoint upload -> results collected
   -> summary written); study set-up = the rest (data, MLflow store, experiment and parent run).
   Tokens/s are the trials' own ``tokens_per_s`` (training only) read back from MLflow.
+  The per-trial time is split (``trial_phases``) into start-up, training and end at the trial's
+  MLflow run creation and its last evaluation's metrics.
 """
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ def run_study_timed(steps: int, trials: int, cpus: int) -> dict:
             start = time.perf_counter()
             outcome = run_study(study_options(Path(tmp), steps, trials, cpus))
             study_s = time.perf_counter() - start
+            study_end = time.time()
         finally:
             ray.shutdown()
         statuses = [row.status for row in outcome.rows]
@@ -86,9 +89,30 @@ def run_study_timed(steps: int, trials: int, cpus: int) -> dict:
         client = MlflowClient(tracking_uri=outcome.state.tracking_uri)
         tokens = [max(client.get_metric_history(row.run_id, "tokens_per_s"), key=lambda m: m.step).value
                   for row in outcome.rows]
-    trials_s = outcome.summary["elapsed_s"]
+        # Where the per-trial time goes, from MLflow's own clocks: the trial run's creation and its
+        # last evaluation's metrics.  The trials started elapsed_s before the study ended (only the
+        # summary's printing, milliseconds, comes after elapsed_s).
+        trials_s = outcome.summary["elapsed_s"]
+        first = min(outcome.rows, key=lambda row: client.get_run(row.run_id).info.start_time)
+        phases = trial_phases(trials_start=study_end - trials_s, study_end=study_end,
+                              run_created=client.get_run(first.run_id).info.start_time / 1000,
+                              last_metrics=max(m.timestamp for m in client.get_metric_history(first.run_id, "val_nll"))
+                              / 1000)
     return {"ray_start_s": ray_start_s, "setup_s": study_s - trials_s, "trials_s": trials_s,
-            "tokens_per_s": tokens}
+            "tokens_per_s": tokens, **phases}
+
+
+def trial_phases(trials_start: float, run_created: float, last_metrics: float, study_end: float) -> dict[str, float]:
+    """Split a study's trial time (wall-clock seconds since the epoch) into -> {start_s: until the
+    trial's MLflow run exists (Ray schedules the trial, starts its process, which imports torch,
+    Ray Tune, MLflow and cvae_core), run_s: from then to its last evaluation logged (training,
+    evaluations, logging), end_s: the rest (last upload, Tune's result handling, runs ended,
+    summary written)}."""
+    if not trials_start <= run_created <= last_metrics <= study_end:
+        raise ValueError(f"trial times out of order: start {trials_start}, run created {run_created}, "
+                         f"last metrics {last_metrics}, end {study_end}")
+    return {"start_s": run_created - trials_start, "run_s": last_metrics - run_created,
+            "end_s": study_end - last_metrics}
 
 
 def overhead(direct_s: float, trial_s: float, limit: float = OVERHEAD_LIMIT) -> dict[str, float]:

@@ -41,3 +41,11 @@ def test_study_options_make_identical_short_trials(bench_study, tmp_path):
     assert spec.resources.cpus_per_trial == 1 and spec.resources.max_concurrent_trials == 2
     assert spec.evaluations == 2
     assert options.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and options.root == str(tmp_path)
+
+
+def test_trial_phases_split_the_trial_time_at_the_run_creation_and_the_last_metrics(bench_study):
+    phases = bench_study.trial_phases(trials_start=1000.0, run_created=1009.5, last_metrics=1030.0, study_end=1031.2)
+    assert phases == pytest.approx({"start_s": 9.5, "run_s": 20.5, "end_s": 1.2})
+    assert sum(phases.values()) == pytest.approx(31.2)
+    with pytest.raises(ValueError, match="trial times out of order"):
+        bench_study.trial_phases(trials_start=1000.0, run_created=999.0, last_metrics=1030.0, study_end=1031.0)
