@@ -90,7 +90,10 @@ def _setting(cli_value, flag: str, env_name: str, default=None):
 
 
 def mask_password(uri: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (for logs only)."""
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (for logs only).
+
+    cvae_core.guards.redact does the same for free text; importing it would load the cvae_core
+    package, and with it torch, into this launcher, which needs only the standard library."""
     return re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", uri)
 
 
