@@ -28,6 +28,8 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*experimental.*")
+    # The champion's pyfunc has an explicit signature; MLflow still asks for an input example.
+    warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
 
 
 def _progress(text: str) -> None:
