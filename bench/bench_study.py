@@ -93,9 +93,9 @@ def run_study_timed(steps: int, trials: int, cpus: int) -> dict:
         # last evaluation's metrics.  The trials started elapsed_s before the study ended (only the
         # summary's printing, milliseconds, comes after elapsed_s).
         trials_s = outcome.summary["elapsed_s"]
-        first = min(outcome.rows, key=lambda row: client.get_run(row.run_id).info.start_time)
+        first = min((client.get_run(row.run_id).info for row in outcome.rows), key=lambda info: info.start_time)
         phases = trial_phases(trials_start=study_end - trials_s, study_end=study_end,
-                              run_created=client.get_run(first.run_id).info.start_time / 1000,
+                              run_created=first.start_time / 1000,
                               last_metrics=max(m.timestamp for m in client.get_metric_history(first.run_id, "val_nll"))
                               / 1000)
     return {"ray_start_s": ray_start_s, "setup_s": study_s - trials_s, "trials_s": trials_s,

@@ -199,12 +199,12 @@ def study_figures(args, child_argv: list[str]) -> dict:
     one = run_part("study-one", child_argv)
     two = run_part("study-two", child_argv)
     cost = bench_study.overhead(direct["seconds"], one["trials_s"])
+    fixed_s = one["start_s"] + one["end_s"]
     figures = {
         "study_steps": args.study_steps,
         "study_direct_run_s": direct["seconds"], "study_trial_s": one["trials_s"],
         "study_trial_start_s": one["start_s"], "study_trial_run_s": one["run_s"], "study_trial_end_s": one["end_s"],
-        "study_trial_fixed_s": one["start_s"] + one["end_s"],
-        "study_trial_s_for_limit": (one["start_s"] + one["end_s"]) / bench_study.OVERHEAD_LIMIT,
+        "study_trial_fixed_s": fixed_s, "study_trial_s_for_limit": fixed_s / bench_study.OVERHEAD_LIMIT,
         "study_ray_start_s": one["ray_start_s"], "study_setup_s": one["setup_s"],
         "study_overhead_fraction": cost["fraction"], "study_overhead_limit": bench_study.OVERHEAD_LIMIT,
         "study_overhead_ratio": cost["ratio"],
