@@ -7,7 +7,9 @@ studies) and adds what a paper-style study needs:
   of, the Optuna space, so Optuna only ever sees points of its own space;
 * repeated seeds: each configuration becomes ``len(seeds)`` trials that differ only in
   ``train.seed``.  Optuna sees one trial per configuration (the first seed's trial id) and is
-  told the mean over the seeds of each objective once all seeds have finished;
+  told the mean over the seeds of each objective once all seeds have finished.  A fixed
+  configuration that sets its own ``train.seed`` runs once, with that seed (the spec refuses
+  one that also asks for repeated seeds);
 * multi-objective results (a list of metrics), which Tune's ``Repeater`` does not handle, and
   its own state in Tune's experiment checkpoint, so ``Tuner.restore`` keeps the grouping;
 * no configuration trains twice: when the inner searcher proposes one that already finished
@@ -36,6 +38,8 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from cvae_core.metrics.names import IS_BEST
+
+from .spec import own_seed
 
 MAX_REPEATS = 50  # re-asks when the inner searcher proposes configurations that already ran
 RANK_METRIC = "val_nll"  # the core's selection metric, for results that do not carry its is_best flag
@@ -178,8 +182,12 @@ class StudySearcher(SearcherWrapper):
         # The objective(s) come from the spec; TuneConfig's single metric is the scheduler's.
         return True
 
+    def _seeds(self, group: dict[str, Any]) -> list[int]:
+        own = own_seed(group["config"])
+        return self.seeds if own is None else [own]
+
     def suggest(self, trial_id: str) -> dict | str | None:
-        if self.groups and len(self.groups[-1]["trials"]) < len(self.seeds):
+        if self.groups and len(self.groups[-1]["trials"]) < len(self._seeds(self.groups[-1])):
             group_index = len(self.groups) - 1
         else:
             group_index = self._new_group(trial_id)
@@ -188,7 +196,7 @@ class StudySearcher(SearcherWrapper):
             if group_index == -1:
                 return Searcher.FINISHED
         group = self.groups[group_index]
-        seed = self.seeds[len(group["trials"])]
+        seed = self._seeds(group)[len(group["trials"])]
         group["trials"][trial_id] = None
         self.trial_group[trial_id] = group_index
         return {**copy.deepcopy(group["config"]), "train.seed": seed}
@@ -230,7 +238,7 @@ class StudySearcher(SearcherWrapper):
             self.best_results[trial_id] = dict(result)
         group = self._group(trial_id)
         iteration = result.get("training_iteration")
-        if (group and group["source"] == "search" and len(self.seeds) == 1
+        if (group and group["source"] == "search" and len(self._seeds(group)) == 1
                 and self.reported.get(trial_id) != iteration):
             self.reported[trial_id] = iteration
             self.searcher.on_trial_result(group["primary"], result)
@@ -250,7 +258,7 @@ class StudySearcher(SearcherWrapper):
         group["trials"][trial_id] = {"result": _objective_values(at_best, self.metric), "error": error,
                                      "stopped": stopped}
         done = [v for v in group["trials"].values() if v is not None]
-        if group["source"] != "search" or index in self.told or len(done) < len(self.seeds):
+        if group["source"] != "search" or index in self.told or len(done) < len(self._seeds(group)):
             return
         self.told.add(index)
         all_failed = all(v["error"] for v in done)

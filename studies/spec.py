@@ -229,6 +229,17 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> StudySpec:
     return spec
 
 
+def own_seed(config: dict[str, Any]) -> int | None:
+    """The training seed a configuration sets itself (``train.seed``, or the bare ``seed``), else None."""
+    for key, value in config.items():
+        try:
+            if key != "preset" and resolve_key(key) == "train.seed":
+                return int(value)
+        except (CvaeError, TypeError, ValueError):
+            continue  # an unknown key or a bad value: the configuration's own validation names it
+    return None
+
+
 def validate_spec(spec: StudySpec) -> None:
     """Check a spec (also after flags changed it); raise SpecError naming the value."""
     where = spec.source or spec.name
@@ -281,6 +292,11 @@ def validate_spec(spec: StudySpec) -> None:
                         f"got {r.max_failures}")
     if spec.num_samples < 0 or spec.seeds < 1:
         raise SpecError(f"{where}: budget needs num_samples >= 0 and seeds >= 1, got {spec.num_samples}, {spec.seeds}")
+    seeded = [b for b in spec.baselines if own_seed(b) is not None]
+    if spec.seeds > 1 and seeded:
+        raise SpecError(f"{where}: baseline {seeded[0]} sets its own train.seed and the budget repeats every "
+                        f"configuration over {spec.seeds} seeds; use one or the other (list each seed as a "
+                        "baseline with seeds: 1, or drop the baseline's train.seed)")
     if r.pack < 1:
         raise SpecError(f"{where}: pack must be >= 1 (1 = one model per trial), got {r.pack}")
     if r.pack > 1:

@@ -67,6 +67,15 @@ def test_grid_mode_yields_exactly_the_table3_configurations_for_every_seed():
     assert all(sorted(seeds) == [0, 1, 2] for seeds in by_cell.values())
 
 
+def test_a_baseline_keeps_its_own_seed_and_runs_once():
+    fixed = [{"preset": "vae"}, {"preset": "vae", "train.seed": 1}, {"preset": "vae", "seed": 7}]
+    searcher = StudySearcher(NoSearch("val_nll", "min"), fixed=fixed, n_search=0, seeds=[0],
+                             metric="val_nll", mode="min")
+    configs = _drain(searcher)
+    assert [c["train.seed"] for c in configs] == [0, 1, 7]
+    assert len(configs) == searcher.total_trials
+
+
 def test_table3_cells_resolve_to_the_intended_core_configs():
     context = _context()
     for cell in table3_grid():
@@ -202,6 +211,8 @@ def test_default_study_budget_is_the_documented_one():
     ({"space": "nope"}, "space 'nope' is not one of"),
     ({"base": {"preset": "coupled-vae", "overrides": {"coupling.lambda_q": 1}}}, "coupling.lambda_q"),
     ({"objectives": ["val_kl"]}, "needs a direction"),
+    ({"baselines": [{"preset": "vae", "train.seed": 1}], "budget": {"seeds": 2}},
+     r"baseline .* sets its own train.seed and the budget repeats every configuration over 2 seeds"),
 ])
 def test_bad_specs_raise_a_message_naming_the_problem(change, message):
     raw = {"name": "t", "base": {"preset": "coupled-vae", "overrides": {"train.steps": 100, "train.eval_every": 20}},
