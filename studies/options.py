@@ -94,6 +94,9 @@ class Options:
     resume: str | None = None
     min_free_mb: float = DEFAULT_MIN_FREE_MB
     verbose: bool = False
+    # Python API only: extra ray.tune.Callback objects for a new study, called before the disk
+    # guard (a test fills the disk at a checkpoint event with one)
+    callbacks: tuple = ()
 
 
 def _absolute_sqlite(uri: str, cwd: Path) -> str:

@@ -21,6 +21,7 @@ ranking, Pareto front), ``render`` (tables and final lines), ``progress`` (live 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -93,7 +94,7 @@ def _run_study(options: Options) -> StudyOutcome:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     cwd = Path.cwd().resolve()
     root = Path(options.root).expanduser().resolve() if options.root else cwd / "studies_out"
-    from .diskspace import check_free_space, local_folders
+    from .diskspace import check_free_space, local_folders, release_space
 
     # before anything is written (a study folder, a lock, an MLflow store)
     check_free_space(local_folders(root, resolve_storage_path(options.storage_path, root)), options.min_free_mb)
@@ -140,13 +141,14 @@ def _run_study(options: Options) -> StudyOutcome:
             _end_after_error(state, study_run)
             raise
     finally:
+        release_space(folders)
         if owns_ray:
             import ray
 
             ray.shutdown()
-    from .diskspace import low_space
+    from .diskspace import low_space, stopped_for_space
 
-    disk_problem = low_space(folders, options.min_free_mb) if interrupted else None
+    disk_problem = (stopped_for_space() or low_space(folders, options.min_free_mb)) if interrupted else None
     print_summary(spec, state, rows, summary, interrupted, stopped_because=disk_problem)
     if disk_problem:
         code = EXIT_DISK_FULL
@@ -265,7 +267,7 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
     the study's local folders, whose free space the DiskGuard watches."""
     from ray import tune
 
-    from .diskspace import DiskGuard, low_space
+    from .diskspace import DiskGuard, low_space, release_space, reserve_space
     from .outcomes import RecordingASHA, TrialOutcomes
     from .progress import StudyProgress
 
@@ -302,20 +304,25 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
                 name=state.study_name, storage_path=state.storage_path,
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
                 checkpoint_config=checkpoint_config,
-                callbacks=[progress, TrialOutcomes(study_run), DiskGuard(folders, options.min_free_mb)],
+                callbacks=[progress, TrialOutcomes(study_run), *options.callbacks,
+                           DiskGuard(folders, options.min_free_mb)],
                 verbose=2 if options.verbose else 0,
                 log_to_file=True),
         )
+    reserve_space(folders)
+    _hide_tune_restore_hint()
     try:
         results = tuner.fit()
     except Exception:
         problem = low_space(folders, options.min_free_mb)
         if problem is None:
             raise
+        release_space(folders)
         # e.g. Ray's own result files cut short by the full disk; its experiment state on disk
         # is the last complete one, which --resume continues from
         raise StudyError(f"the study stopped: {problem}; free space, then continue with: "
                          f"{resume_command(spec, state)}") from None
+    release_space(folders, "driver")  # the trials have stopped: room for the study's own last writes
     # On Ctrl-C Tune saves the experiment state, *then* stops the running trials, which marks
     # them TERMINATED in memory. The saved state keeps what matters (RUNNING/PENDING =
     # unfinished), and it is what Tuner.restore will continue from.
@@ -324,6 +331,21 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
     interrupted = (any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
                    or count_trials(trials) < total_trials(spec))
     return results, trials, statuses, interrupted
+
+
+class _TuneRestoreHint(logging.Filter):
+    """Drops Tune's "Resume experiment with: Tuner.restore(...)" warning after an interruption:
+    a study continues with the resume line the summary prints (``--resume NAME``), which also
+    reopens its MLflow runs and Optuna study; Tuner.restore alone would not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Resume experiment with: Tuner.restore(" not in record.getMessage()
+
+
+def _hide_tune_restore_hint() -> None:
+    tune_logger = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _TuneRestoreHint) for f in tune_logger.filters):
+        tune_logger.addFilter(_TuneRestoreHint())
 
 
 def finalize(spec: StudySpec, state: StudyState, study_run, rows: list[TrialRow], interrupted: bool,

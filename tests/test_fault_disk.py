@@ -13,12 +13,11 @@ import json
 import os
 import shutil
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from ray import tune
 
 from cvae_core.checkpoint import load_checkpoint
 from cvae_core.errors import CvaeError
@@ -46,8 +45,8 @@ def small_disk(tmp_path):
         yield mount_point
 
 
-def _fill(folder: Path) -> Path:
-    filler = folder / "filler"
+def _fill(folder: Path, name: str = "filler") -> Path:
+    filler = folder / name
     with open(filler, "wb") as handle:
         try:
             while True:
@@ -82,26 +81,29 @@ def test_full_disk_keeps_the_previous_checkpoint_and_the_run_resumes(small_disk,
     assert result.steps == 20 and [int(m["step"]) for m in result.history] == [10, 20]
 
 
-def _leave_free_once_a_checkpoint_exists(disk: Path, free_mb: int, filled: list[Path], stop: threading.Event):
-    """Once Tune has stored a trial checkpoint, take all but ``free_mb`` of the disk."""
-    while not stop.is_set():
-        if any(disk.rglob("checkpoint_0*")):
-            filler = disk / "filler"
-            with open(filler, "wb") as handle:
-                os.posix_fallocate(handle.fileno(), 0, shutil.disk_usage(disk).free - free_mb * 1024**2)
-            filled.append(filler)
+class FillAtFirstCheckpoint(tune.Callback):
+    """A Tune callback (the study runs it before its disk guard) that, when Tune reports the study's
+    first trial checkpoint, takes all but ``free_mb`` of the disk: the fault comes at an event the
+    study exposes, not after a wait. ``done`` (a file outside the disk) makes it fill once only,
+    also when ``--resume`` restores the callback with the rest of Tune's run config."""
+
+    def __init__(self, disk: Path, free_mb: int, done: Path):
+        self.disk, self.free_mb, self.done = disk, free_mb, done
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if self.done.exists():
             return
-        time.sleep(0.2)
+        with open(self.disk / "filler", "wb") as handle:
+            free = shutil.disk_usage(self.disk).free - self.free_mb * 1024**2
+            if free > 0:
+                os.posix_fallocate(handle.fileno(), 0, free)
+        if self.free_mb == 0:
+            _fill(self.disk, "filler-rest")  # what fallocate's rounding left
+        self.done.touch()
 
 
-@pytest.mark.slow
-def test_a_study_on_a_filling_disk_stops_resumably_and_resume_finishes_it(tmp_path, capsys):
-    from mlflow import MlflowClient
+def _study_spec(tmp_path: Path) -> Path:
     from test_fault_divergence import tiny_spec
-
-    from studies.record import Tag
-    from studies.runner import EXIT_DISK_FULL, Options, run_study
-    from studies.tracking import child_runs
 
     spec = tiny_spec(tmp_path / "disk.yaml", [{"preset": "vae"}, {"preset": "vae", "train.seed": 1}], steps=60)
     # ASHA never stops a trial here (its only rung is the last evaluation): which of two concurrent
@@ -109,42 +111,50 @@ def test_a_study_on_a_filling_disk_stops_resumably_and_resume_finishes_it(tmp_pa
     raw = yaml.safe_load(spec.read_text())
     raw["scheduler"]["grace_period"] = 6
     spec.write_text(yaml.safe_dump(raw))
+    return spec
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("free_mb", [40, 0], ids=["below-the-limit", "filled-at-once"])
+def test_a_study_on_a_filling_disk_stops_resumably_and_resume_finishes_it(tmp_path, capsys, free_mb):
+    from mlflow import MlflowClient
+
+    from studies.options import StudyError
+    from studies.record import Tag
+    from studies.runner import EXIT_DISK_FULL, Options, run_study
+    from studies.tracking import child_runs
+
+    spec = _study_spec(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with _tmpfs(tmp_path / "disk", "160m") as disk:
         root = disk / "out"
-        filled: list[Path] = []
-        stop = threading.Event()
-        filler = threading.Thread(target=_leave_free_once_a_checkpoint_exists, args=(disk, 40, filled, stop),
-                                  daemon=True)
-        filler.start()
-        try:
-            first = run_study(Options(profile=str(spec), root=str(root), tracking_uri=uri, study_name="disk",
-                                      min_free_mb=100))
-        finally:
-            stop.set()
-            filler.join(timeout=10)
-        out = capsys.readouterr().out
-        assert filled, "the disk was never filled: " + out[-2000:]
+        filler = FillAtFirstCheckpoint(disk, free_mb, done=tmp_path / "filled")
+        first = run_study(Options(profile=str(spec), root=str(root), tracking_uri=uri, study_name="disk",
+                                  min_free_mb=100, callbacks=(filler,)))
+        out, err = capsys.readouterr()
+        assert (tmp_path / "filled").exists(), "the disk was never filled: " + out[-2000:]
         assert first.exit_code == EXIT_DISK_FULL and first.interrupted, out[-3000:]
         assert f"Stopped: {root} has " in out and "MB free (a study stops below --min-free-mb 100)" in out, out[-1500:]
         assert "Free space, then continue with: " in out and "--resume disk" in out
+        assert "Traceback" not in out + err and "Tuner.restore" not in out + err, err[-3000:]
         state = json.loads((root / "disk" / "study.json").read_text())
         assert state["status"] == "interrupted" and not list((root / "disk").glob("*.tmp"))
         for path in (root / "ray_results" / "disk").glob("experiment_state-*.json"):
             json.loads(path.read_text())  # complete, so that --resume can read it
 
         # a resume on the still-full disk is refused in one line, before anything starts
-        from studies.options import StudyError
-
         with pytest.raises(StudyError, match=r"^not enough disk space: .* MB free"):
             run_study(Options(profile=str(spec), root=str(root), tracking_uri=uri, resume="disk", min_free_mb=100))
 
-        filled[0].unlink()
+        for path in disk.glob("filler*"):
+            path.unlink()
         second = run_study(Options(profile=str(spec), root=str(root), tracking_uri=uri, resume="disk",
                                    min_free_mb=100))
         out = capsys.readouterr().out
         assert second.exit_code == 0 and not second.interrupted, out[-3000:]
         assert sorted(r.status for r in second.rows) == ["done", "done"], second.rows
+        assert sorted(r.seed for r in second.rows) == [0, 1]  # the baselines' own seeds
+        assert not list(disk.rglob(".disk_reserve*"))  # the space set aside is given back at the end
 
     client = MlflowClient(uri)
     runs = child_runs(client, state["experiment_id"], state["parent_run_id"])
