@@ -17,7 +17,9 @@ studies) and adds what a paper-style study needs:
 * Optuna is told what the record says: a configuration that ran its whole budget reports the
   objective(s) at its best evaluation (the core's ``is_best``: the checkpoint the trial keeps,
   the numbers of the summary and MLflow); one that a scheduler stopped early (ASHA) is PRUNED, with
-  the intermediate values it reported, never COMPLETE with a half-budget number.
+  the intermediate values it reported, never COMPLETE with a half-budget number; one with a
+  diverged trial is FAIL (also ending early, but not stopped: TPE must not read a divergent
+  region as merely slow).
 
 Tune finds the inner searcher through the ``searcher`` attribute: the base searcher is saved
 with its own ``save`` (OptunaSearch pickles its study handle) and this wrapper with
@@ -40,6 +42,7 @@ from ray.tune.search.optuna import OptunaSearch
 from cvae_core.metrics.names import IS_BEST
 
 from .spec import own_seed
+from .trainable import DIVERGED
 
 MAX_REPEATS = 50  # re-asks when the inner searcher proposes configurations that already ran
 RANK_METRIC = "val_nll"  # the core's selection metric, for results that do not carry its is_best flag
@@ -171,6 +174,7 @@ class StudySearcher(SearcherWrapper):
         self.trial_group: dict[str, int] = {}
         self.told: set[int] = set()
         self.known_results: dict[str, dict[str, float] | None] = {}  # config -> means told (None: pruned)
+        self.diverged_configs: set[str] = set()  # configs told FAIL because a trial of theirs diverged
         self.exhausted = False
 
     @property
@@ -216,12 +220,13 @@ class StudySearcher(SearcherWrapper):
                     self.exhausted = True
                     return -1
                 key = _key(config)
-                if key not in self.known_results:
+                if key not in self.known_results and key not in self.diverged_configs:
                     break
                 # A configuration that already ran (likely in mostly categorical spaces): tell
-                # the searcher its result again (or that it was pruned) instead of training it
-                # twice, and ask anew.
-                self.searcher.on_trial_complete(primary, result=self.known_results[key])
+                # the searcher its result again (or that it was pruned, or diverged) instead of
+                # training it twice, and ask anew.
+                self.searcher.on_trial_complete(primary, result=self.known_results.get(key),
+                                                error=key in self.diverged_configs)
                 primary = f"{trial_id}~{attempt}"
             else:  # the searcher keeps proposing what already ran: treat the space as exhausted
                 self.exhausted = True
@@ -234,6 +239,8 @@ class StudySearcher(SearcherWrapper):
         return len(self.groups) - 1
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if result.get(DIVERGED):
+            return  # the divergence report is no evaluation: the trial's end tells Optuna FAIL
         if is_new_best(result, self.best_results.get(trial_id)):
             self.best_results[trial_id] = dict(result)
         group = self._group(trial_id)
@@ -253,14 +260,22 @@ class StudySearcher(SearcherWrapper):
             # searcher only here, not through on_trial_result: count it as an evaluation too.
             self.on_trial_result(trial_id, result)
         reports = int((result or {}).get("training_iteration", 0) or 0)
+        # a diverged trial ends without an error (an outcome, not retried) and before its last
+        # evaluation, but it was not stopped: its configuration FAILs in Optuna
+        diverged = bool((result or {}).get(DIVERGED))
+        error = error or diverged
         stopped = not error and self.evaluations is not None and reports < self.evaluations
-        at_best = self.best_results.get(trial_id, result)
+        at_best = None if diverged else self.best_results.get(trial_id, result)
         group["trials"][trial_id] = {"result": _objective_values(at_best, self.metric), "error": error,
-                                     "stopped": stopped}
+                                     "stopped": stopped, "diverged": diverged}
         done = [v for v in group["trials"].values() if v is not None]
         if group["source"] != "search" or index in self.told or len(done) < len(self._seeds(group)):
             return
         self.told.add(index)
+        if any(v.get("diverged") for v in done):
+            self.diverged_configs.add(_key(group["config"]))
+            self.searcher.on_trial_complete(group["primary"], result=None, error=True)
+            return
         all_failed = all(v["error"] for v in done)
         if any(v.get("stopped") for v in done) and not all_failed:
             # Stopped early: PRUNED in Optuna (result None, no error), keeping the intermediate

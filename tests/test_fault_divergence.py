@@ -1,12 +1,14 @@
 """Fault scenario: a diverging trial is an outcome, not a crash (real local Ray, SQLite MLflow).
 
-One baseline trains normally, one has train.lr=1e6 and diverges within a few steps. The
-diverged trial must stop at once with `diverged at step N`, never be retried, end TERMINATED
-in Ray, FAIL in Optuna (a NaN objective), FINISHED with `cvae.outcome=diverged` in MLflow,
+The base configuration has train.lr=1e6: the Optuna proposal and one baseline diverge within a
+few steps, another baseline (train.lr=1e-3) trains normally. A diverged trial must stop at once
+with `diverged at step N`, never be retried, end TERMINATED in Ray, FAIL in Optuna (with no NaN
+intermediate value), FINISHED with `cvae.outcome=diverged` in MLflow,
 show as diverged in the progress lines and the summary, and the study must exit 0."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -45,17 +47,21 @@ def test_diverging_trial_is_an_outcome_and_the_study_goes_on(tmp_path, capsys, n
     from studies.runner import Options, run_study
     from studies.tracking import child_runs
 
-    spec = tiny_spec(tmp_path / "diverge.yaml", [{"preset": "vae"}, {"preset": "vae", "train.lr": 1e6}])
+    # lr 1e6 in the base: the Optuna proposal and the second baseline diverge, the first trains
+    spec = tiny_spec(tmp_path / "diverge.yaml", [{"preset": "vae", "train.lr": 1e-3}, {"preset": "vae"}])
+    raw = yaml.safe_load(spec.read_text())
+    raw["base"]["overrides"]["train.lr"] = 1e6
+    spec.write_text(yaml.safe_dump(raw))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     outcome = run_study(Options(profile=str(spec), root=str(tmp_path / "out"), tracking_uri=uri,
                                 study_name="diverge", num_samples=1))
     out = capsys.readouterr().out
     assert outcome.exit_code == 0 and not outcome.interrupted, out
     statuses = sorted(r.status for r in outcome.rows)
-    assert len(outcome.rows) == 3 and statuses.count("diverged") == 1, statuses
+    assert len(outcome.rows) == 3 and statuses.count("diverged") == 2, statuses
     diverged = next(r for r in outcome.rows if r.status == "diverged")
     assert diverged.error.startswith("diverged at step ") and not diverged.best
-    assert f"DIVERGED {diverged.trial_id}  at step" in out and "1 diverged" in out
+    assert f"DIVERGED {diverged.trial_id}  at step" in out and "2 diverged" in out
     assert "Traceback" not in out
 
     # Ray: TERMINATED, not ERROR, and no retry (one attempt only: no resumed log)
@@ -68,19 +74,26 @@ def test_diverging_trial_is_an_outcome_and_the_study_goes_on(tmp_path, capsys, n
     client = MlflowClient(uri)
     runs = child_runs(client, state["experiment_id"], state["parent_run_id"])
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
-    run = next(r for r in runs if r.data.tags["ray_trial_id"] == diverged.trial_id)
-    assert run.data.tags["cvae.outcome"] == "diverged"
-    assert int(run.data.tags["cvae.diverged_at_step"]) == int(diverged.error.split()[3].rstrip(":"))
-    assert "val_nll" not in run.data.metrics  # no number invented for it
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"train.log"}
+    diverged_ids = {r.trial_id for r in outcome.rows if r.status == "diverged"}
+    for row in outcome.rows:
+        if row.status != "diverged":
+            continue
+        run = next(r for r in runs if r.data.tags["ray_trial_id"] == row.trial_id)
+        assert run.data.tags["cvae.outcome"] == "diverged"
+        assert int(run.data.tags["cvae.diverged_at_step"]) == int(row.error.split()[3].rstrip(":"))
+        assert "val_nll" not in run.data.metrics  # no number invented for it
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"train.log"}
     # every other trial carries its own outcome (the study service writes one on every trial run)
-    assert all(r.data.tags["cvae.outcome"] in ("done", "stopped_early") for r in runs if r is not run)
+    assert all(r.data.tags["cvae.outcome"] in ("done", "stopped_early") for r in runs
+               if r.data.tags["ray_trial_id"] not in diverged_ids)
 
     # summary
     summary = json.loads((tmp_path / "out" / "diverge" / "summary.json").read_text())
-    assert summary["counts"]["diverged"] == 1 and summary["status"] == "completed"
+    assert summary["counts"]["diverged"] == 2 and summary["status"] == "completed"
     assert "diverged at step" in (tmp_path / "out" / "diverge" / "summary.md").read_text()
 
-    # Optuna: the search trial is COMPLETE; the baselines are not Optuna proposals
+    # Optuna: the diverged proposal is FAIL, with no NaN intermediate value (the divergence report
+    # is no evaluation); the baselines are not Optuna proposals
     study = optuna.load_study(study_name="diverge", storage=state["optuna_storage"])
-    assert all(t.state.name in ("COMPLETE", "FAIL") for t in study.trials)
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    assert all(math.isfinite(v) for v in study.trials[0].intermediate_values.values())

@@ -2,6 +2,8 @@
 driven through the study's searcher exactly as Tune drives it; no training, seconds):
 
 * a trial stopped early by the scheduler is PRUNED with the intermediate values it reported;
+* a trial that diverged (it also ends early, without an error) is FAIL, its divergence report
+  no intermediate value, and a re-proposal of its configuration is told FAIL, not trained;
 * a trial that ran its budget is COMPLETE with the objective at its best evaluation, the number
   the summary and MLflow show, not its last report;
 * the objectives are named in the Optuna study;
@@ -60,6 +62,31 @@ def test_stopped_trials_are_pruned_and_complete_ones_carry_the_recorded_best(tmp
     assert full.intermediate_values == {1: 130.0, 2: 120.5, 3: 125.0, 4: 128.0}
     assert best_last.value == 119.0
     assert study.metric_names == ["val_nll"]
+
+
+def test_a_diverged_proposal_fails_and_is_not_trained_again(tmp_path):
+    from ray.tune.search import Searcher
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    one_config = lambda trial: {"coupling.lambda_m": trial.suggest_categorical("coupling.lambda_m", [1.0])}  # noqa: E731
+    inner = StudyOptunaSearch(space=one_config, metric="val_nll", mode="min",
+                              sampler=optuna.samplers.TPESampler(seed=0), study_name="truth",
+                              storage=optuna.storages.RDBStorage(url))
+    searcher = StudySearcher(inner, fixed=[], n_search=2, seeds=[0], metric="val_nll", mode="min",
+                             evaluations=EVALUATIONS)
+    searcher.suggest("diverged")
+    searcher.on_trial_result("diverged", {"val_nll": 168.9, "training_iteration": 1, "step": 10})
+    # the trainable's divergence report (studies/trainable.py report_divergence): NaN objectives
+    searcher.on_trial_complete("diverged", {"val_nll": float("nan"), "diverged": 1.0, "training_iteration": 2,
+                                            "step": 13})
+    study = optuna.load_study(study_name="truth", storage=url)
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL and trial.intermediate_values == {1: 168.9}
+
+    # the space's only configuration proposed again is told FAIL at once instead of being trained
+    assert searcher.suggest("again") == Searcher.FINISHED
+    states = [t.state for t in optuna.load_study(study_name="truth", storage=url).trials]
+    assert len(states) > 1 and set(states) == {TrialState.FAIL}
 
 
 def test_a_restored_searcher_adopts_the_trial_its_dead_driver_left_running(tmp_path):
