@@ -204,7 +204,7 @@ def _settings(options: Options, cwd: Path, root: Path) -> tuple[StudySpec, Study
 def build_searcher(spec: StudySpec, state: StudyState):
     import optuna
 
-    from .searcher import NoSearch, StudyOptunaSearch, StudySearcher
+    from .searcher import NoSearch, PerTrialSeedSampler, StudyOptunaSearch, StudySearcher
     from .spaces import GRIDS, SPACES
 
     metrics = [o.metric for o in spec.objectives]
@@ -218,7 +218,7 @@ def build_searcher(spec: StudySpec, state: StudyState):
     else:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         inner = StudyOptunaSearch(space=SPACES[spec.space], metric=metric, mode=mode,
-                                  sampler=optuna.samplers.TPESampler(seed=spec.seed),
+                                  sampler=PerTrialSeedSampler(spec.seed),
                                   study_name=state.study_name,
                                   storage=optuna.storages.RDBStorage(state.optuna_storage))
         searcher = StudySearcher(inner, fixed=spec.baselines, n_search=spec.num_samples, seeds=seeds,

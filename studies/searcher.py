@@ -34,6 +34,7 @@ import statistics
 import warnings
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
@@ -110,6 +111,49 @@ class StudyOptunaSearch(OptunaSearch):
         if orphans and trial_id not in self._ot_trials:
             self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphans.pop(0))
         return super().suggest(trial_id)
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of Optuna trial ``number`` in a study seeded with ``seed``."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class PerTrialSeedSampler(optuna.samplers.BaseSampler):
+    """A TPE sampler whose randomness for trial number n comes from ``(seed, n)`` instead of one
+    stream. After a killed driver, Tune restores the sampler as it was at its last snapshot: with
+    one stream, the proposal lost with the driver (adopted again by StudyOptunaSearch) was drawn
+    a second time for the next trial, which trained the same configuration twice. Seeded per
+    trial number, each trial draws what the uninterrupted study would have drawn from the same
+    history."""
+
+    def __init__(self, seed: int, **tpe_options: Any):
+        self.seed, self.tpe_options = seed, tpe_options
+        self._by_number: dict[int, optuna.samplers.TPESampler] = {}
+
+    def _sampler(self, trial) -> optuna.samplers.TPESampler:
+        if trial.number not in self._by_number:
+            self._by_number[trial.number] = optuna.samplers.TPESampler(seed=trial_seed(self.seed, trial.number),
+                                                                       **self.tpe_options)
+        return self._by_number[trial.number]
+
+    def infer_relative_search_space(self, study, trial):
+        return self._sampler(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._sampler(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._sampler(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self._sampler(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._sampler(trial).after_trial(study, trial, state, values)
+        self._by_number.pop(trial.number, None)
+
+    def reseed_rng(self) -> None:  # seeds are a function of the trial number: nothing to reseed
+        pass
 
 
 class NoSearch(Searcher):

@@ -113,3 +113,36 @@ def test_a_restored_searcher_adopts_the_trial_its_dead_driver_left_running(tmp_p
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
     assert [t.value for t in study.trials] == [127.0, 126.0]
     assert study.trials[0].params == {k: v for k, v in first.items() if k != "train.seed" and k in study.trials[0].params}
+
+
+def test_a_restored_sampler_does_not_draw_a_lost_proposal_again(tmp_path):
+    """Tune restores the sampler from its last snapshot; an ask made after it was lost with the
+    driver (its Optuna trial is adopted as it is). The next trial must draw what the uninterrupted
+    study drew for that trial number, not replay the lost draw (which trained one configuration
+    twice with a single-stream TPESampler)."""
+    import pickle
+
+    from optuna.distributions import FloatDistribution
+
+    from studies.searcher import PerTrialSeedSampler
+
+    url, space = f"sqlite:///{tmp_path / 'optuna.db'}", {"x": FloatDistribution(0.0, 1.0)}
+    straight = optuna.create_study(study_name="straight", storage=url, sampler=PerTrialSeedSampler(0))
+    drawn = [straight.ask(space).params["x"] for _ in range(3)]
+
+    sampler = PerTrialSeedSampler(0)
+    killed = optuna.create_study(study_name="killed", storage=url, sampler=sampler)
+    assert killed.ask(space).params["x"] == drawn[0]
+    snapshot = pickle.dumps(sampler)
+    lost = killed.ask(space).params["x"]  # asked after the snapshot; the driver dies
+    resumed = optuna.load_study(study_name="killed", storage=url, sampler=pickle.loads(snapshot))
+    assert resumed.ask(space).params["x"] == drawn[2] != lost
+
+    # the single-stream sampler it replaces replays the lost draw
+    plain = optuna.samplers.TPESampler(seed=0)
+    replay = optuna.create_study(study_name="replay", storage=url, sampler=plain)
+    replay.ask(space)
+    snapshot = pickle.dumps(plain)
+    lost = replay.ask(space).params["x"]
+    resumed = optuna.load_study(study_name="replay", storage=url, sampler=pickle.loads(snapshot))
+    assert resumed.ask(space).params["x"] == lost
