@@ -82,6 +82,7 @@ def test_cluster_yaml_keeps_secrets_owner_only_and_turns_mlflow_auth_on():
     assert "chmod 600 ~/.ray/auth_token ~/.cvae/mlflow_auth ~/.cvae/cluster.env" in raw["setup_commands"]
     assert raw["file_mounts"]["/home/ray/.cvae/mlflow_auth"].startswith("~/")
     assert "export CVAE_MLFLOW_AUTH_FILE=$HOME/.cvae/mlflow_auth" in raw["setup_commands"][0]
+    assert raw["setup_commands"][0].startswith("mkdir -p ~/.cvae && chmod 700 ~/.cvae &&")  # the users DB's folder
     assert PASSWORD not in (REPO / "ray_cluster.yaml").read_text()
     for command in raw["head_start_ray_commands"]:
         assert "--dashboard-host=0.0.0.0" not in command and "MLFLOW_TRACKING_PASSWORD=" not in command
