@@ -1,7 +1,8 @@
 """``python -m analysis``: export, table, reproduce, plots, best.
 
 Every subcommand reads one study of one MLflow experiment:
-  --tracking-uri  default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+  --tracking-uri  default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; a server's
+                  login from $MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD, checked first
   --experiment    default: coupled-vae-studies
   --study         default: the latest study (parent run tagged cvae.role=study) in the experiment
 Errors a user can cause print one line ``analysis: error: ...`` and exit with status 2.
@@ -129,7 +130,8 @@ def parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
                                               "an evaluated best checkpoint.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default %(default)s)")
-    common.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
+    common.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; a "
+                        "server's login: $MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD (not in the URI)")
     common.add_argument("--study", help="study name (parent run); default: the latest study in the experiment")
     common.add_argument("--all-runs", action="store_true",
                         help="include FAILED/KILLED/RUNNING trials (default: FINISHED only)")

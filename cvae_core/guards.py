@@ -5,7 +5,11 @@
 * :func:`check_name` keeps a user-chosen name (study, experiment, folder) to one harmless path
   component, so that ``root / name`` can never leave ``root``.
 * :func:`check_tracking_server` asks an http(s) MLflow server's ``/health`` with a short
-  timeout, so an unreachable server is reported in seconds, not after minutes of client retries.
+  timeout, so an unreachable server is reported in seconds, not after minutes of client retries,
+  then makes one authenticated call with the credentials MLflow's client will use, so refused or
+  missing credentials are one line before anything starts.
+* :func:`adopt_tracking_credentials` moves a URI's ``user:password@`` into MLflow's own client
+  variables, so only the bare URI travels on.
 * :func:`check_sqlite_uri` refuses a ``sqlite:///`` URI whose folder does not exist, instead of
   letting a typo silently create a new, empty store somewhere else.
 """
@@ -57,29 +61,74 @@ def split_credentials(uri: str) -> tuple[str, str | None]:
             "Basic " + base64.b64encode(token.encode()).decode())
 
 
-def check_tracking_server(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
-    """Raise CvaeError naming the (redacted) URI unless an http(s) server answers ``/health``.
-    Other schemes are not servers and pass."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    bare, authorization = split_credentials(uri)
-    if authorization is None and os.environ.get("MLFLOW_TRACKING_USERNAME"):
-        token = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
-        authorization = "Basic " + base64.b64encode(token.encode()).decode()
-    request = urllib.request.Request(bare.rstrip("/") + "/health")
+def _client_authorization(uri: str) -> tuple[str | None, str]:
+    """The ``Authorization`` header MLflow's client sends to ``uri`` (None: no credentials), and
+    whose it is, for messages.  Credentials in the URI win; else MLflow's own order:
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (each falling back to
+    ``~/.mlflow/credentials``) when both are set, else MLFLOW_TRACKING_TOKEN."""
+    import configparser
+
+    authorization = split_credentials(uri)[1]
+    if authorization is not None:
+        username = urllib.parse.unquote(urllib.parse.urlsplit(uri).username or "")
+        return authorization, f"user {username!r} (from the URI)"
+    saved = configparser.ConfigParser()
+    saved.read(Path("~/.mlflow/credentials").expanduser())
+    username, password = (os.environ.get(name) or saved.get("mlflow", name.lower(), fallback=None)
+                          for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
+    if username and password:
+        token = base64.b64encode(f"{username}:{password}".encode()).decode()
+        source = "MLFLOW_TRACKING_USERNAME/PASSWORD" + (
+            "" if os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD")
+            else " with ~/.mlflow/credentials")
+        return "Basic " + token, f"user {username!r} (from {source})"
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return "Bearer " + os.environ["MLFLOW_TRACKING_TOKEN"], "the token in MLFLOW_TRACKING_TOKEN"
+    return None, ""
+
+
+def _ask(url: str, authorization: str | None, timeout_s: float) -> int | str:
+    """GET ``url`` -> its HTTP status, or why no answer came (a short text)."""
+    request = urllib.request.Request(url)
     if authorization:
         request.add_header("Authorization", authorization)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            if response.status == 200:
-                return
-            reason = f"HTTP {response.status}"
+            return response.status
     except urllib.error.HTTPError as exc:
-        reason = f"HTTP {exc.code} {exc.reason}"
+        return exc.code
     except (OSError, ValueError) as exc:
-        reason = str(getattr(exc, "reason", exc)) or type(exc).__name__
-    raise CvaeError(f"MLflow tracking server {redact(uri)} is not reachable within {timeout_s:g} s ({reason}); "
-                    "start it (python mlflow/server.py) or fix --tracking-uri / MLFLOW_TRACKING_URI")
+        return str(getattr(exc, "reason", exc)) or type(exc).__name__
+
+
+def check_tracking_server(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
+    """Raise CvaeError naming the (redacted) URI unless an http(s) server answers ``/health``
+    and accepts the credentials MLflow's client will send (one cheap experiments search: an
+    auth-enabled server answers 401 to missing or wrong ones).  Other schemes are not servers
+    and pass."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    bare = split_credentials(uri)[0].rstrip("/")
+    health = _ask(bare + "/health", None, timeout_s)  # needs no login: tells "down" from "refused"
+    if health != 200:
+        reason = f"HTTP {health}" if isinstance(health, int) else health
+        raise CvaeError(f"MLflow tracking server {redact(uri)} is not reachable within {timeout_s:g} s ({reason}); "
+                        "start it (python mlflow/server.py) or fix --tracking-uri / MLFLOW_TRACKING_URI")
+    authorization, who = _client_authorization(uri)
+    status = _ask(bare + "/api/2.0/mlflow/experiments/search?max_results=1", authorization, timeout_s)
+    if status == 200:
+        return
+    if status == 401:
+        given = (f"the credentials of {who} (HTTP 401)" if authorization
+                 else "a request without credentials (HTTP 401: it needs a login)")
+        raise CvaeError(f"MLflow tracking server {redact(uri)} refused {given}; set "
+                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of that server")
+    if status == 403:
+        raise CvaeError(f"MLflow tracking server {redact(uri)} denies {who or 'anonymous requests'} access "
+                        "(HTTP 403); ask its admin for permissions or use another account")
+    reason = f"HTTP {status}" if isinstance(status, int) else status
+    raise CvaeError(f"MLflow tracking server {redact(uri)} answers /health but not its REST API ({reason}); "
+                    "check --tracking-uri / MLFLOW_TRACKING_URI")
 
 
 def check_sqlite_uri(uri: str, must_exist: bool = False) -> Path | None:
@@ -125,8 +174,10 @@ def adopt_tracking_credentials(uri: str, environ=None) -> str:
     """Move ``user:password@`` out of an http(s) tracking URI into MLflow's client variables
     (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of this process, inherited by the Ray
     workers it starts) and return the bare URI, which is then the only form ever printed, saved
-    in study.json or summaries, tagged, or pickled by Ray."""
-    import os
+    in study.json or summaries, tagged, or pickled by Ray.  Such a URI still works, with a
+    one-line note on stderr recommending the variables: a password on a command line is in the
+    process list (``ps``, ``/proc/PID/cmdline``) for every local user while the command runs."""
+    import sys
 
     environ = os.environ if environ is None else environ
     if not uri.startswith(("http://", "https://")):
@@ -134,6 +185,10 @@ def adopt_tracking_credentials(uri: str, environ=None) -> str:
     parts = urllib.parse.urlsplit(uri)
     if parts.username is None:
         return uri
+    bare = split_credentials(uri)[0]
+    print(f"note: the tracking URI carries a password, which every local user can read in the process list while "
+          f"it is on a command line; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead and give "
+          f"the URI as {bare}", file=sys.stderr, flush=True)
     environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
     environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
-    return split_credentials(uri)[0]
+    return bare

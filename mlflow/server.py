@@ -31,13 +31,17 @@ Settings (flag > environment variable > default):
                         line ``username:password`` (the admin; password >= 12 characters), is
                         owned by this user and readable by nobody else (mode 0600), and is never
                         echoed: the credentials reach MLflow through an owner-only auth config
-                        written beside it (``<file>.ini``, users in ``<file>.db``), never through
-                        the command line. Clients set MLFLOW_TRACKING_USERNAME/PASSWORD.
+                        written beside it (``<file>.ini``, users and password hashes in
+                        ``<file>.db``; both mode 0600), never through the command line. Clients
+                        set MLFLOW_TRACKING_USERNAME/PASSWORD (never user:password in the URI).
                         Without it, a bind that is not loopback prints a warning.
   --pidfile PATH        write the server pid there; a server still running under the pid in an
                         existing pidfile is stopped first (so re-running `ray up` restarts it).
   --stop                only stop the server recorded in --pidfile (if running) and exit 0.
   --dry-run             print the mlflow command line and exit 0.
+
+A port that is already in use on the bind address (e.g. a server started earlier and not
+recorded in --pidfile) is a one-line error, exit 2, before anything starts.
 
 MLflow's background job runner (GenAI scorer jobs, ~7 extra huey processes) is switched off
 (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false) unless that variable is already set.
@@ -46,12 +50,14 @@ MLflow's background job runner (GenAI scorer jobs, ~7 extra huey processes) is s
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
 import re
 import secrets
 import shlex
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -229,20 +235,36 @@ def read_auth_file(path: Path) -> tuple[str, str]:
     return username, password
 
 
+def open_private(path: Path, truncate: bool) -> int:
+    """-> a write descriptor of ``path``, created or already made owner-only (mode 0600) before
+    a byte is written, whatever the umask or the mode of an older file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0), 0o600)
+        os.fchmod(fd, 0o600)
+    except OSError as error:
+        raise BadInput(f"cannot make {path} private to this user ({error.strerror})") from None
+    return fd
+
+
 def write_auth_config(auth_file: Path) -> Path:
-    """The basic-auth app's config (admin credentials, users DB, no access by default), owner-only."""
+    """The basic-auth app's config (admin credentials, users DB, no access by default), owner-only.
+
+    MLflow opens the users DB through SQLAlchemy/sqlite3, which would create it with the umask's
+    mode (0644 for most users): readable password hashes. It is created here first, empty (SQLite
+    takes an empty file for a new database) and 0600, and an existing one is made 0600; SQLite
+    gives its journal files the database's mode."""
     username, password = read_auth_file(auth_file)
     ini = auth_file.with_name(auth_file.name + ".ini")
+    users_db = auth_file.resolve().with_name(auth_file.name + ".db")
     text = ("[mlflow]\n"
             "default_permission = NO_PERMISSIONS\n"
-            f"database_uri = sqlite:///{auth_file.resolve().with_name(auth_file.name + '.db')}\n"
+            f"database_uri = sqlite:///{users_db}\n"
             f"admin_username = {username}\n"
             f"admin_password = {password}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
+    os.close(open_private(users_db, truncate=False))
+    with os.fdopen(open_private(ini, truncate=True), "w") as handle:
         handle.write(text)
-    os.chmod(ini, 0o600)
     return ini
 
 
@@ -306,6 +328,23 @@ def build_command(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` the way uvicorn will (SO_REUSEADDR, so a closed connection's TIME_WAIT
+    is no conflict, but a listening server is), then let it go.  Without this, a second server
+    on a busy port logs one uvicorn line and exits 0, which looks like success."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise BadInput(f"port {port} on {host} is already in use (another MLflow server? stop it with "
+                               f"{PROG} --pidfile PATH --stop, or choose another --port / CVAE_MLFLOW_PORT)") from None
+            raise BadInput(f"cannot bind {host}:{port} ({error.strerror}); --host must be an address of this "
+                           "machine") from None
+
+
 def _running_mlflow(pid: int) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
@@ -352,10 +391,15 @@ def main(argv: list[str] | None = None) -> None:
         print(printable)
         return
 
-    if args.pidfile:
-        pidfile = Path(args.pidfile).expanduser()
+    pidfile = Path(args.pidfile).expanduser() if args.pidfile else None
+    if pidfile:
         pidfile.parent.mkdir(parents=True, exist_ok=True)
-        replace_previous(pidfile)
+        replace_previous(pidfile)  # first: its port is the one to take over
+    try:
+        check_port_free(command[command.index("--host") + 1], int(command[command.index("--port") + 1]))
+    except BadInput as error:
+        fail(str(error))
+    if pidfile:
         # Lead our own process group so `kill -- -PID` (or os.killpg) stops the uvicorn workers
         # too. setsid fails when we already lead a group (a background job in an interactive
         # shell); then the pgid equals our pid anyway.

@@ -38,7 +38,9 @@ def build_parser(prog: str, default_spec: str, description: str) -> argparse.Arg
     p.add_argument("--seed", type=int, default=None, help="sampler seed and first training seed")
     p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: a local Ray")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
+                   help="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db. A "
+                        "server's login comes from $MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD (a password in "
+                        "the URI works but is visible in the process list)")
     p.add_argument("--storage-path", default=None,
                    help="Tune storage (shared on a cluster, e.g. s3://...); default $CVAE_STORAGE_PATH, "
                         "else <root>/ray_results")

@@ -24,7 +24,12 @@ def init_ray(address: str | None, verbose: bool) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        # Workers must import `studies` even from a checkout that is not pip-installed.
+        # Workers must import `studies` even from a checkout that is not pip-installed. Never put
+        # a secret in runtime_env: Ray hands it to each new worker on its command line
+        # (setup_worker.py --serialized-runtime-env-context), readable by every local user. The
+        # tracking server's MLFLOW_TRACKING_USERNAME/PASSWORD reach the workers by inheritance
+        # instead: they are in this process's environment before the local Ray starts (on a
+        # cluster, in every node's, see ray_cluster.yaml).
         pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         # address="local": a bare ray.init() would join the newest `ray start` cluster on this
         # machine (Ray records it under /tmp/ray) instead of the study's own local instance.

@@ -42,6 +42,8 @@ class StudyContext:
 
     study_name: str
     spec_name: str
+    # never with user:password (this object is pickled by Ray); a trial's MlflowClient takes the
+    # server's login from MLFLOW_TRACKING_USERNAME/PASSWORD, inherited (studies/raysetup.py)
     tracking_uri: str
     experiment_name: str
     experiment_id: str

@@ -66,9 +66,9 @@ def kill_group(proc: subprocess.Popen) -> list[int]:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, extra_args: tuple[str, ...] = (), port: int | None = None):
+def mlflow_server(root: Path, extra_args: tuple[str, ...] = (), port: int | None = None, umask: int = -1):
     """mlflow/server.py on 127.0.0.1 (free port, SQLite backend and proxied artifacts under `root`;
-    `extra_args` such as ("--auth-file", PATH) are passed on).
+    `extra_args` such as ("--auth-file", PATH) are passed on; `umask`, if given, is the server's).
 
     Yields {"url", "port", "artifacts", "cwd"}; on exit kills the whole process group (uvicorn
     workers included) and fails if any of it survives."""
@@ -81,7 +81,7 @@ def mlflow_server(root: Path, extra_args: tuple[str, ...] = (), port: int | None
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(MLFLOW_LAUNCHER), "--host", "127.0.0.1", "--port", str(port),
                                  "--workers", "1", *extra_args], env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # own process group: the workers die with it
+                                start_new_session=True, umask=umask)  # own process group: the workers die with it
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(proc, url, MLFLOW_STARTUP_TIMEOUT_S, lambda: log_path.read_text()[-3000:])

@@ -91,6 +91,16 @@ def _assert_one_line_refusal(result, *fragments):
     assert result.stdout == ""
 
 
+def test_busy_port_is_one_line_error_and_the_running_server_keeps_serving(mlflow_server, valid_env):
+    started = time.monotonic()
+    result = _run_launcher("--host", "127.0.0.1", "--port", str(mlflow_server["port"]), env=valid_env)
+    assert result.returncode == 2
+    _assert_one_line_refusal(result, f"port {mlflow_server['port']} on 127.0.0.1 is already in use")
+    assert time.monotonic() - started < 20, "refused before starting a server"
+    with urllib.request.urlopen(f"{mlflow_server['url']}/health", timeout=10) as response:
+        assert response.status == 200
+
+
 def test_wildcard_bind_without_allowed_hosts_is_refused(valid_env):
     started = time.monotonic()
     result = _run_launcher("--host", "0.0.0.0", "--port", str(free_port()), env=valid_env)
