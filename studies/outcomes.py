@@ -1,18 +1,23 @@
 """How each trial ended, decided on the driver where Tune tells it, and written once.
 
-* :class:`RecordingASHA` is Tune's ASHA scheduler that also says why it stopped a trial (the
-  evaluation, the step and the rung's cutoff), so a stopped trial is never guessed back from
-  its number of evaluations.
+* :class:`AshaRule` is ASHA's stopping rule (Ray's ``_Bracket``), decided per trial or pack
+  member, with its rungs kept across ``--resume``; :class:`RecordingASHA` is the Tune scheduler
+  that applies it to a study's trials and says why it stopped one (the evaluation, the step and
+  the rung's cutoff), so a stopped trial is never guessed back from its number of evaluations.
 * :class:`TrialOutcomes` is the Tune callback that turns Tune's events into ``Tag.OUTCOME`` on
   the trial's MLflow run and ends the run, through :class:`~studies.tracking.StudyRun` (the one
   owner that ends trial runs).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
+import numpy as np
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from .packing import OUTCOME, REASON, member_results, pack_members
 from .record import Outcome
@@ -25,20 +30,99 @@ _stop_reasons: dict[str, str] = {}
 _outcomes: dict[str, tuple[str, str]] = {}  # this driver's: trial id -> (outcome, reason)
 
 
-class RecordingASHA(ASHAScheduler):
-    """ASHA (stopping only, never pausing) that records the reason of each early stop."""
+class RecordingASHA(FIFOScheduler):
+    """Tune's scheduler for a study's trials: ASHA (stopping only, never pausing) by
+    :class:`AshaRule`, which records the reason of each early stop and keeps its rungs in
+    ``state_path`` across ``--resume``. Tune's own ASHAScheduler is not saved with the experiment:
+    a resumed study started from empty rungs and stopped trials the uninterrupted study kept."""
 
-    def __init__(self, *, steps: int, **kwargs):
-        super().__init__(**kwargs)
-        self._steps = steps
+    def __init__(self, *, steps: int, metric: str, mode: str, max_t: int, grace_period: int, reduction_factor: int,
+                 state_path: str | None = None):
+        super().__init__()
+        self._metric, self._mode = metric, mode
+        self.rule = AshaRule(grace_period, reduction_factor, max_t, mode, metric=metric, steps=steps,
+                             state_path=state_path)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        return True  # the spec's scheduler metric and mode, given at construction
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        action = super().on_trial_result(tune_controller, trial, result)
-        evaluation = result.get(self._time_attr)
-        if action == TrialScheduler.STOP and evaluation is not None and evaluation < self._max_t:
-            _stop_reasons[trial.trial_id] = asha_stop_reason(int(result.get("step", 0)), self._steps, int(evaluation),
-                                                             self._max_t, self._metric, result.get(self._metric))
-        return action
+        evaluation = result.get("training_iteration")
+        if evaluation is None or self._metric not in result:
+            return TrialScheduler.CONTINUE
+        reason = self.rule.decide(trial.trial_id, int(evaluation), int(result.get("step", 0)), result[self._metric])
+        if reason is None:
+            return TrialScheduler.CONTINUE
+        _stop_reasons[trial.trial_id] = reason
+        return TrialScheduler.STOP
+
+
+class AshaRule:
+    """ASHA's rule (as Ray Tune's ``AsyncHyperBandScheduler``, one bracket), decided per trial or
+    pack member (``member``: its id).
+
+    Rungs sit at ``grace_period * reduction_factor**k`` evaluations below ``max_t``.  The first
+    time a member reaches a rung, it continues iff its value is within the best
+    ``1/reduction_factor`` of the values recorded at that rung so far (the cutoff is their
+    ``(1 - 1/rf)`` percentile, as Ray's ``_Bracket.cutoff``); then its value is recorded there.
+    ``state_path`` (optional) keeps the rungs and the decisions across a driver restart
+    (``--resume``), also when Tune unpickles the rule as it was when the study started; a member
+    asked again at a rung (a retried or resumed trial re-runs evaluations) gets the same answer.
+    """
+
+    def __init__(self, grace_period: int, reduction_factor: int, max_t: int, mode: str,
+                 metric: str = "val_nll", steps: int = 0, state_path: str | None = None):
+        self.rf, self.max_t, self.sign, self.metric, self.steps = reduction_factor, max_t, (
+            1.0 if mode == "max" else -1.0), metric, steps
+        self.rungs = [r for r in stop_points(grace_period, reduction_factor, max_t) if r < max_t]
+        self.recorded: dict[int, dict[str, float]] = {rung: {} for rung in self.rungs}
+        self.stops: dict[str, str] = {}  # member -> the reason it was stopped
+        self.state_path = Path(state_path) if state_path else None
+        self._load()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._load()
+
+    def _load(self) -> None:
+        if self.state_path is not None and self.state_path.is_file():
+            saved = json.loads(self.state_path.read_text())
+            self.recorded.update({int(rung): values for rung, values in saved["recorded"].items()})
+            self.stops = saved["stops"]
+
+    def cutoff(self, recorded: dict[str, float]) -> float | None:
+        if not recorded:
+            return None
+        return float(np.nanpercentile(list(recorded.values()), (1 - 1 / self.rf) * 100))
+
+    def decide(self, member: str, evaluation: int, step: int, value: float | None) -> str | None:
+        """-> the reason to stop ``member`` at its ``evaluation`` (at training ``step``, with
+        ``value`` of the metric), or None to let it continue."""
+        if member in self.stops:
+            return self.stops[member]
+        for rung in reversed(self.rungs):
+            recorded = self.recorded[rung]
+            if evaluation >= rung and member in recorded:
+                break  # decided at this rung already: it continued
+            if evaluation < rung:
+                continue
+            if value is None:
+                break
+            reward = self.sign * value
+            cutoff = self.cutoff(recorded)
+            recorded[member] = reward
+            if cutoff is not None and reward < cutoff:
+                self.stops[member] = asha_stop_reason(step, self.steps, evaluation, self.max_t, self.metric, value)
+            self._save()
+            break
+        return self.stops.get(member)
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"recorded": self.recorded, "stops": self.stops}))
+        os.replace(tmp, self.state_path)
 
 
 def asha_stop_reason(step: int, steps: int, evaluation: int, max_t: int, metric: str, value) -> str:

@@ -6,8 +6,9 @@ Ray Tune trial, and stay K trials everywhere else.
   for one *pack*; it draws up to K proposals that share every setting members of a pack must
   share (each becomes a trial with its own id, ``<pack's Ray trial id>-<k>``), and fans each
   pack result out to the study searcher member by member, so Optuna sees K trials.
-* :class:`MemberASHA` is ASHA's stopping rule for members (Tune's ASHA can only stop a whole
-  pack); the pack trials ask it, held in one Ray actor on the driver's node, at every evaluation.
+* Members are stopped by ASHA's rule (:class:`studies.outcomes.AshaRule`; Tune's scheduler can
+  only stop a whole pack); the pack trials ask it, held in one Ray actor on the driver's node, at
+  every evaluation.
 * A pack trial reports one flat result per evaluation: ``member/<member id>/<metric>`` for each
   member evaluated, and ``member/<member id>/outcome`` (+ ``/reason``) once a member has ended.
 
@@ -17,9 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ray.tune.search import Searcher
@@ -177,79 +176,16 @@ class PackSearcher(SearcherWrapper):
                                                 error=error)
 
 
-class MemberASHA:
-    """ASHA's rule (as Ray Tune's ``AsyncHyperBandScheduler``, one bracket), decided per member.
-
-    Rungs sit at ``grace_period * reduction_factor**k`` evaluations below ``max_t``.  The first
-    time a member reaches a rung, it continues iff its value is within the best
-    ``1/reduction_factor`` of the values recorded at that rung so far (the cutoff is their
-    ``(1 - 1/rf)`` percentile, as Ray's ``_Bracket.cutoff``); then its value is recorded there.
-    ``state_path`` (optional) keeps the rungs across a driver restart (``--resume``); a member
-    asked again at a rung (a retried pack re-runs evaluations) gets the same answer.
-    """
-
-    def __init__(self, grace_period: int, reduction_factor: int, max_t: int, mode: str,
-                 metric: str = "val_nll", steps: int = 0, state_path: str | None = None):
-        from .outcomes import stop_points
-
-        self.rf, self.max_t, self.sign, self.metric, self.steps = reduction_factor, max_t, (
-            1.0 if mode == "max" else -1.0), metric, steps
-        self.rungs = [r for r in stop_points(grace_period, reduction_factor, max_t) if r < max_t]
-        self.recorded: dict[int, dict[str, float]] = {rung: {} for rung in self.rungs}
-        self.stops: dict[str, str] = {}  # member -> the reason it was stopped
-        self.state_path = Path(state_path) if state_path else None
-        if self.state_path is not None and self.state_path.is_file():
-            saved = json.loads(self.state_path.read_text())
-            self.recorded.update({int(rung): values for rung, values in saved["recorded"].items()})
-            self.stops = saved["stops"]
-
-    def cutoff(self, recorded: dict[str, float]) -> float | None:
-        import numpy as np
-
-        if not recorded:
-            return None
-        return float(np.nanpercentile(list(recorded.values()), (1 - 1 / self.rf) * 100))
-
-    def decide(self, member: str, evaluation: int, step: int, value: float | None) -> str | None:
-        """-> the reason to stop ``member`` at its ``evaluation`` (at training ``step``, with
-        ``value`` of the metric), or None to let it continue."""
-        from .outcomes import asha_stop_reason
-
-        if member in self.stops:
-            return self.stops[member]
-        for rung in reversed(self.rungs):
-            recorded = self.recorded[rung]
-            if evaluation >= rung and member in recorded:
-                break  # decided at this rung already: it continued
-            if evaluation < rung:
-                continue
-            if value is None:
-                break
-            reward = self.sign * value
-            cutoff = self.cutoff(recorded)
-            recorded[member] = reward
-            if cutoff is not None and reward < cutoff:
-                self.stops[member] = asha_stop_reason(step, self.steps, evaluation, self.max_t, self.metric, value)
-            self._save()
-            break
-        return self.stops.get(member)
-
-    def _save(self) -> None:
-        if self.state_path is None:
-            return
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"recorded": self.recorded, "stops": self.stops}))
-        os.replace(tmp, self.state_path)
-
-
 def start_member_asha(**kwargs) -> Any:
-    """One :class:`MemberASHA` in a Ray actor on this (the driver's) node: every pack trial asks
-    the same one, and its state file is on the driver's disk."""
+    """One :class:`~studies.outcomes.AshaRule` in a Ray actor on this (the driver's) node: every
+    pack trial asks the same one, and its state file is on the driver's disk."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from .outcomes import AshaRule
+
     node = ray.get_runtime_context().get_node_id()
-    actor = ray.remote(num_cpus=0)(MemberASHA)
+    actor = ray.remote(num_cpus=0)(AshaRule)
     return actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(**kwargs)
 
 

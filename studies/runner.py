@@ -280,14 +280,15 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
                                    resume_errored=True)
     else:
         progress = StudyProgress(spec.preset, spec.evaluations, total_trials(spec))
-        if packed:  # a pack ends when all its members end; MemberASHA stops members (studies/packing.py)
+        if packed:  # a pack ends when all its members end; AshaRule stops members (studies/packing.py)
             scheduler, metric, mode = tune.schedulers.FIFOScheduler(), None, None
             # the pack's latest checkpoint (its active members'); each member's best is in MLflow
             checkpoint_config = tune.CheckpointConfig(num_to_keep=1)
         else:
-            scheduler = RecordingASHA(steps=steps, time_attr="training_iteration", max_t=spec.evaluations,
-                                      grace_period=spec.scheduler.grace_period,
-                                      reduction_factor=spec.scheduler.reduction_factor)
+            scheduler = RecordingASHA(steps=steps, metric=spec.scheduler.metric, mode=spec.scheduler.mode,
+                                      max_t=spec.evaluations, grace_period=spec.scheduler.grace_period,
+                                      reduction_factor=spec.scheduler.reduction_factor,
+                                      state_path=str(Path(state.folder) / "asha.json"))
             metric, mode = spec.scheduler.metric, spec.scheduler.mode
             # Keep the core's best checkpoint (the latest report with is_best = 1: Tune keeps
             # the later of equal scores) besides the latest one a retry resumes from.

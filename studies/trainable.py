@@ -214,7 +214,7 @@ def train_pack_trial(config: dict[str, Any], corpus: Corpus | None = None, study
     """Function trainable of one pack (``studies/packing.py``): its members train as one packed
     model (``cvae_core.packed.train_pack``), and each member is a trial everywhere else: its own
     MLflow run (``Tag.PACK`` = this Ray trial's id), metrics, best checkpoint and log.  ``asha``:
-    the :class:`~studies.packing.MemberASHA` actor that decides which members stop (None: none
+    the :class:`~studies.outcomes.AshaRule` actor that decides which members stop (None: none
     stop early).  One ``tune.report`` per evaluation with every member's result and a Tune
     checkpoint holding each active member's latest checkpoint and which members ended, and how;
     a retry or ``--resume`` continues the active members from it."""

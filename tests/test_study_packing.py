@@ -10,7 +10,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from studies.packing import (OUTCOME, PACK_CONFIG, REASON, TRAINING_ITERATION, MemberASHA, PackKey, PackSearcher,
+from studies.outcomes import AshaRule
+from studies.packing import (OUTCOME, PACK_CONFIG, REASON, TRAINING_ITERATION, PackKey, PackSearcher,
                              member_key, member_results)
 from studies.record import Outcome
 from studies.searcher import NoSearch, StudyOptunaSearch, StudySearcher
@@ -148,7 +149,7 @@ def test_member_asha_decides_as_rays_asha_bracket(mode, rf):
 
     rng = random.Random(rf)
     max_t, grace = 16, 2
-    ours = MemberASHA(grace, rf, max_t, mode, metric="val_nll", steps=160)
+    ours = AshaRule(grace, rf, max_t, mode, metric="val_nll", steps=160)
     ray_bracket = _Bracket(grace, max_t, rf, 0)
     sign = 1.0 if mode == "max" else -1.0
     progress = {f"m{i}": 0 for i in range(12)}
@@ -170,12 +171,12 @@ def test_member_asha_decides_as_rays_asha_bracket(mode, rf):
 
 def test_member_asha_keeps_its_rungs_and_answers_a_repeated_question_alike(tmp_path):
     path = tmp_path / "member_asha.json"
-    asha = MemberASHA(2, 2, 8, "min", steps=80, state_path=str(path))
+    asha = AshaRule(2, 2, 8, "min", steps=80, state_path=str(path))
     assert asha.decide("a", 2, 20, 5.0) is None  # the first value at a rung always continues
     assert asha.decide("b", 2, 20, 4.0) is None
     stop = asha.decide("c", 2, 20, 6.0)  # worse than the median of 5 and 4
     assert stop and "val_nll 6.00" in stop
-    again = MemberASHA(2, 2, 8, "min", steps=80, state_path=str(path))  # a driver restart
+    again = AshaRule(2, 2, 8, "min", steps=80, state_path=str(path))  # a driver restart
     assert again.decide("c", 2, 20, 6.0) == stop  # a retried pack re-runs the evaluation
     assert again.decide("a", 2, 20, 5.0) is None
     assert again.decide("d", 2, 20, 4.5) is None  # within the best half of 5, 4, 6
