@@ -162,7 +162,8 @@ def check_writable(path: str | Path, what: str, folder: bool = True) -> Path:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=parent))
     except OSError as exc:
-        raise CvaeError(f"{what} {path} cannot be written: {parent}: {exc.strerror or exc}") from None
+        raise CvaeError(f"{what} {path} cannot be written: nothing can be created in {parent} "
+                        f"({exc.strerror or exc})") from None
     return path
 
 
