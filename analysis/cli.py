@@ -16,6 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from cvae_core.errors import check_counts
+
 from .store import DEFAULT_EXPERIMENT, AnalysisError
 
 CONSOLE_SCRIPT = "cvae-analysis"  # pyproject.toml [project.scripts]
@@ -56,9 +58,19 @@ def _statuses(args):
     return None if args.all_runs else ("FINISHED",)
 
 
+def _writable(args, *flags: str, folder: bool = False) -> None:
+    """Refuse an output flag (``--out``, ``--history``) that cannot be written, before the store is read."""
+    from cvae_core.guards import check_writable
+
+    for flag in flags:
+        if getattr(args, flag):
+            check_writable(getattr(args, flag), f"--{flag}", folder=folder)
+
+
 def _export(args) -> None:
     from .runs import read_parquet, write_parquet
 
+    _writable(args, "out", "history")
     study = _study(args)
     meta = {"experiment": args.experiment, "study": study.name, "parent_run_id": study.parent_run_id,
             "tracking_uri": study.tracking_uri}
@@ -89,6 +101,7 @@ def _table(args) -> None:
 def _reproduce(args) -> None:
     from .reproduce import report
 
+    _writable(args, "out")
     study = _study(args)
     text = report(study.runs, study.name, args.at, statuses=_statuses(args))
     print(text, end="")
@@ -100,6 +113,8 @@ def _reproduce(args) -> None:
 def _plots(args) -> None:
     from .plots import make_plots
 
+    _writable(args, "out", folder=True)
+    check_counts(args, positive=("top_k",))
     study = _study(args)
     runs = study.runs if args.all_runs else study.runs[study.runs["status"] == "FINISHED"]
     out = Path(args.out or f"analysis-plots/{study.name}")
@@ -117,13 +132,19 @@ def _plots(args) -> None:
 
 
 def _best(args) -> None:
+    from cvae_core.evaluation import NON_NEGATIVE_COUNTS, POSITIVE_COUNTS
+
     from .best import run_best
 
+    # before the checkpoint is downloaded: a negative --limit would slice the split, not limit it
+    check_counts(args, positive=POSITIVE_COUNTS, non_negative=NON_NEGATIVE_COUNTS)
+    _writable(args, "out", folder=True)
     run_best(args, progress=_progress)
 
 
 def parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
-    from cvae_core.errors import OneLineArgumentParser
+    from cvae_core.config import check_device
+    from cvae_core.errors import OneLineArgumentParser, argument_type
 
     top = OneLineArgumentParser(prog=prog,
                                   description="From the MLflow runs of a Coupled-VAE study to tables, plots and "
@@ -179,7 +200,7 @@ def parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     p.add_argument("--mi-samples", type=int, default=100, help="z samples per sentence for MI (paper: 100)")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N sentences only (0 = all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=argument_type(check_device), help="auto, cpu, cuda or cuda:N")
     p.add_argument("--data-dir", help="read the split from this folder instead of the recorded path")
     p.add_argument("--bleu", action=argparse.BooleanOptionalAction, default=True,
                    help="reconstruction BLEU-1/2 when the core supports it (default on)")

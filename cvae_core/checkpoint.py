@@ -263,13 +263,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     from .models import build_model
 
     data = load_checkpoint(path, map_location=device)
-    model = build_model(data.config, len(data.vocab)).to(device)
+    # The weights are fitted to a shape-only ("meta") build first: a config.json that does not match
+    # them (tampered sizes such as model.hidden_dim=10**8) is refused before any memory is allocated.
+    with torch.device("meta"):
+        skeleton = build_model(data.config, len(data.vocab))
     try:
-        model.load_state_dict(data.weights)
+        skeleton.load_state_dict(data.weights, assign=True)  # shapes checked, nothing copied
     except (RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()
         raise CvaeError(f"checkpoint {path}: weights.pt does not fit its config.json/vocab.json "
                         f"({len(data.vocab)} words; {first[-1].strip() if first else type(exc).__name__})") from None
+    model = build_model(data.config, len(data.vocab)).to(device)
+    model.load_state_dict(data.weights)
     return model.eval(), data.config, data.vocab
 
 

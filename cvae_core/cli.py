@@ -7,8 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from .config import FIELDS, PRESETS, SCALES, build_config, parse_assignments
-from .errors import CvaeError, OneLineArgumentParser
+from .config import FIELDS, PRESETS, SCALES, build_config, check_device, parse_assignments
+from .errors import CvaeError, OneLineArgumentParser, argument_type, check_counts
+from .guards import check_writable
+
+device_flag = argument_type(check_device)
 
 
 def _presets(args: argparse.Namespace) -> None:
@@ -25,7 +28,7 @@ def _presets(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .train import train
+    from .train import latest_checkpoint, train
 
     overrides = parse_assignments(args.set or [])
     if args.data_dir:
@@ -35,8 +38,12 @@ def _train(args: argparse.Namespace) -> None:
         return
     config = build_config(args.preset, args.dataset, args.scale, overrides)
     out = Path(args.out or f"runs/{args.preset}-{args.dataset}-{args.scale}-seed{config.train.seed}")
-    if out.exists() and not out.is_dir():
-        raise CvaeError(f"--out {out} is an existing file; give a folder for the run")
+    check_writable(out, "--out")
+    # train(resume=True) starts afresh where there is nothing to resume (a PreFB stage relies on
+    # that); a user who asks to continue a run means one that exists
+    if args.resume and not latest_checkpoint(out).exists():
+        raise CvaeError(f"--resume: no checkpoint to continue from in {out} (no {latest_checkpoint(out)}); "
+                        "check --out, or drop --resume to start a new run")
     result = train(config, out, resume=args.resume)
     if result.best_checkpoint:
         best = result.best_metrics
@@ -44,15 +51,6 @@ def _train(args: argparse.Namespace) -> None:
                             if k in best)
         print(f"\nbest checkpoint: {result.best_checkpoint} (step {int(best.get('step', 0))}: {summary})")
         print(f"evaluate it:     cvae evaluate {out / 'checkpoints' / 'best'} --split test --n-samples 100 --json")
-
-
-def _check_counts(args: argparse.Namespace, positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise CvaeError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in non_negative:
-        if getattr(args, name) < 0:
-            raise CvaeError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
 
 def _train_pack(args: argparse.Namespace, overrides: dict[str, str]) -> None:
@@ -68,8 +66,7 @@ def _train_pack(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     configs = [build_config(args.preset, args.dataset, args.scale, {**overrides, key.strip(): value})
                for value in members]
     out = Path(args.out or f"runs/{args.preset}-{args.dataset}-{args.scale}-pack")
-    if out.exists() and not out.is_dir():
-        raise CvaeError(f"--out {out} is an existing file; give a folder for the pack")
+    check_writable(out, "--out")
     ends = train_pack(configs, [out / f"member-{k}" for k in range(len(configs))])
     print()
     for end, value in zip(ends, members):
@@ -79,11 +76,10 @@ def _train_pack(args: argparse.Namespace, overrides: dict[str, str]) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .evaluation import ProgressPrinter, evaluate_checkpoint
+    from .evaluation import NON_NEGATIVE_COUNTS, POSITIVE_COUNTS, ProgressPrinter, evaluate_checkpoint
     from .runtime import json_safe
 
-    _check_counts(args, positive=("n_samples", "mi_samples", "bleu_samples", "dist_samples"),
-                  non_negative=("limit", "max_steps"))
+    check_counts(args, positive=POSITIVE_COUNTS, non_negative=NON_NEGATIVE_COUNTS)
     overrides = {"data_dir": args.data_dir} if args.data_dir else None
     result = evaluate_checkpoint(args.checkpoint, split=args.split, n_samples=args.n_samples,
                                  mi_samples=args.mi_samples, seed=args.seed, device=args.device,
@@ -107,9 +103,7 @@ def _generate(args: argparse.Namespace) -> None:
     from .generate import interpolate, reconstruct, sample_prior
     from .runtime import resolve_device, seeded
 
-    if args.n < 1 or args.max_steps < 0 or args.steps < 0:
-        raise CvaeError(f"--n must be >= 1 and --max-steps, --steps >= 0 "
-                        f"(got {args.n}, {args.max_steps}, {args.steps})")
+    check_counts(args, positive=("n",), non_negative=("max_steps", "steps"))
     if args.mode == "prior":
         model, config, vocab = load_model(args.checkpoint, resolve_device(args.device))
         examples: list[list[int]] = []
@@ -153,8 +147,7 @@ def _respond(args: argparse.Namespace) -> None:
     from .generate import respond
     from .runtime import resolve_device, seeded
 
-    if args.n < 1 or args.max_steps < 0:
-        raise CvaeError(f"--n must be >= 1 and --max-steps >= 0 (got {args.n}, {args.max_steps})")
+    check_counts(args, positive=("n",), non_negative=("max_steps",))
     model, config, vocab = load_model(args.checkpoint, resolve_device(args.device))
     words = tokenize_utterance(args.post)
     if not words:
@@ -198,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mi-samples", type=int, default=100, help="z samples per sentence for MI (paper: 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N sentences only")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=device_flag, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--data-dir", help="read the split from this folder instead of the recorded path")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--bleu", action="store_true",
@@ -221,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="interior points of an interpolation (paper: 5)")
     p.add_argument("--max-steps", type=int, default=0, help="greedy decoding steps (0 = data.max_len, 200)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=device_flag, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--data-dir", help="read the split from this folder instead of the recorded path")
     p.set_defaults(func=_generate)
 
@@ -232,7 +225,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=5, help="responses, each from its own z ~ p(z|post)")
     p.add_argument("--max-steps", type=int, default=0, help="greedy decoding steps (0 = data.max_len, 200)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", type=device_flag, help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=_respond)
     return top
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, get_type_hints
 
@@ -25,6 +26,11 @@ SCHEDULES = ("linear", "cyclic")
 DISTANCES = ("rq", "eucl")
 VMF_SAMPLERS = ("exact", "authors")
 SCALES = ("quick", "paper")
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+# The bound on every integer setting: far above any this model needs (the paper trains 60,000
+# steps; its largest sizes are in the hundreds), far below what a typo such as steps=10**20 asks.
+MAX_INTEGER = 10**9
 
 
 @dataclass
@@ -239,6 +245,14 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
 BATCHINGS = ("bucket", "random")
 
 
+def check_device(name: str, where: str = "device") -> str:
+    """``name`` if it is a device this package runs on (auto, cpu, cuda, cuda:N), else a CvaeError
+    naming ``where`` it came from (a config key or a flag)."""
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        raise CvaeError(f"{where} {name!r} is not one of {DEVICE_NAMES}")
+    return name
+
+
 def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise CvaeError(f"{key}={value!r} is not one of {', '.join(allowed)}")
@@ -257,10 +271,14 @@ def validate(config: Config) -> None:
     _check_choice("coupling.distance", config.coupling.distance, DISTANCES)
     _check_choice("model.vmf_sampler", config.model.vmf_sampler, VMF_SAMPLERS)
     _check_choice("data.batching", config.data.batching, BATCHINGS)
+    check_device(config.train.device, "train.device")
     # nan passes every "< 0" check below, and an inf LR or weight trains into NaN: refuse both here
     for key, value in config.flat().items():
         if isinstance(value, float) and not math.isfinite(value):
             raise CvaeError(f"{key} must be a finite number, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INTEGER:
+            raise CvaeError(f"{key}={value:,} is beyond {MAX_INTEGER:,}, the bound on integer settings (the paper "
+                            "trains 60,000 steps; a billion would take weeks even at 1,000 steps/s): a typo?")
     non_negative = {
         "coupling.lambda_r": config.coupling.lambda_r,
         "coupling.lambda_m": config.coupling.lambda_m,
@@ -550,6 +568,7 @@ def build_config(preset: str = "vae", dataset: str = "ptb", scale: str = "quick"
     apply_overrides(config, overrides or {})
     validate(config)
     return config
+
 
 
 def _preset_settings(preset: str, dataset: str, scale: str) -> dict[str, Any]:

@@ -70,6 +70,12 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
                           dist_samples=dist_samples, max_steps=max_steps, progress=progress)
 
 
+# The count flags of an evaluation (`cvae evaluate`, `python -m analysis best`): at least 1, and at
+# least 0 where 0 means the default (--limit 0: the whole split; --max-steps 0: data.max_len).
+POSITIVE_COUNTS = ("n_samples", "mi_samples", "bleu_samples", "dist_samples")
+NON_NEGATIVE_COUNTS = ("limit", "max_steps")
+
+
 def _check_settings(n_samples: int, mi_samples: int, bleu: bool, bleu_samples: int, dist: bool, dist_samples: int,
                     max_steps: int) -> None:
     if n_samples < 1 or mi_samples < 1:

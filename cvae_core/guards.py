@@ -12,12 +12,16 @@
   variables, so only the bare URI travels on.
 * :func:`check_sqlite_uri` refuses a ``sqlite:///`` URI whose folder does not exist, instead of
   letting a typo silently create a new, empty store somewhere else.
+* :func:`check_writable` refuses, before any work starts, an output path that cannot be written.
+* :func:`decode_text` turns the bytes of a file the user gave into text, or names the file and
+  the line that is not text (undecodable, or a NUL byte of a binary file).
 """
 from __future__ import annotations
 
 import base64
 import os
 import re
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -192,3 +196,43 @@ def adopt_tracking_credentials(uri: str, environ=None) -> str:
     environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
     environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password or "")
     return bare
+
+
+def check_writable(path: str | Path, what: str, folder: bool = True) -> Path:
+    """Refuse an output path (a folder when ``folder``, else a file) that cannot be written, before
+    any work starts: it must not be a file where a folder is wanted (or the reverse), and the
+    nearest folder that exists at or above it must take new entries (probed with a temporary
+    folder that is removed at once: access bits say nothing for root or a read-only mount).
+    -> the path, absolute.  Nothing is created."""
+    path = Path(path).expanduser().absolute()
+    if folder and path.exists() and not path.is_dir():
+        raise CvaeError(f"{what} {path} is an existing file; give a folder")
+    if not folder and path.is_dir():
+        raise CvaeError(f"{what} {path} is a folder; give a file name")
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CvaeError(f"{what} {path} cannot be written: {parent} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=parent))
+    except OSError as exc:
+        raise CvaeError(f"{what} {path} cannot be written: nothing can be created in {parent} "
+                        f"({exc.strerror or exc})") from None
+    return path
+
+
+def decode_text(raw: bytes, path: str | Path) -> str:
+    """The UTF-8 text of file ``path`` (its bytes ``raw``); a CvaeError naming the file and the
+    first line that is not text: undecodable bytes, or a NUL byte (a binary file decodes as
+    UTF-8 when it happens to be all NULs and ASCII, and would then be read as words)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise CvaeError(f"{path}: line {line} is not valid UTF-8 (byte {raw[exc.start]:#x})") from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise CvaeError(f"{path}: line {text.count(chr(10), 0, nul) + 1} holds a NUL byte: a binary file, "
+                        "not text")
+    return text

@@ -8,16 +8,20 @@ from typing import Any, Iterator
 
 import torch
 
+from .config import check_device
 from .errors import CvaeError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> the first CUDA device if there is one (e.g. the GPU Ray assigned), else CPU."""
-    if name == "auto":
+    """"auto" -> the first CUDA device if there is one (e.g. the GPU Ray assigned), else CPU.
+    A name that is no device, or a GPU this machine does not have: a one-line CvaeError."""
+    if check_device(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CvaeError(f"train.device={name!r} but CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CvaeError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

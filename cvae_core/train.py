@@ -155,7 +155,7 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
     if corpus is None:
         log(f"loading {config.data.dataset} ...")
         corpus = load_corpus(config.data, ("train", "valid"))
-    latest = ckpt_root / LATEST
+    latest = latest_checkpoint(output_dir)
     if resume_from is not None:
         install_checkpoint(resume_from, ckpt_root)
         resume = True
@@ -180,6 +180,12 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
     loop = _Loop(config, model, optimizer, objective, batcher, corpus, device, ckpt_root, state, log)
     last_metrics = loop.run(callbacks)
     return train_result(config, output_dir, state, last_metrics)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path:
+    """Where a run in ``output_dir`` keeps the checkpoint ``resume=True`` continues from (a link
+    that exists once the run has evaluated)."""
+    return Path(output_dir).absolute() / "checkpoints" / LATEST
 
 
 def train_result(config: Config, output_dir: Path, state: TrainState, last_metrics: dict[str, float]) -> TrainResult:

@@ -8,10 +8,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cvae_core.errors import OneLineArgumentParser
+from cvae_core.config import build_config, parse_assignments
+from cvae_core.errors import CvaeError, OneLineArgumentParser, finite_float
 from cvae_core.guards import adopt_tracking_credentials, redact
 
-from .spec import StudySpec, parse_objectives, validate_spec
+from .spec import SpecError, StudySpec, parse_objectives, validate_spec
 
 DEFAULT_EXPERIMENT = "coupled-vae-studies"
 # a few checkpoints of a paper-size model, Tune's experiment state and optuna.db fit in this
@@ -48,8 +49,8 @@ def build_parser(prog: str, default_spec: str, description: str) -> argparse.Arg
                    help=f"MLflow experiment name (default: {DEFAULT_EXPERIMENT})")
     p.add_argument("--root", default=None, help="study folder root; default <cwd>/studies_out")
     p.add_argument("--study-name", default=None, help="default <spec>-<YYYYmmdd-HHMMSS>-<4 hex digits>")
-    p.add_argument("--gpus-per-trial", type=float, default=None, help="fractions such as 0.5 share a GPU")
-    p.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (torch threads)")
+    p.add_argument("--gpus-per-trial", type=finite_float, default=None, help="fractions such as 0.5 share a GPU")
+    p.add_argument("--cpus-per-trial", type=finite_float, default=None, help="CPUs per trial (torch threads)")
     p.add_argument("--max-concurrent", type=int, default=None, help="max concurrent trials")
     p.add_argument("--max-failures", type=int, default=None, help="retries per trial (>= 1)")
     p.add_argument("--pack", type=int, default=None, metavar="K",
@@ -151,10 +152,24 @@ def apply_flags(spec: StudySpec, options: Options) -> StudySpec:
         spec.dataset = options.dataset
     if options.data_dir:
         spec.overrides["data.data_dir"] = str(Path(options.data_dir).expanduser().resolve())
-    for item in options.overrides:
-        if "=" not in item:
-            raise StudyError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        spec.overrides[key.strip()] = value.strip()
+    _apply_sets(spec, parse_assignments(options.overrides))
     validate_spec(spec)
     return spec
+
+
+def _apply_sets(spec: StudySpec, sets: dict[str, str]) -> None:
+    """Add the ``--set`` overrides to the spec's, one at a time; the first that makes the base
+    configuration invalid is named as the flag the user typed (validate_spec would blame the
+    spec file for it)."""
+    def problem() -> CvaeError | None:
+        try:
+            build_config(spec.preset, spec.dataset, spec.scale, spec.overrides)
+        except CvaeError as exc:
+            return exc
+        return None
+
+    valid = problem() is None  # else the spec (or another flag) is at fault: validate_spec says so
+    for key, value in sets.items():
+        spec.overrides[key] = value.strip()
+        if valid and (exc := problem()) is not None:
+            raise SpecError(f"--set {key}={value}: {exc}")

@@ -38,16 +38,41 @@ def init_ray(address: str | None, verbose: bool) -> bool:
     return True
 
 
+def _need(spec: StudySpec) -> str:
+    return f"{spec.resources.cpus_per_trial:g} CPU" + (
+        f" + {spec.resources.gpus_per_trial:g} GPU" if spec.resources.gpus_per_trial else "")
+
+
+def _fits(cpus: float, gpus: float, spec: StudySpec) -> bool:
+    """Whether one node with ``cpus`` and ``gpus`` can run a trial (a GPU fraction needs one GPU)."""
+    return cpus >= spec.resources.cpus_per_trial and gpus >= min(1.0, spec.resources.gpus_per_trial)
+
+
+def check_local_resources(spec: StudySpec) -> None:
+    """Before a local Ray starts (no --address): it will get this machine's CPUs and the GPUs torch
+    sees, so a trial that cannot fit is refused now, not after Ray's start-up. A Ray this process
+    already joined is checked after all, by :func:`check_resources`."""
+    import ray
+    import torch
+
+    if ray.is_initialized():
+        return
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    if not _fits(cpus, gpus, spec):
+        raise StudyError(f"a trial needs {_need(spec)}, this machine has {cpus} CPU, {gpus} GPU"
+                         f"{'' if gpus else ' (torch sees no CUDA device)'}; lower --gpus-per-trial/--cpus-per-trial"
+                         " or pass --address of a cluster")
+
+
 def check_resources(spec: StudySpec, address: str | None) -> None:
+    """After Ray started or was joined: some live node must fit a trial (a cluster may still
+    autoscale: then a warning)."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= spec.resources.cpus_per_trial
-            and n["Resources"].get("GPU", 0) >= min(1.0, spec.resources.gpus_per_trial)]
-    if fits:
+    if any(_fits(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0), spec) for n in nodes):
         return
-    need = f"{spec.resources.cpus_per_trial:g} CPU" + (
-        f" + {spec.resources.gpus_per_trial:g} GPU" if spec.resources.gpus_per_trial else "")
+    need = _need(spec)
     have = "; ".join(f"{n['NodeManagerAddress']}: {n['Resources'].get('CPU', 0):g} CPU, "
                      f"{n['Resources'].get('GPU', 0):g} GPU" for n in nodes)
     if address:  # a cluster may still autoscale to a node that fits

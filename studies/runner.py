@@ -36,11 +36,11 @@ from cvae_core.metrics.names import IS_BEST
 
 from .options import (Options, StudyError, apply_flags, build_parser, resolve_storage_path,
                       resolve_tracking_uri)
-from .raysetup import check_resources, init_ray
+from .raysetup import check_local_resources, check_resources, init_ray
 from .render import print_summary, render_markdown, resume_command
 from .spec import StudySpec, load_spec
 from .state import (StudyState, create_study, find_resumable, load_spec_name, lock_study_folder,
-                    release_study_folders, spec_from_dict, sqlite_store_lock, total_trials)
+                    release_study_folders, sqlite_store_lock, total_trials)
 from .record import Tag
 from .summary import TrialRow, collect_rows, rank, summarize
 
@@ -99,6 +99,10 @@ def _run_study(options: Options) -> StudyOutcome:
     # before anything is written (a study folder, a lock, an MLflow store)
     check_free_space(local_folders(root, resolve_storage_path(options.storage_path, root)), options.min_free_mb)
     spec, state, new_study = _settings(options, cwd, root)
+    if not options.address:
+        check_local_resources(spec)  # a local Ray gets this machine: a trial that cannot fit fails now
+    if state is not None:
+        lock_study_folder(Path(state.folder))
 
     # 2. data and Ray first: a missing dataset or an impossible resource request fails before
     #    anything is written to MLflow
@@ -172,6 +176,7 @@ def _settings(options: Options, cwd: Path, root: Path) -> tuple[StudySpec, Study
         check_name(options.resume, "--resume")
     if options.resume:
         state = find_resumable(root, load_spec_name(options.profile), options.resume)
+        spec = state.study_spec()
         if options.tracking_uri and resolve_tracking_uri(options.tracking_uri, cwd) != state.tracking_uri:
             raise StudyError(f"study {state.study_name} tracks to {state.tracking_uri}; --tracking-uri "
                              f"{options.tracking_uri} would split its runs. Drop the flag to resume.")
@@ -184,8 +189,7 @@ def _settings(options: Options, cwd: Path, root: Path) -> tuple[StudySpec, Study
         if ignored:
             print(f"note: resuming {state.study_name} with its saved settings; ignoring {', '.join(ignored)}")
         check_tracking_server(state.tracking_uri)
-        lock_study_folder(Path(state.folder))
-        return spec_from_dict(state.spec), state, ("", "")
+        return spec, state, ("", "")
     spec = apply_flags(load_spec(options.profile), options)
     tracking_uri = resolve_tracking_uri(options.tracking_uri, cwd)
     with sqlite_store_lock(tracking_uri):  # another driver may be creating the store right now

@@ -17,6 +17,7 @@ import yaml
 
 from cvae_core.config import PRESETS, build_config, resolve_key
 from cvae_core.errors import CvaeError
+from cvae_core.guards import decode_text
 from cvae_core.metrics.names import METRICS, direction
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
@@ -281,6 +282,9 @@ def validate_spec(spec: StudySpec) -> None:
     if spec.scheduler.reduction_factor < 2:
         raise SpecError(f"{where}: scheduler.reduction_factor must be >= 2, got {spec.scheduler.reduction_factor}")
     r = spec.resources
+    for name in ("cpus_per_trial", "gpus_per_trial"):  # nan passes every comparison below
+        if not math.isfinite(getattr(r, name)):
+            raise SpecError(f"{where}: {name} must be a finite number, got {getattr(r, name)}")
     if r.cpus_per_trial <= 0:
         raise SpecError(f"{where}: cpus_per_trial must be > 0, got {r.cpus_per_trial}")
     if r.gpus_per_trial < 0 or (r.gpus_per_trial > 1 and not float(r.gpus_per_trial).is_integer()):
@@ -370,7 +374,7 @@ def load_spec(name_or_path: str) -> StudySpec:
         available = ", ".join(sorted(p.stem for p in SPEC_DIR.glob("*.yaml")))
         raise SpecError(f"study spec not found: {path} (available in {SPEC_DIR}: {available})")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(decode_text(path.read_bytes(), path))
     except yaml.YAMLError as exc:  # its text spans several lines; keep the position and the problem
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

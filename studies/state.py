@@ -58,27 +58,54 @@ class StudyState:
 
     @classmethod
     def load(cls, folder: Path) -> "StudyState":
+        """``<folder>/study.json``; a missing, truncated or foreign one is a one-line StudyError."""
         path = folder / "study.json"
         try:
-            return cls(**json.loads(path.read_text()))
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise StudyError(f"no study to resume at {folder} (missing study.json)") from None
+        except (OSError, ValueError) as exc:  # ValueError: truncated JSON, or bytes that are no text
+            raise StudyError(f"{path} is damaged ({type(exc).__name__}: {exc}); the study cannot be "
+                             "resumed") from None
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = {name for name, f in fields.items() if f.default is dataclasses.MISSING}
+        if not isinstance(raw, dict):
+            raise StudyError(f"{path} is damaged (a JSON {type(raw).__name__}, not a study's saved state); the "
+                             "study cannot be resumed")
+        missing, unknown = sorted(required - set(raw)), sorted(set(raw) - set(fields))
+        wrong = sorted(k for k, v in raw.items() if k in fields and not isinstance(v, dict if k == "spec" else str))
+        if missing or unknown or wrong:
+            problems = [f"{what} {', '.join(keys)}" for what, keys in (
+                ("missing keys", missing), ("unknown keys", unknown), ("ill-typed keys", wrong)) if keys]
+            raise StudyError(f"{path} is not a study's saved state ({'; '.join(problems)}); the study cannot be "
+                             "resumed")
+        return cls(**raw)
+
+    def study_spec(self) -> StudySpec:
+        """The spec saved in study.json; a damaged one is a one-line StudyError."""
+        try:
+            return spec_from_dict(self.spec)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StudyError(f"{Path(self.folder) / 'study.json'}: its saved spec is damaged ({type(exc).__name__}: "
+                             f"{exc}); the study cannot be resumed") from None
 
 
 def find_resumable(root: Path, spec_name: str, name: str) -> StudyState:
     if name != "latest":
         return StudyState.load(root / name)
-    candidates = []
+    candidates, damaged = [], []
     for path in root.glob("*/study.json"):
         try:
             state = StudyState.load(path.parent)
-        except (StudyError, TypeError, ValueError):
+        except StudyError:
+            damaged.append(path.parent.name)
             continue
         if state.spec.get("name") == spec_name and state.status != "completed":
             candidates.append(state)
     if not candidates:
+        unreadable = f"; skipped {len(damaged)} unreadable study.json ({', '.join(sorted(damaged))})" if damaged else ""
         raise StudyError(f"no unfinished study of spec {spec_name!r} under {root} to resume "
-                         f"(pass --resume STUDY_NAME, or --root)")
+                         f"(pass --resume STUDY_NAME, or --root){unreadable}")
     return max(candidates, key=lambda s: s.created)
 
 
@@ -128,12 +155,26 @@ def sqlite_store_lock(tracking_uri: str):
     if not path.parent.is_dir():
         yield  # check_sqlite_uri names the missing folder
         return
-    with open(f"{path}-lock", "a") as handle:
+    # The lock file exists only while held: its holder removes it before unlocking (a study that
+    # stops with an error leaves nothing beside the store). A driver that was waiting on the
+    # removed file finds, once it holds it, that the path names another file or none, and locks
+    # again whatever file is there now.
+    lock = Path(f"{path}-lock")
+    while True:
+        handle = open(lock, "a")
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            held, there = os.fstat(handle.fileno()), os.stat(lock)
+            if (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()
 
 
 def load_spec_name(profile: str) -> str:

