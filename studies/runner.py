@@ -274,12 +274,16 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
     from .diskspace import DiskGuard, low_space, release_space, reserve_space
     from .outcomes import RecordingASHA, TrialOutcomes
     from .progress import StudyProgress
+    from .snapshots import KeepLastGoodSnapshot, repair_snapshot
 
     from .packing import count_trials
 
     trainable = _trainable(spec, state, corpus, steps)
     packed = spec.resources.pack > 1
     if tune.Tuner.can_restore(state.experiment_path):
+        repaired = repair_snapshot(state.experiment_path)
+        if repaired:
+            print(repaired, flush=True)
         tuner = tune.Tuner.restore(state.experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
@@ -309,8 +313,8 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
                 name=state.study_name, storage_path=state.storage_path,
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
                 checkpoint_config=checkpoint_config,
-                callbacks=[progress, TrialOutcomes(study_run), *options.callbacks,
-                           DiskGuard(folders, options.min_free_mb)],
+                callbacks=[progress, TrialOutcomes(study_run), KeepLastGoodSnapshot(state.experiment_path),
+                           *options.callbacks, DiskGuard(folders, options.min_free_mb)],
                 verbose=2 if options.verbose else 0,
                 log_to_file=True),
         )
