@@ -1,13 +1,16 @@
 """Fault scenario: the MLflow server goes away mid-trial and comes back (a real server on
-loopback, stopped and restarted on the same port and store). A trial's TrialRun keeps training:
+loopback, stopped and restarted on the same port and store, at trial evaluations). A trial's TrialRun keeps training:
 each evaluation's metrics wait in a bounded buffer (every attempt fails fast instead of stalling
 in the client's growing retry waits), and once the server answers the backlog arrives in order,
 each step once."""
 from __future__ import annotations
 
+import contextlib
 import time
+from pathlib import Path
 
 import pytest
+from ray import tune
 
 from processes import free_port, mlflow_server
 
@@ -48,12 +51,39 @@ def test_metrics_logged_during_an_outage_arrive_once_the_server_is_back(tmp_path
             9.0, 7.0, 6.0, 5.0, 4.0]
 
 
-def test_a_study_survives_a_tracking_server_outage_with_complete_histories(tmp_path, monkeypatch):
-    """The whole study against a real server that is stopped for 30 s mid-study and restarted
-    on the same port and store: the study completes, every trial run is FINISHED with its
-    outcome, and every metric history has each evaluation exactly once."""
-    import threading
+_servers: dict[int, contextlib.ExitStack] = {}  # port -> the running server (this process's)
+_events: list[tuple[str, int]] = []  # ("down" | "up", the trial evaluation that triggered it)
 
+
+class OutageAt(tune.Callback):
+    """Stops the tracking server when a trial reports its ``down_at``-th evaluation and starts it
+    again (same port and store) when one reports its ``up_at``-th: the outage comes at events the
+    study exposes, and trials log the evaluations between them while the server is away."""
+
+    def __init__(self, store: Path, port: int, down_at: int, up_at: int):
+        self.store, self.port, self.down_at, self.up_at = store, port, down_at, up_at
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        evaluation = int(result.get("training_iteration", 0))
+        if evaluation >= self.down_at and not _events:
+            _servers.pop(self.port).close()
+            _events.append(("down", evaluation))
+        elif evaluation >= self.up_at and [e for e, _ in _events] == ["down"]:
+            _servers[self.port] = serve(self.store, self.port)
+            _events.append(("up", evaluation))
+
+
+def serve(store: Path, port: int) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(mlflow_server(store, port=port))
+    return stack
+
+
+def test_a_study_survives_a_tracking_server_outage_with_complete_histories(tmp_path, monkeypatch):
+    """The whole study against a real server that is stopped mid-study (when a trial reports its
+    2nd of 8 evaluations) and restarted on the same port and store (when one reports its 5th):
+    the study completes, every trial run is FINISHED with its outcome, and every metric history
+    has each evaluation exactly once."""
     from mlflow import MlflowClient
     from test_fault_divergence import tiny_spec
 
@@ -64,34 +94,17 @@ def test_a_study_survives_a_tracking_server_outage_with_complete_histories(tmp_p
     port, store = free_port(), tmp_path / "server"
     url = f"http://127.0.0.1:{port}"
     spec = tiny_spec(tmp_path / "outage.yaml", [{"preset": "vae"}, {"preset": "vae", "train.seed": 1}], steps=80)
-    up, study_done, log = threading.Event(), threading.Event(), []
-
-    def serve_with_an_outage():
-        with mlflow_server(store, port=port):
-            up.set()
-            client = MlflowClient(url)
-            while not study_done.is_set():  # wait until a trial has logged 2 evaluations
-                runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
-                        if r.data.tags.get(Tag.ROLE) == Role.TRIAL]
-                if any(len(client.get_metric_history(r.info.run_id, "val_nll")) >= 2 for r in runs):
-                    break
-                time.sleep(0.5)
-        log.append(("down", time.monotonic()))
-        study_done.wait(timeout=30)
-        with mlflow_server(store, port=port):
-            log.append(("up", time.monotonic()))
-            study_done.wait(timeout=900)
-
-    server = threading.Thread(target=serve_with_an_outage, daemon=True)
-    server.start()
-    assert up.wait(timeout=120)
+    _events.clear()
+    _servers[port] = serve(store, port)
     try:
         outcome = run_study(Options(profile=str(spec), root=str(tmp_path / "out"), tracking_uri=url,
-                                    study_name="outage"))
+                                    study_name="outage", callbacks=(OutageAt(store, port, down_at=2, up_at=5),)))
     finally:
-        study_done.set()
-    assert [event for event, _ in log][:2] == ["down", "up"], "the server was never stopped mid-study"
+        if port in _servers:
+            _servers.pop(port).close()
+    assert [event for event, _ in _events] == ["down", "up"], _events
     assert outcome.exit_code == 0 and sorted(r.status for r in outcome.rows) == ["done", "done"], outcome.rows
+    assert sorted(r.seed for r in outcome.rows) == [0, 1]
 
     with mlflow_server(store, port=port):
         client = MlflowClient(url)
@@ -103,4 +116,3 @@ def test_a_study_survives_a_tracking_server_outage_with_complete_histories(tmp_p
             for key in ("val_nll", "val_kl", "train_loss"):
                 steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
                 assert sorted(steps) == [10, 20, 30, 40, 50, 60, 70, 80], (key, steps)
-    server.join(timeout=60)

@@ -23,7 +23,8 @@ def test_done_and_stopped_trials_carry_their_outcome(tmp_path, no_tracking_uri_e
     from studies.runner import Options, run_study
     from studies.tracking import child_runs
 
-    spec = tiny_spec(tmp_path / "outcome.yaml", [{"preset": "vae"}], num_samples=4, steps=40)
+    # one trial at a time: the order in which results reach ASHA is fixed, so what it stops is too
+    spec = tiny_spec(tmp_path / "outcome.yaml", [{"preset": "vae"}], num_samples=4, steps=40, max_concurrent=1)
     coupled = yaml.safe_load(spec.read_text())
     coupled["base"]["preset"] = "coupled-vae"  # Optuna's proposals differ, so ASHA has a worse half to stop
     spec.write_text(yaml.safe_dump(coupled))
