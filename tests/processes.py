@@ -167,9 +167,9 @@ def private_postgres(start: bool = True):
 
     try:
         subprocess.run(["pg_createcluster", "--quiet", version, name, "--user", "postgres",
-                        "--datadir", str(data_dir), "--socketdir", str(socket_dir), "--logfile", str(root / "server.log"),
-                        "--port", str(port), "--start-conf", "manual",
-                        # pg_ctlcluster would otherwise put a pid file into /var/run/postgresql (the socket dir is postgres's)
+                        "--datadir", str(data_dir), "--socketdir", str(socket_dir),
+                        "--logfile", str(root / "server.log"), "--port", str(port), "--start-conf", "manual",
+                        # else pg_ctlcluster puts a pid file into /var/run/postgresql (socket_dir is postgres's)
                         "--pgoption", f"external_pid_file={socket_dir / 'server.pid'}", "--pgoption", "ssl=off"],
                        env=full_env, capture_output=True, text=True, timeout=120, check=True)
         # Unix socket only: nothing listens on a TCP port (pg_createcluster cannot write an empty value).
