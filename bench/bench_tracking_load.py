@@ -11,13 +11,15 @@ per-call latency. The limit every row is measured against: lost == 0 and duplica
     python bench/bench_tracking_load.py --backend sqlite --seconds 60
 
 PostgreSQL: mlflow/setup_postgres.sh starts the local server and creates the database
-`cvae_load_bench` (Debian's `postgresql` package, root or passwordless sudo; psycopg 3).
+`cvae_load_bench` (Debian's `postgresql` package, root or passwordless sudo; psycopg 3). A cluster
+that was down before the run is stopped again after it.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -46,6 +48,21 @@ def backend_uri(backend: str, workdir: Path) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"PostgreSQL is not available: {done.stderr.strip()}")
     return done.stdout.strip()
+
+
+def down_clusters() -> set[tuple[str, str]]:
+    """(version, name) of the PostgreSQL clusters pg_lsclusters reports down."""
+    if not shutil.which("pg_lsclusters"):
+        return set()  # backend_uri says that PostgreSQL is missing
+    out = subprocess.run(["pg_lsclusters", "--no-header"], capture_output=True, text=True, check=True).stdout
+    return {(f[0], f[1]) for f in (line.split() for line in out.splitlines()) if len(f) > 3 and f[3] != "online"}
+
+
+def stop_clusters(clusters: set[tuple[str, str]]) -> None:
+    """Stop the clusters this run started (setup_postgres.sh starts every cluster that is down)."""
+    as_root = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    for version, name in sorted(clusters):
+        subprocess.run([*as_root, "pg_ctlcluster", version, name, "stop"], capture_output=True, timeout=120)
 
 
 def start_server(uri: str, workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -109,9 +126,18 @@ def _writer(url: str, run_id: str, seconds: float, interval: float, ready, go, r
 
 def run_load(backend: str, writers: int, seconds: float, interval: float, workdir: Path) -> dict:
     """-> the figures of one backend (see the module docstring)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    were_down = down_clusters() if backend == "postgresql" else set()
+    try:
+        return _run_load(backend, writers, seconds, interval, workdir)
+    finally:
+        if were_down:
+            stop_clusters(were_down - down_clusters())
+
+
+def _run_load(backend: str, writers: int, seconds: float, interval: float, workdir: Path) -> dict:
     from mlflow import MlflowClient
 
-    workdir.mkdir(parents=True, exist_ok=True)
     proc, url = start_server(backend_uri(backend, workdir), workdir)
     try:
         client = MlflowClient(url)

@@ -10,6 +10,7 @@ import torch
 
 from cvae_core.config import build_config
 from processes import mlflow_server as running_mlflow_server
+from processes import pg_version, private_postgres
 
 # Every Ray session the suite starts in this process has token auth off. The tests share one process
 # and Ray's driver keeps auth state from its first session: a later session started with another
@@ -70,3 +71,15 @@ def mlflow_server(tmp_path_factory):
     """A real tracking server on loopback for one test module (see tests/processes.py)."""
     with running_mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as server:
         yield server
+
+
+@pytest.fixture
+def postgres_cluster():
+    """A throwaway PostgreSQL cluster, down, with its env (see tests/processes.py private_postgres):
+    tests never start, stop or write into the machine's own cluster. Skips where it cannot exist."""
+    if pg_version() is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it: apt-get install -y postgresql)")
+    if os.geteuid() != 0:
+        pytest.skip("a PostgreSQL cluster owned by the postgres user needs root to create")
+    with private_postgres(start=False) as cluster:
+        yield cluster

@@ -1,13 +1,17 @@
 """Child processes for tests: free loopback ports, process groups that are torn down with bounded
-waits and checked for survivors, and a real `mlflow server` started through mlflow/server.py."""
+waits and checked for survivors, a real `mlflow server` started through mlflow/server.py, and a
+throwaway PostgreSQL cluster (the machine's own cluster is never started or stopped by a test)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -107,3 +111,82 @@ def wait_until_healthy(proc: subprocess.Popen, url: str, timeout_s: float, outpu
         if time.monotonic() > deadline:
             raise RuntimeError(f"MLflow server not healthy after {timeout_s} s:\n{output()}")
         time.sleep(0.25)
+
+
+def pg_version() -> str | None:
+    """The newest PostgreSQL server version Debian's postgresql-common can create clusters for."""
+    if not (shutil.which("pg_createcluster") and shutil.which("pg_lsclusters")):
+        return None
+    versions = [p.parent.parent.name for p in Path("/usr/lib/postgresql").glob("*/bin/postgres")]
+    return max(versions, key=lambda v: [int(x) for x in v.split(".") if x.isdigit()], default=None)
+
+
+def _cluster_processes(data_dir: Path, name: str) -> list[int]:
+    """PIDs of the postmaster of `data_dir` and its children (their command lines name the data dir
+    or the cluster, as in `postgres: 15/cvae_test_1a2b3c4d: checkpointer`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(data_dir) in cmdline or f"/{name}:" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@contextlib.contextmanager
+def private_postgres(start: bool = True):
+    """A PostgreSQL cluster of its own, so that no test starts, stops or writes into the machine's.
+
+    Created with Debian's pg_createcluster under a PG_CLUSTER_CONF_ROOT of its own (so pg_lsclusters
+    and pg_ctlcluster, and therefore mlflow/setup_postgres.sh, see this cluster and no other), owned
+    by the `postgres` user, with its data, configuration, log, pid file and Unix socket in one temporary
+    folder, a free port and no TCP listener. Needs root (the cluster belongs to `postgres`).
+
+    Yields {"version", "name", "data_dir", "socket_dir", "port", "owner", "env"}, where `env` holds the
+    variables that point pg_* tools and mlflow/setup_postgres.sh at it. `start=False` leaves it down.
+    On exit the server is stopped, the folder removed, and it fails if a server process survives."""
+    version = pg_version()
+    if version is None:
+        raise RuntimeError("PostgreSQL is not installed (apt-get install -y postgresql)")
+    # Not under pytest's tmp_path: its root is 0700 and the server runs as `postgres`.
+    root = Path(tempfile.mkdtemp(prefix="cvae-pg-"))
+    name = f"cvae_test_{secrets.token_hex(4)}"  # unique: teardown finds its processes by this name
+    root.chmod(0o755)
+    socket_dir, data_dir, port = root / "socket", root / "data", free_port()
+    env = {"PG_CLUSTER_CONF_ROOT": str(root / "etc"), "CVAE_PG_SOCKET_DIR": str(socket_dir),
+           "CVAE_PG_PORT": str(port)}
+    full_env = {**os.environ, **env}
+
+    def ctl(action: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(["pg_ctlcluster", version, name, action], env=full_env,
+                              capture_output=True, text=True, timeout=120, check=check)
+
+    try:
+        subprocess.run(["pg_createcluster", "--quiet", version, name, "--user", "postgres",
+                        "--datadir", str(data_dir), "--socketdir", str(socket_dir),
+                        "--logfile", str(root / "server.log"), "--port", str(port), "--start-conf", "manual",
+                        # else pg_ctlcluster puts a pid file into /var/run/postgresql (socket_dir is postgres's)
+                        "--pgoption", f"external_pid_file={socket_dir / 'server.pid'}", "--pgoption", "ssl=off"],
+                       env=full_env, capture_output=True, text=True, timeout=120, check=True)
+        # Unix socket only: nothing listens on a TCP port (pg_createcluster cannot write an empty value).
+        (root / "etc" / version / name / "conf.d" / "no_tcp.conf").write_text("listen_addresses = ''\n")
+        if start:
+            ctl("start")
+        yield {"version": version, "name": name, "data_dir": data_dir, "socket_dir": socket_dir,
+               "port": port, "owner": "postgres", "env": env}
+    finally:
+        if data_dir.exists():
+            ctl("stop", check=False)  # "Cluster is not running." when the test never started it
+            deadline = time.monotonic() + 30
+            while _cluster_processes(data_dir, name) and time.monotonic() < deadline:
+                time.sleep(0.2)
+        survivors = _cluster_processes(data_dir, name)
+        for pid in survivors:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+        assert not survivors, f"PostgreSQL server processes of {data_dir} survived teardown: {survivors}"
