@@ -98,7 +98,8 @@ class Options:
     min_free_mb: float = DEFAULT_MIN_FREE_MB
     verbose: bool = False
     # Python API only: extra ray.tune.Callback objects for a new study, called before the disk
-    # guard (a test fills the disk at a checkpoint event with one)
+    # guard (the fault tests act at Tune's events with them). Tune saves them with its run
+    # config: a --resume restores them, so their classes must be importable by the resuming driver.
     callbacks: tuple = ()
 
 
