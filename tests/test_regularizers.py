@@ -4,7 +4,7 @@ import torch
 
 from cvae_core.data import load_corpus, make_batch
 from cvae_core.models import build_model
-from cvae_core.objectives import Objective, free_bits_kl
+from cvae_core.objectives import Objective, free_bits_kl, imq_mmd
 
 
 def test_free_bits_clamp_per_example_and_per_dimension():
@@ -46,9 +46,22 @@ def test_wae_objective_adds_ten_times_mmd_unannealed_and_caps_kl_at_0_8(tiny_con
 
 
 def test_wae_nf_matches_the_flowed_sample(tiny_config):
-    config, model, out, (loss, parts) = _parts(tiny_config, "wae-nf", step=1)
+    config = tiny_config("wae-nf")
+    corpus = load_corpus(config.data, ("train",))
+    model = build_model(config, len(corpus.vocab)).eval()
+    torch.manual_seed(0)
+    out = model(make_batch(corpus["train"].examples[:6]))
+    rng = torch.get_rng_state()
+    loss, parts = Objective(config)(model, out, 1)
     assert config.model.posterior == "nf" and "mmd" in parts
-    assert not torch.equal(out.sample.z, out.sample.base)  # the MMD sees zK, not z0
+    # the prior draw the objective made, drawn again from the same generator state
+    torch.set_rng_state(rng)
+    z, base = out.sample.z, out.sample.base
+    prior_draw = out.prior.sample((z.shape[0],)).to(z)
+    assert not torch.equal(z, base)
+    # the MMD is the one of the flowed sample zK, not of the base sample z0
+    assert parts["mmd"].item() == pytest.approx(imq_mmd(z, prior_draw, z.shape[-1]).item(), rel=1e-6)
+    assert parts["mmd"].item() != pytest.approx(imq_mmd(base, prior_draw, z.shape[-1]).item(), rel=1e-3)
 
 
 def test_cyclic_preset_schedule(tiny_config):
