@@ -182,6 +182,7 @@ def test_study_on_two_nodes_without_a_shared_disk_resumes_from_the_bucket(tmp_pa
     spec_path = tiny_spec(tmp_path / "tiny_objstore.yaml", [{"preset": "vae"}], num_samples=1, steps=STEPS)
     raw = yaml.safe_load(spec_path.read_text())
     raw["scheduler"]["grace_period"] = EVALS  # ASHA stops nothing: both trials train to the end
+    raw["base"]["preset"] = "coupled-vae"  # the proposal differs from the vae baseline: no tie for the champion
     spec_path.write_text(yaml.safe_dump(raw))
 
     # the nodes' folders: short paths (Ray's socket paths under --temp-dir must fit 107 bytes)
@@ -317,7 +318,8 @@ def test_study_on_two_nodes_without_a_shared_disk_resumes_from_the_bucket(tmp_pa
         done = subprocess.run(
             [sys.executable, "-m", "analysis", "best", "--tracking-uri", server["url"], "--experiment", experiment,
              "--study", study, "--split", "test", "--n-samples", "4", "--mi-samples", "4", "--limit", "24",
-             "--no-bleu", "--no-dist", "--no-grad-norms", "--out", str(best_dir / "download"), "--json"],
+             "--no-bleu", "--no-dist", "--no-grad-norms", "--out", str(best_dir / "download"), "--json", "--register",
+             "--model-name", f"cvae-{run_id}"],
             cwd=best_dir, env={**base, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         evaluation = json.loads(done.stdout)
@@ -328,3 +330,10 @@ def test_study_on_two_nodes_without_a_shared_disk_resumes_from_the_bucket(tmp_pa
             Bucket=BUCKET, Key=f"mlartifacts/{exp.experiment_id}/{champion}/artifacts/checkpoint/manifest.json")
         assert json.loads((best_dir / "download" / "checkpoint" / "manifest.json").read_text()) == json.loads(
             manifest["Body"].read())
+        # registered as the champion: the model's files went through the server into the bucket too
+        version = client.get_model_version_by_alias(f"cvae-{run_id}", "champion")
+        assert version.run_id == champion
+        model_keys = [o["Key"] for page in s3["client"].get_paginator("list_objects_v2").paginate(
+            Bucket=BUCKET, Prefix=f"mlartifacts/{exp.experiment_id}/") for o in page.get("Contents", [])]
+        assert any(k.endswith("/MLmodel") for k in model_keys), model_keys
+        assert not _local_leftovers(server["cwd"], [])
