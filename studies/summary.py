@@ -114,11 +114,24 @@ def _core_best(records: list[dict]) -> dict:
 
 
 def _checkpoint_at(result, step: float | None) -> str:
-    """The path of the checkpoint Tune kept for ``step`` ("" if none was kept)."""
+    """Where the checkpoint Tune kept for ``step`` is ("" if none was kept): a local path, or a
+    URI on remote storage."""
     for checkpoint, metrics in (result.best_checkpoints or []) if result is not None else []:
         if metrics.get("step") == step:
-            return checkpoint.path
+            return checkpoint_location(checkpoint)
     return ""
+
+
+REMOTE_SCHEMES = ("s3", "gcs")  # pyarrow filesystem type names whose paths start with the bucket
+
+
+def checkpoint_location(checkpoint) -> str:
+    """A Tune checkpoint's location as the user can open it again. ``Checkpoint.path`` is
+    relative to its pyarrow filesystem, which drops the scheme of remote storage: a checkpoint
+    in ``s3://bucket/ray_results/...`` has the path ``bucket/ray_results/...``, which reads as a
+    local folder that does not exist (in the summary and the parent run's best-checkpoint tag)."""
+    scheme = getattr(getattr(checkpoint, "filesystem", None), "type_name", "local")
+    return f"{scheme}://{checkpoint.path}" if scheme in REMOTE_SCHEMES else checkpoint.path
 
 
 def finite(value: Any) -> bool:

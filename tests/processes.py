@@ -1,6 +1,7 @@
 """Child processes for tests: free loopback ports, process groups that are torn down with bounded
-waits and checked for survivors, a real `mlflow server` started through mlflow/server.py, and a
-throwaway PostgreSQL cluster (the machine's own cluster is never started or stopped by a test)."""
+waits and checked for survivors, a real `mlflow server` started through mlflow/server.py, a
+throwaway PostgreSQL cluster (the machine's own cluster is never started or stopped by a test),
+and an S3-compatible object store on loopback (moto's standalone server, from the dev extra)."""
 from __future__ import annotations
 
 import contextlib
@@ -70,17 +71,21 @@ def kill_group(proc: subprocess.Popen) -> list[int]:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, extra_args: tuple[str, ...] = (), port: int | None = None, umask: int = -1):
-    """mlflow/server.py on 127.0.0.1 (free port, SQLite backend and proxied artifacts under `root`;
-    `extra_args` such as ("--auth-file", PATH) are passed on; `umask`, if given, is the server's).
+def mlflow_server(root: Path, extra_args: tuple[str, ...] = (), port: int | None = None, umask: int = -1,
+                  backend_uri: str | None = None, artifacts_destination: str | None = None,
+                  env: dict[str, str] | None = None):
+    """mlflow/server.py on 127.0.0.1 (free port, SQLite backend and proxied artifacts under `root`
+    unless `backend_uri` / `artifacts_destination` say otherwise; `extra_args` such as
+    ("--auth-file", PATH) are passed on; `env` is added to the server's environment, e.g. an S3
+    endpoint; `umask`, if given, is the server's).
 
     Yields {"url", "port", "artifacts", "cwd"}; on exit kills the whole process group (uvicorn
     workers included) and fails if any of it survives."""
-    artifacts, workdir = root / "artifacts", root / "cwd"
+    artifacts, workdir = artifacts_destination or root / "artifacts", root / "cwd"
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()  # a fixed port: the same server restarted
-    env = env_without_mlflow(CVAE_MLFLOW_BACKEND_URI=f"sqlite:///{root / 'mlflow.db'}",
-                             CVAE_MLFLOW_ARTIFACTS_DESTINATION=str(artifacts))
+    env = env_without_mlflow(CVAE_MLFLOW_BACKEND_URI=backend_uri or f"sqlite:///{root / 'mlflow.db'}",
+                             CVAE_MLFLOW_ARTIFACTS_DESTINATION=str(artifacts), **(env or {}))
     log_path = root / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(MLFLOW_LAUNCHER), "--host", "127.0.0.1", "--port", str(port),
@@ -190,3 +195,64 @@ def private_postgres(start: bool = True):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
         assert not survivors, f"PostgreSQL server processes of {data_dir} survived teardown: {survivors}"
+
+
+S3_STARTUP_TIMEOUT_S = 60
+S3_REGION = "us-east-1"
+
+
+def s3_client_env(endpoint: str) -> dict[str, str]:
+    """What every S3 client of the tests needs for the loopback store: boto3 (MLflow's artifact
+    store) and pyarrow (Ray Tune's s3:// storage) both honour AWS_ENDPOINT_URL; MLflow's own
+    MLFLOW_S3_ENDPOINT_URL names it for MLflow explicitly. The credentials are moto's dummies."""
+    return {"AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": S3_REGION, "AWS_REGION": S3_REGION,
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def env_without_aws(env: dict[str, str]) -> dict[str, str]:
+    """``env`` minus the developer's AWS settings (a profile or a real endpoint must not leak in)."""
+    return {k: v for k, v in env.items() if not k.startswith("AWS_")}
+
+
+@contextlib.contextmanager
+def s3_server(root: Path, buckets: tuple[str, ...] = ()):
+    """moto's S3 server (``python -m moto.server``) on 127.0.0.1 as its own process group, with
+    ``buckets`` created. Everything it stores is in its memory: nothing is written under a local
+    folder a test could mistake for the bucket.
+
+    Yields {"endpoint", "env" (see :func:`s3_client_env`), "client" (boto3)}; on exit kills the
+    group and fails if any of it survives."""
+    import boto3
+    from botocore.config import Config
+
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = s3_client_env(endpoint)
+    log_path = root / "moto.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                env={**env_without_aws(os.environ), **env}, cwd=root, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=S3_REGION, aws_access_key_id="testing",
+                              aws_secret_access_key="testing", config=Config(retries={"max_attempts": 1}))
+        deadline = time.monotonic() + S3_STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                client.list_buckets()
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server not up after {S3_STARTUP_TIMEOUT_S} s:\n"
+                                       f"{log_path.read_text()[-3000:]}") from None
+                time.sleep(0.25)
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield {"endpoint": endpoint, "env": env, "client": client}
+    finally:
+        survivors = kill_group(proc)
+        assert not survivors, f"moto server processes survived teardown: {survivors}"

@@ -140,16 +140,30 @@ def test_every_node_exports_tracking_uri_and_storage_path(raw, tmp_path):
     env = {"HOME": str(home), "PATH": os.environ["PATH"], "RAY_HEAD_IP": "10.0.0.5"}
     for command in [raw["setup_commands"][0], raw["worker_start_ray_commands"][0]]:
         subprocess.run(["bash", "-c", command], env=env, check=True, timeout=30)
-    probe = "echo $MLFLOW_TRACKING_URI $CVAE_STORAGE_PATH $RAY_AUTH_MODE $CVAE_HEAD_IP"
+    probe = ("echo $MLFLOW_TRACKING_URI $CVAE_STORAGE_PATH $RAY_AUTH_MODE $CVAE_HEAD_IP "
+             "$CVAE_MLFLOW_ARTIFACTS_DESTINATION $AWS_DEFAULT_REGION")
     shell = subprocess.run(
         ["bash", "-i", "-c", probe], env=env, capture_output=True, text=True, check=True, timeout=30,
         stdin=subprocess.DEVNULL,
     )
-    uri, storage, auth_mode, head_ip = shell.stdout.split()
+    uri, storage, auth_mode, head_ip, artifacts, region = shell.stdout.split()
     assert uri == "http://10.0.0.5:5000"
     assert storage.startswith("s3://") and storage.endswith("/ray_results")
     assert auth_mode == "token"
     assert head_ip == "10.0.0.5"
+    # no shared disk: MLflow's artifacts go to the same bucket as Tune's storage, in the region named
+    bucket = storage[len("s3://"):].split("/", 1)[0]
+    assert artifacts.startswith(f"s3://{bucket}/") and artifacts != storage
+    assert region == raw["provider"]["region"]
+
+
+def test_readme_states_the_storage_a_cluster_needs():
+    readme = (REPO / "README.md").read_text()
+    cluster = readme[readme.index("### On a cluster"):readme.index("### Resume")]
+    for setting in ("CVAE_STORAGE_PATH", "--storage-path s3://", "--artifacts-destination s3://",
+                    "CVAE_MLFLOW_ARTIFACTS_DESTINATION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
+                    "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "tests/test_object_store_cluster.py"):
+        assert setting in cluster, setting
 
 
 def test_every_placeholder_is_listed_in_the_readme_with_the_token_step():
