@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray import tune
 
 from processes import kill_group
 
@@ -146,17 +147,10 @@ def test_study_on_two_nodes_with_fractional_gpus_tracks_a_full_run_tree(cluster,
     # Kill one trial's process after its second evaluation, as a spot preemption would:
     # FailureConfig retries it from its last checkpoint, and it must reopen its own MLflow run.
     killed: dict[str, str] = {}
-    stop = threading.Event()
-    watcher = threading.Thread(target=_kill_one_trial_after, args=(mlflow_server["url"], "two-node-study", 2,
-                                                                  killed, stop), daemon=True)
-    watcher.start()
-    try:
-        outcome = run_study(Options(profile=str(spec_path), root=str(tmp_path / "out"),
-                                    tracking_uri=mlflow_server["url"], address=cluster["address"],
-                                    objectives="val_nll,val_mi_loo", study_name="two-node-study"))
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
+    outcome = run_study(Options(profile=str(spec_path), root=str(tmp_path / "out"),
+                                tracking_uri=mlflow_server["url"], address=cluster["address"],
+                                objectives="val_nll,val_mi_loo", study_name="two-node-study",
+                                callbacks=(_kill_one_trial_after(mlflow_server["url"], 2, killed),)))
     assert killed, "no trial was killed"
     assert outcome.exit_code == 0 and not outcome.interrupted
     assert len(outcome.rows) == 3
@@ -231,31 +225,34 @@ def test_study_on_two_nodes_with_fractional_gpus_tracks_a_full_run_tree(cluster,
         "PRUNED" if r.status == "stopped" else "COMPLETE" for r in searched)
 
 
-def _act_once_a_trial_has_evaluated(url, study_name, n_evals, stop, act):
-    """Call ``act(run)`` once, on the MLflow run of the first RUNNING trial that has logged
-    ``n_evals`` evaluations (polling until ``stop`` is set)."""
-    client = _client(url)
-    while not stop.is_set():
-        try:
-            _, children = _study_runs(client, study_name)
-        except Exception:  # noqa: BLE001 - the experiment may not exist yet
-            children = []
-        for child in children:
-            if child.info.status != "RUNNING" or "ray.pid" not in child.data.tags:
-                continue
-            if len(client.get_metric_history(child.info.run_id, "val_nll")) >= n_evals:
-                act(child)
-                return
-        time.sleep(0.3)
+class ActOnEvaluation(tune.Callback):
+    """A Tune callback (``Options.callbacks``) that calls ``act(run)`` once, with the MLflow run of
+    the first trial whose ``n_evals``-th evaluation the driver receives: the fault comes at that
+    event, while the trial is surely still training, not after a poll that a fast trial outruns."""
+
+    def __init__(self, url, n_evals, act):
+        self.url, self.n_evals, self.act, self.done = url, n_evals, act, False
+
+    def __getstate__(self):  # Tune pickles its callbacks; the action holds live Ray nodes
+        return {**self.__dict__, "act": None}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.done or result.get("training_iteration", 0) < self.n_evals:
+            return
+        self.done = True
+        [run] = _client(self.url).search_runs(
+            [e.experiment_id for e in _client(self.url).search_experiments()],
+            f"tags.ray_trial_id = '{trial.trial_id}'")
+        self.act(run)
 
 
-def _kill_one_trial_after(url, study_name, n_evals, killed, stop):
-    """SIGKILL the process of the first trial that has logged ``n_evals`` evaluations."""
+def _kill_one_trial_after(url, n_evals, killed):
+    """SIGKILL the process of the first trial that reports its ``n_evals``-th evaluation."""
     def kill(run):
         killed.update(trial=run.data.tags["ray_trial_id"], pid=run.data.tags["ray.pid"])
         os.kill(int(killed["pid"]), signal.SIGKILL)
 
-    _act_once_a_trial_has_evaluated(url, study_name, n_evals, stop, kill)
+    return ActOnEvaluation(url, n_evals, kill)
 
 
 def _typed(core_value, text):
@@ -392,9 +389,9 @@ def test_interrupted_study_resumes_without_rerunning_or_duplicating(cluster, mlf
     assert len(study.trials) == 3  # the proposals only; none repeated by the restore
 
 
-def _remove_node_after(cluster_info, url, study_name, n_evals, removed, stop):
-    """Remove (hard: its raylet and workers are killed) the node that runs the first trial having
-    logged ``n_evals`` evaluations (trials run on worker nodes only: the head has no CPU)."""
+def _remove_node_after(cluster_info, url, n_evals, removed):
+    """Remove (hard: its raylet and workers are killed) the node that runs the first trial that
+    reports its ``n_evals``-th evaluation (trials run on worker nodes only: the head has no CPU)."""
     nodes = {n.node_id: n for n in cluster_info["cluster"].worker_nodes}
 
     def remove(run):
@@ -402,7 +399,7 @@ def _remove_node_after(cluster_info, url, study_name, n_evals, removed, stop):
         removed.update(node_id=node_id, trial=run.data.tags["ray_trial_id"], pid=run.data.tags["ray.pid"])
         cluster_info["cluster"].remove_node(nodes[node_id], allow_graceful=False)
 
-    _act_once_a_trial_has_evaluated(url, study_name, n_evals, stop, remove)
+    return ActOnEvaluation(url, n_evals, remove)
 
 
 def test_a_removed_node_costs_its_trials_minutes_not_the_study(cluster, mlflow_server, tmp_path):
@@ -414,17 +411,10 @@ def test_a_removed_node_costs_its_trials_minutes_not_the_study(cluster, mlflow_s
     cluster["pids"].extend(p.process.pid for infos in spare.all_processes.values() for p in infos if p.process)
     spec_path = _tiny_spec(tmp_path / "tiny_node_loss.yaml", steps=60, num_samples=2, grace_period=6)
     removed: dict[str, str] = {}
-    stop = threading.Event()
-    watcher = threading.Thread(target=_remove_node_after, args=(cluster, mlflow_server["url"], "node-loss", 2,
-                                                                removed, stop), daemon=True)
-    watcher.start()
-    try:
-        outcome = run_study(Options(profile=str(spec_path), root=str(tmp_path / "out"),
-                                    tracking_uri=mlflow_server["url"], address=cluster["address"],
-                                    study_name="node-loss"))
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
+    outcome = run_study(Options(profile=str(spec_path), root=str(tmp_path / "out"),
+                                tracking_uri=mlflow_server["url"], address=cluster["address"],
+                                study_name="node-loss", callbacks=(_remove_node_after(cluster, mlflow_server["url"], 2,
+                                                                                      removed),)))
     assert removed, "no node was removed"
     assert outcome.exit_code == 0 and not outcome.interrupted
     # grace period = all 6 evaluations: no trial may stop early, so every one trained to the end
