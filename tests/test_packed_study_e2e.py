@@ -10,7 +10,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -38,21 +37,11 @@ def test_packed_study_records_each_member_as_a_trial(tmp_path, capsys, no_tracki
     raw["resources"]["pack"] = 3
     spec.write_text(yaml.safe_dump(raw))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # The store exists before the watcher polls it: otherwise its client and the study would create
-    # it at the same time, and the study's check can see an SQLite file whose tables are not there yet.
-    MlflowClient(uri).search_experiments()
-    # the first pack to log two evaluations loses its worker process (SIGKILL): Tune retries it from
-    # its checkpoint of the first
+    # the first pack to report two evaluations loses its worker process (SIGKILL): Tune retries it
+    # from its checkpoint of the first
     killed: dict[str, str] = {}
-    stop = threading.Event()
-    watcher = threading.Thread(target=_kill_one_trial_after, args=(uri, "packed", 2, killed, stop), daemon=True)
-    watcher.start()
-    try:
-        outcome = run_study(Options(profile=str(spec), root=str(tmp_path / "out"), tracking_uri=uri,
-                                    study_name="packed"))
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
+    outcome = run_study(Options(profile=str(spec), root=str(tmp_path / "out"), tracking_uri=uri,
+                                study_name="packed", callbacks=(_kill_one_trial_after(uri, 2, killed),)))
     out = capsys.readouterr().out
     assert outcome.exit_code == 0 and not outcome.interrupted, out
     assert killed, "no pack was killed: the retry went unchecked"

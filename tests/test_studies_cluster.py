@@ -227,7 +227,7 @@ def test_study_on_two_nodes_with_fractional_gpus_tracks_a_full_run_tree(cluster,
 
 class ActOnEvaluation(tune.Callback):
     """A Tune callback (``Options.callbacks``) that calls ``act(run)`` once, with the MLflow run of
-    the first trial whose ``n_evals``-th evaluation the driver receives: the fault comes at that
+    the first trial (or pack member) whose ``n_evals``-th evaluation the driver receives: the fault comes at that
     event, while the trial is surely still training, not after a poll that a fast trial outruns."""
 
     def __init__(self, url, n_evals, act):
@@ -240,10 +240,10 @@ class ActOnEvaluation(tune.Callback):
         if self.done or result.get("training_iteration", 0) < self.n_evals:
             return
         self.done = True
-        [run] = _client(self.url).search_runs(
-            [e.experiment_id for e in _client(self.url).search_experiments()],
-            f"tags.ray_trial_id = '{trial.trial_id}'")
-        self.act(run)
+        # the trial's run, or for a pack trial its first member's (member ids are "<pack id>-<k>")
+        runs = _client(self.url).search_runs([e.experiment_id for e in _client(self.url).search_experiments()],
+                                             f"tags.ray_trial_id LIKE '{trial.trial_id}%'")
+        self.act(min(runs, key=lambda run: run.data.tags["ray_trial_id"]))
 
 
 def _kill_one_trial_after(url, n_evals, killed):
