@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,6 +22,51 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MLFLOW_LAUNCHER = REPO / "mlflow" / "server.py"
 MLFLOW_STARTUP_TIMEOUT_S = 90
+
+
+def pump_lines(proc: subprocess.Popen, log_path: Path) -> "queue.Queue[str | None]":
+    """Copy ``proc``'s stdout to ``log_path`` and into a queue, line by line, from a daemon thread;
+    None follows the last line. A test reads the queue to act on a line as soon as it is printed."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        with open(log_path, "a") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def follow_until_exit(proc: subprocess.Popen, lines: "queue.Queue[str | None]", timeout_s: float,
+                      on_line=None) -> str:
+    """Read ``lines`` (from :func:`pump_lines`) until ``proc`` has printed its last, calling
+    ``on_line(line)`` on each as it comes; past ``timeout_s`` kill its group and fail the test.
+    -> everything it printed."""
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    out = []
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            line = ""
+        if line is None:
+            break
+        if line:
+            out.append(line)
+            if on_line:
+                on_line(line)
+        if time.monotonic() > deadline:
+            kill_group(proc)
+            pytest.fail(f"{proc.args[1] if len(proc.args) > 1 else proc.args} did not finish in {timeout_s:g} s:\n"
+                        + "".join(out[-60:]))
+    proc.wait(timeout=30)
+    return "".join(out)
 
 
 def free_port() -> int:

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from processes import env_without_aws, free_port, kill_group, mlflow_server, s3_server
+from processes import env_without_aws, follow_until_exit, free_port, mlflow_server, pump_lines, s3_server
 from test_fault_divergence import tiny_spec
 
 pytestmark = [
@@ -147,21 +145,6 @@ def postgres_uri(postgres_cluster):
     return done.stdout.strip()
 
 
-def _pump(proc, log_path: Path) -> queue.Queue:
-    lines: queue.Queue = queue.Queue()
-
-    def pump():
-        with open(log_path, "a") as log:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
 def _local_leftovers(root: Path, node_folders: list[Path]) -> list[str]:
     """Tune/MLflow artifact paths under ``root`` outside the nodes' own folders."""
     names = re.compile(r"^(checkpoint_\d+|experiment_state.*\.json|mlartifacts|ray_results|weights\.pt)$")
@@ -236,23 +219,7 @@ def test_study_on_two_nodes_without_a_shared_disk_resumes_from_the_bucket(tmp_pa
                  "--root", str(head_dir / "studies_out"), "--study-name", study, "--experiment", experiment],
                 cwd=head_dir, env=driver_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                 start_new_session=True)
-            lines = _pump(proc, tmp_path / "driver.log")
-            output, deadline = [], time.monotonic() + STUDY_TIMEOUT_S
-            while True:
-                try:
-                    line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-                except queue.Empty:
-                    line = ""
-                if line is None:
-                    break
-                if line:
-                    output.append(line)
-                    on_line(line)
-                if time.monotonic() > deadline:
-                    kill_group(proc)
-                    pytest.fail("the study did not finish in time:\n" + "".join(output[-60:]))
-            proc.wait(timeout=30)
-            output = "".join(output)
+            output = follow_until_exit(proc, pump_lines(proc, tmp_path / "driver.log"), STUDY_TIMEOUT_S, on_line)
         finally:
             for node in nodes:
                 node.kill()

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import pytest
 import yaml
 from ray import tune
 
-from processes import kill_group
+from processes import follow_until_exit, pump_lines
 
 pytestmark = pytest.mark.slow
 
@@ -268,39 +266,7 @@ def _start_cli(args, env, log_path):
     proc = subprocess.Popen([sys.executable, str(REPO / "studies" / "lambda_sweep.py"), *args], env=env,
                             cwd=log_path.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    lines: queue.Queue = queue.Queue()
-
-    def pump():
-        with open(log_path, "a") as log:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return proc, lines
-
-
-def _wait(proc, lines, timeout_s, on_line=None):
-    deadline = time.monotonic() + timeout_s
-    out = []
-    while True:
-        try:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            line = ""
-        if line is None:
-            break
-        if line:
-            out.append(line)
-            if on_line:
-                on_line(line)
-        if time.monotonic() > deadline:
-            kill_group(proc)
-            pytest.fail("study CLI did not finish in time:\n" + "".join(out[-60:]))
-    proc.wait(timeout=30)
-    return "".join(out)
+    return proc, pump_lines(proc, log_path)
 
 
 EVENT = re.compile(r"^\[\s*\d+:\d\d\] (start|eval|done|stopped by ASHA after \d+/\d+ evals,)\s+(\w+)\s+(\d+)?")
@@ -337,7 +303,7 @@ def test_interrupted_study_resumes_without_rerunning_or_duplicating(cluster, mlf
         elif kind.startswith(("done", "stopped")) and "t" not in sent:
             finished.add(trial)
 
-    output = _wait(proc, lines, 300, on_line)
+    output = follow_until_exit(proc, lines, 300, on_line)
     assert sent, "the study finished before it could be interrupted:\n" + output
     assert proc.returncode == 130, output
     assert (f"Interrupted. Continue with: {sys.executable} {REPO / 'studies' / 'lambda_sweep.py'} --resume resumable "
@@ -354,7 +320,7 @@ def test_interrupted_study_resumes_without_rerunning_or_duplicating(cluster, mlf
 
     # second session: --resume completes the study
     proc, lines = _start_cli([*common, "--resume", "resumable"], env, log_path)
-    output = _wait(proc, lines, 300)
+    output = follow_until_exit(proc, lines, 300)
     assert proc.returncode == 0, output
     rerun = {m.group(2) for m in map(EVENT.match, output.splitlines()) if m and m.group(1) == "start"}
     assert not rerun & finished, f"finished trials ran again: {rerun & finished}"
