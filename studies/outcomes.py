@@ -19,7 +19,7 @@ import numpy as np
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from .packing import OUTCOME, REASON, member_results, pack_members
+from .results import OUTCOME, REASON, member_results, pack_members
 from .record import Outcome
 from .tracking import StudyRun
 

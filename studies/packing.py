@@ -9,62 +9,20 @@ Ray Tune trial, and stay K trials everywhere else.
 * Members are stopped by ASHA's rule (:class:`studies.outcomes.AshaRule`; Tune's scheduler can
   only stop a whole pack); the pack trials ask it, held in one Ray actor on the driver's node, at
   every evaluation.
-* A pack trial reports one flat result per evaluation: ``member/<member id>/<metric>`` for each
-  member evaluated, and ``member/<member id>/outcome`` (+ ``/reason``) once a member has ended.
+* A pack trial's result layout (member keys, outcomes) is in :mod:`studies.results`.
 
 The pack trainable itself is :func:`studies.trainable.train_pack_trial`.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ray.tune.search import Searcher
 
+from .results import DIVERGED, NAN_OBJECTIVES, OUTCOME, PACK_CONFIG, REASON, TRAINING_ITERATION, member_results
 from .searcher import SearcherWrapper
-
-PACK_CONFIG = "pack_members"  # a pack trial's config: {PACK_CONFIG: [{"trial_id": ..., "config": {...}}, ...]}
-MEMBER_PREFIX = "member/"
-OUTCOME = "outcome"
-REASON = "reason"
-TRAINING_ITERATION = "training_iteration"  # a member's own number of evaluations
-PACK_STATE = "pack.json"  # in a pack's Tune checkpoint: the members that ended, and how
-
-
-def member_key(member_id: str, name: str) -> str:
-    return f"{MEMBER_PREFIX}{member_id}/{name}"
-
-
-def member_results(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A pack trial's flat result -> member id -> its values in that result (finite numbers and
-    strings; a dataframe row's NaN for a member absent from that report is dropped)."""
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in result.items():
-        if not key.startswith(MEMBER_PREFIX):
-            continue
-        member_id, _, name = key[len(MEMBER_PREFIX):].partition("/")
-        if isinstance(value, float) and math.isnan(value) and name != OUTCOME:
-            continue
-        if value is None or (name == OUTCOME and not isinstance(value, str)):
-            continue
-        out.setdefault(member_id, {})[name] = value
-    return out
-
-
-def pack_members(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]] | None:
-    """A trial's config -> [(member id, member config)] for a pack trial, else None."""
-    members = config.get(PACK_CONFIG)
-    if members is None:
-        return None
-    return [(m["trial_id"], dict(m["config"])) for m in members]
-
-
-def count_trials(trials) -> int:
-    """Study trials among Ray's trials: a pack counts its members."""
-    return sum(len(pack_members(dict(t.config)) or [None]) for t in trials)
-
 
 @dataclass(frozen=True)
 class PackKey:
@@ -144,8 +102,6 @@ class PackSearcher(SearcherWrapper):
         return {PACK_CONFIG: [{"trial_id": member_id, "config": config} for member_id, config in members]}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        from .trainable import DIVERGED, NAN_OBJECTIVES
-
         for member_id, values in member_results(result).items():
             if member_id in self.completed or member_id not in self.packs.get(trial_id, ()):
                 continue

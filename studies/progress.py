@@ -13,7 +13,7 @@ import time
 from ray import tune
 
 from .outcomes import first_error_line, trial_outcome
-from .packing import OUTCOME, PACK_CONFIG, REASON, member_results, pack_members
+from .results import OUTCOME, PACK_CONFIG, REASON, member_results, pack_members
 from .record import Outcome
 from .spaces import describe
 

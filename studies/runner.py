@@ -276,7 +276,7 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
     from .progress import StudyProgress
     from .snapshots import KeepLastGoodSnapshot, repair_snapshot
 
-    from .packing import count_trials
+    from .results import count_trials
 
     trainable = _trainable(spec, state, corpus, steps)
     packed = spec.resources.pack > 1

@@ -43,7 +43,7 @@ from ray.tune.search.optuna import OptunaSearch
 from cvae_core.metrics.names import IS_BEST
 
 from .spec import own_seed
-from .trainable import DIVERGED
+from .results import DIVERGED
 
 MAX_REPEATS = 50  # re-asks when the inner searcher proposes configurations that already ran
 RANK_METRIC = "val_nll"  # the core's selection metric, for results that do not carry its is_best flag
@@ -374,7 +374,7 @@ def record_grid_in_optuna(spec, state, rows) -> None:
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState, create_trial
 
-    from .summary import finite
+    from .summary import TrialRow, finite
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=state.optuna_storage, study_name=state.study_name, load_if_exists=True,

@@ -46,7 +46,7 @@ def collect_rows(spec: StudySpec, results, trials, statuses: dict[str, str], run
     """One row per study trial (a packed study: per member of each pack).  ``results``: Tune's
     ResultGrid; ``trials``: the saved Ray trials; ``statuses``: their saved Ray statuses; ``runs``:
     trial id -> its MLflow run, whose ``Tag.OUTCOME`` says how a finished trial ended."""
-    from .packing import member_results, pack_members
+    from .results import member_results, pack_members
 
     by_path = {result.path: result for result in results}
     rows = []

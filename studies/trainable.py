@@ -38,10 +38,11 @@ from cvae_core import build_config, checkpoint_step, train
 from cvae_core.config import Config, resolve_key
 from cvae_core.data import Corpus
 from cvae_core.errors import CvaeError, Diverged
-from cvae_core.metrics.names import IS_BEST, METRICS
+from cvae_core.metrics.names import IS_BEST
 
 from .spaces import SEARCH_PREFIX, describe
 from .record import Tag
+from .results import DIVERGED, NAN_OBJECTIVES
 from .tracking import StudyContext, TrialRun
 
 RESERVED = {"preset"}
@@ -87,11 +88,6 @@ def _scratch_dir(trial_id: str) -> Path:
     else:
         base = Path(tempfile.gettempdir()).resolve() / "cvae-trials"
     return base / f"cvae-run-{trial_id}"
-
-
-DIVERGED = "diverged"  # the result key that tells the driver (studies/outcomes.py)
-# A NaN for every metric an objective or the scheduler may name: Optuna records the trial as FAIL.
-NAN_OBJECTIVES = {f"val_{m.name}": float("nan") for m in METRICS.values() if m.ranked or m.name == "kl"}
 
 
 def run_name(config: dict[str, Any], core_config: Config, study: StudyContext) -> str:
@@ -220,7 +216,7 @@ def train_pack_trial(config: dict[str, Any], corpus: Corpus | None = None, study
     a retry or ``--resume`` continues the active members from it."""
     if study is None:
         raise CvaeError("train_pack_trial needs the study context: wrap it with tune.with_parameters(..., study=...)")
-    from .packing import pack_members
+    from .results import pack_members
 
     _prepare_worker(study)
     context = tune.get_context()
@@ -248,7 +244,7 @@ def _run_pack(members: list[tuple[str, dict[str, Any]]], study: StudyContext, co
 
     from cvae_core.packed import train_pack
 
-    from .packing import OUTCOME, PACK_STATE, REASON, TRAINING_ITERATION, member_key
+    from .results import OUTCOME, PACK_STATE, REASON, TRAINING_ITERATION, member_key
     from .record import Outcome
 
     ended: dict[str, dict[str, str]] = json.loads((Path(restored) / PACK_STATE).read_text())["ended"] if restored else {}

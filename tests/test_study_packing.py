@@ -11,9 +11,9 @@ import pytest
 from optuna.trial import TrialState
 
 from studies.outcomes import AshaRule
-from studies.packing import (OUTCOME, PACK_CONFIG, REASON, TRAINING_ITERATION, PackKey, PackSearcher,
-                             member_key, member_results)
+from studies.packing import PackKey, PackSearcher
 from studies.record import Outcome
+from studies.results import OUTCOME, PACK_CONFIG, REASON, TRAINING_ITERATION, member_key, member_results
 from studies.searcher import NoSearch, StudyOptunaSearch, StudySearcher
 from studies.spaces import SPACES
 
