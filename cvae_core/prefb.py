@@ -30,15 +30,16 @@ def pretraining_config(config: Config) -> Config:
     return dae
 
 
-def pretrained_dae(config: Config, output_dir: Path, corpus: Corpus, log: Callable[[str], None]) -> Path | None:
+def pretrained_dae(config: Config, output_dir: Path, corpus: Corpus, log: Callable[[str], None],
+                   train: Callable) -> Path | None:
     """The DAE checkpoint that initialises this run: ``train.init_from``, or the best checkpoint of
-    a DAE trained (or resumed, or reused when finished) in ``output_dir/pretrain``; None if neither."""
+    a DAE trained (or resumed, or reused when finished) in ``output_dir/pretrain``; None if neither.
+    The stage is a training run of its own: ``train`` is :func:`cvae_core.train.train`, which calls
+    this function."""
     if config.train.init_from:
         return Path(config.train.init_from)
     if not config.train.pretrain_steps:
         return None
-    from .train import train  # the stage is a training run of its own
-
     stage = output_dir / "pretrain"
     log(f"PreFB stage 1: DAE for {config.train.pretrain_steps} steps in {stage} (resumed or reused if there)")
     result = train(pretraining_config(config), stage, resume=True, corpus=corpus,

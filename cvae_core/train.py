@@ -160,7 +160,7 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
         install_checkpoint(resume_from, ckpt_root)
         resume = True
     resuming = resume and latest.exists()
-    dae_checkpoint = None if resuming else pretrained_dae(config, output_dir, corpus, log)
+    dae_checkpoint = None if resuming else pretrained_dae(config, output_dir, corpus, log, train)
     torch.manual_seed(config.train.seed)  # after any pretraining stage, so the run is the same either way
     model = build_model(config, len(corpus.vocab)).to(device)
     if dae_checkpoint is not None:

