@@ -8,7 +8,7 @@ import re
 from cvae_core.metrics.names import metric as metric_info
 
 from .paper import DATASET_LABELS
-from .stats import PairedDifference, Summary
+from cvae_core.stats import PairedDifference, Summary
 from .store import AnalysisError
 from .tables import Block, Row, Table
 

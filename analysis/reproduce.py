@@ -19,7 +19,7 @@ from cvae_core.metrics.names import metric as metric_info
 
 from .paper import DATASET_LABELS, PAPER_ROWS, SOURCE, PaperRow
 from .selection import cfg, matches_coupling, metric_column, paired_runs, pick_config
-from .stats import PairedDifference, paired_difference, summarize
+from cvae_core.stats import PairedDifference, paired_difference, summarize
 from .store import AnalysisError
 from .tables import preset_coupling
 
@@ -57,19 +57,23 @@ class Effect:
         return self.ours.mean if self.ours is not None and self.ours.n else self.ours_unpaired
 
     def verdict(self) -> str:
+        """reproduced / contradicted: our paired 95% interval excludes 0, on the paper's side or
+        the other; cannot check: it includes 0, or no seed pairs give one (the sign is said)."""
         ours = self.ours_value
         if math.isnan(ours):
             return "n/a"
         if self.paper == 0:
             return "paper: no change"
-        if ours == 0:
-            return "no change"
-        agree = (ours > 0) == (self.paper > 0)
-        significant = self.ours is not None and self.ours.excludes_zero
-        noisy = self.ours is not None and self.ours.n >= 2 and not self.ours.excludes_zero
-        if agree:
-            return "agrees" + (" (CI excludes 0)" if significant else " (CI includes 0)" if noisy else "")
-        return "DISAGREES" + (" (CI excludes 0)" if significant else " (CI includes 0)" if noisy else "")
+        sign = "same sign" if (ours > 0) == (self.paper > 0) else "opposite sign"
+        if self.ours is None or self.ours.n < 2:
+            return f"cannot check: no seed pairs ({sign})"
+        if not self.ours.excludes_zero:
+            return f"cannot check: interval includes 0 ({sign})"
+        return "reproduced" if sign == "same sign" else "contradicted"
+
+    @property
+    def same_sign(self) -> bool:
+        return self.paper != 0 and not math.isnan(self.ours_value) and (self.ours_value > 0) == (self.paper > 0)
 
 
 def _pairs_of_rows(table: str) -> list[tuple[PaperRow, PaperRow]]:
@@ -211,14 +215,15 @@ def report(runs: pd.DataFrame, study: str = "", at: str = "best", statuses=("FIN
             if e.ours is not None and e.ours.n >= 2:
                 ours += f" [{_fmt(e.ours.low, e.metric, True)}, {_fmt(e.ours.high, e.metric, True)}] (n={e.ours.n})"
             verdict = e.verdict()
-            verdict = f"**{verdict}**" if verdict.startswith("DISAGREES") else verdict
+            verdict = f"**{verdict}**" if verdict == "contradicted" else verdict
             lines.append(f"| {e.table} | {DATASET_LABELS.get(e.dataset, e.dataset)} | {e.a} − {e.b} | "
                          f"{metric_info(e.metric).label} | {_fmt(e.paper, e.metric, True)} | {ours} | "
                          f"{verdict} |")
         verdicts = [e.verdict() for e in found]
-        agree = sum(v.startswith("agrees") for v in verdicts)
-        disagree = [v for v in verdicts if v.startswith("DISAGREES")]
-        strong = sum("excludes" in v for v in disagree)
-        lines += ["", f"{len(found)} effects checked: {agree} agree, {len(disagree)} disagree "
-                      f"({strong} with a 95% interval excluding 0), {len(found) - agree - len(disagree)} other."]
+        reproduced, contradicted = verdicts.count("reproduced"), verdicts.count("contradicted")
+        unchecked = sum(v.startswith("cannot check") for v in verdicts)
+        agree = sum(e.same_sign for e in found)
+        lines += ["", f"{len(found)} effects: {reproduced} reproduced, {contradicted} contradicted (a paired 95% "
+                      f"interval excluding 0), {unchecked} cannot check (an interval including 0, or no seed pairs); "
+                      f"by sign alone {agree} agree, {len(found) - agree} do not."]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ import pandas as pd
 from cvae_core.metrics.names import sort_key
 
 from .runs import BEST_PREFIX, CONFIG_PREFIX, FINAL_PREFIX
-from .stats import PairedDifference, Summary, paired_difference, summarize
+from cvae_core.stats import PairedDifference, Summary, paired_difference, summarize
 
 DATASET_ORDER = ("ptb", "yelp13", "yahoo", "text", "switchboard")
 DIALOGUE_PRESETS = ("seq2seq", "cvae", "coupled-cvae")

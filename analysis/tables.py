@@ -27,7 +27,7 @@ from .runs import stopped_early
 from .selection import (DIALOGUE_PRESETS, Comparison, cfg, compare, config_keys, coupling_triples, distance_label,
                         family_label, family_of, format_lambda, matches_coupling, metric_column, ordered_datasets, pick_config,
                         preset_order, summarize_runs, triple_order)
-from .stats import Summary
+from cvae_core.stats import Summary
 
 # the settings that differ between a coupled run and its λ_m = 0 twin (the last two are unused there)
 UNUSED_WITHOUT_MATCHING = ("coupling.lambda_m", "coupling.distance", "coupling.rq_c")

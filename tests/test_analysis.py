@@ -182,7 +182,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
 
 
 def test_t_quantiles_match_the_printed_tables():
-    from analysis.stats import t_quantile
+    from cvae_core.stats import t_quantile
 
     printed = {1: 12.706, 2: 4.303, 4: 2.776, 10: 2.228, 30: 2.042, 120: 1.980}
     for df, value in printed.items():
@@ -191,7 +191,7 @@ def test_t_quantiles_match_the_printed_tables():
 
 
 def test_mean_std_and_paired_difference_on_known_numbers():
-    from analysis.stats import paired_difference, summarize
+    from cvae_core.stats import paired_difference, summarize
 
     s = summarize([100.0, 102.0, float("nan")])
     assert (s.n, s.mean, s.std) == (2, 101.0, pytest.approx(math.sqrt(2)))
@@ -519,9 +519,11 @@ def test_reproduce_puts_ours_beside_the_paper_and_checks_effect_directions(store
     assert "| 1 | VAE | PTB | NLL | 103.6 | 105.0 ± 1.4 | 2 | +1.4 |" in text
     assert "| 2 | Coupled-VAE | Yelp | MI | 9.65 | 9.50 | 1 | -0.15 |" in text
     assert "| 3 | Eucl λ_m=0.1 λ_r=1.0 | PTB | KL | 10.1 | 11.0 | 1 | +0.9 |" in text
-    assert ("| 1 | PTB | Coupled-VAE − VAE | NLL | -0.5 | -1.5 [-7.9, +4.9] (n=2) | agrees (CI includes 0) |"
-            in text)
-    assert "16 effects checked: 16 agree, 0 disagree" in text
+    assert ("| 1 | PTB | Coupled-VAE − VAE | NLL | -0.5 | -1.5 [-7.9, +4.9] (n=2) | "
+            "cannot check: interval includes 0 (same sign) |" in text)
+    assert "| 2 | PTB | Coupled-VAE − VAE | MI | +1.51 | +2.00 [+2.00, +2.00] (n=2) | reproduced |" in text
+    assert ("16 effects: 4 reproduced, 0 contradicted (a paired 95% interval excluding 0), 12 cannot check "
+            "(an interval including 0, or no seed pairs); by sign alone 16 agree, 0 do not." in text)
 
 
 def test_reproduce_flags_an_effect_whose_direction_disagrees(store):
@@ -532,12 +534,22 @@ def test_reproduce_flags_an_effect_whose_direction_disagrees(store):
     coupled_yelp = (runs["preset"] == "coupled-vae") & (runs["dataset"] == "yelp13")
     runs.loc[coupled_yelp, "best.val_nll"] = 196.0  # now worse than the VAE's 194.0, the paper says better
     found = {(e.table, e.dataset, e.metric): e for e in effects(runs)}
-    assert found[("1", "yelp13", "nll")].verdict() == "DISAGREES"
+    assert found[("1", "yelp13", "nll")].verdict() == "cannot check: no seed pairs (opposite sign)"
     assert found[("1", "yelp13", "nll")].ours_value == pytest.approx(2.0)
-    assert found[("1", "ptb", "nll")].verdict() == "agrees (CI includes 0)"
+    assert found[("1", "ptb", "nll")].verdict() == "cannot check: interval includes 0 (same sign)"
     text = report(runs, STUDY)
-    assert "| 1 | Yelp | Coupled-VAE − VAE | NLL | -2.5 | +2.0 | **DISAGREES** |" in text
-    assert "1 disagree" in text
+    assert "| 1 | Yelp | Coupled-VAE − VAE | NLL | -2.5 | +2.0 | cannot check: no seed pairs (opposite sign) |" in text
+    assert "by sign alone 15 agree, 1 do not." in text
+    # a paired interval that excludes 0 decides: on the paper's side or the other
+    ptb = runs["dataset"] == "ptb"
+    vae_by_seed = runs[ptb & (runs["preset"] == "vae")].set_index("seed")["best.val_nll"]
+    coupled = ptb & (runs["preset"] == "coupled-vae") & runs["seed"].isin(vae_by_seed.index)
+    for shift, verdict in (((-3.0, -3.1), "reproduced"), ((+3.0, +3.1), "contradicted")):  # n=2: t = 12.7
+        shifted = runs.copy()
+        seeds = shifted.loc[coupled, "seed"].astype(int)
+        shifted.loc[coupled, "best.val_nll"] = (seeds.map(vae_by_seed) + seeds.map(dict(enumerate(shift)))).astype(float)
+        found = {(e.table, e.dataset, e.metric): e for e in effects(shifted)}
+        assert found[("1", "ptb", "nll")].verdict() == verdict
 
 
 def test_paper_values_are_stored_with_their_source():

@@ -1,5 +1,6 @@
 """Small statistics for reporting spread across seeds: mean ± std and paired differences with a
-Student-t confidence interval.  Exact t quantiles without scipy (scipy is only a dev dependency)."""
+Student-t confidence interval, for the study summary (coupling's effect) and for analysis.
+Exact t quantiles without scipy (scipy is only a dev dependency)."""
 from __future__ import annotations
 
 import math
