@@ -37,11 +37,11 @@ class RecordingASHA(FIFOScheduler):
     a resumed study started from empty rungs and stopped trials the uninterrupted study kept."""
 
     def __init__(self, *, steps: int, metric: str, mode: str, max_t: int, grace_period: int, reduction_factor: int,
-                 state_path: str | None = None):
+                 state_path: str | None = None, keep: dict[str, str] | None = None):
         super().__init__()
         self._metric, self._mode = metric, mode
         self.rule = AshaRule(grace_period, reduction_factor, max_t, mode, metric=metric, steps=steps,
-                             state_path=state_path)
+                             state_path=state_path, keep=keep)
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
         return True  # the spec's scheduler metric and mode, given at construction
@@ -50,7 +50,8 @@ class RecordingASHA(FIFOScheduler):
         evaluation = result.get("training_iteration")
         if evaluation is None or self._metric not in result:
             return TrialScheduler.CONTINUE
-        reason = self.rule.decide(trial.trial_id, int(evaluation), int(result.get("step", 0)), result[self._metric])
+        reason = self.rule.decide(trial.trial_id, int(evaluation), int(result.get("step", 0)), result[self._metric],
+                                  result)
         if reason is None:
             return TrialScheduler.CONTINUE
         _stop_reasons[trial.trial_id] = reason
@@ -71,11 +72,18 @@ class AshaRule:
     """
 
     def __init__(self, grace_period: int, reduction_factor: int, max_t: int, mode: str,
-                 metric: str = "val_nll", steps: int = 0, state_path: str | None = None):
+                 metric: str = "val_nll", steps: int = 0, state_path: str | None = None,
+                 keep: dict[str, str] | None = None):
         self.rf, self.max_t, self.sign, self.metric, self.steps = reduction_factor, max_t, (
             1.0 if mode == "max" else -1.0), metric, steps
         self.rungs = [r for r in stop_points(grace_period, reduction_factor, max_t) if r < max_t]
         self.recorded: dict[int, dict[str, float]] = {rung: {} for rung in self.rungs}
+        # keep: metric -> mode. A member in the best 1/rf of any of these at a rung continues too,
+        # so that a trial the study exists to find (a live latent: high MI at a worse NLL) is not
+        # stopped for its NLL alone.
+        self.keep = dict(keep or {})
+        self.recorded_keep: dict[str, dict[int, dict[str, float]]] = {
+            name: {rung: {} for rung in self.rungs} for name in self.keep}
         self.stops: dict[str, str] = {}  # member -> the reason it was stopped
         self.state_path = Path(state_path) if state_path else None
         self._load()
@@ -88,6 +96,8 @@ class AshaRule:
         if self.state_path is not None and self.state_path.is_file():
             saved = json.loads(self.state_path.read_text())
             self.recorded.update({int(rung): values for rung, values in saved["recorded"].items()})
+            for name, rungs in saved.get("recorded_keep", {}).items():
+                self.recorded_keep.setdefault(name, {}).update({int(rung): v for rung, v in rungs.items()})
             self.stops = saved["stops"]
 
     def cutoff(self, recorded: dict[str, float]) -> float | None:
@@ -95,9 +105,11 @@ class AshaRule:
             return None
         return float(np.nanpercentile(list(recorded.values()), (1 - 1 / self.rf) * 100))
 
-    def decide(self, member: str, evaluation: int, step: int, value: float | None) -> str | None:
+    def decide(self, member: str, evaluation: int, step: int, value: float | None,
+               keep_values: dict[str, float] | None = None) -> str | None:
         """-> the reason to stop ``member`` at its ``evaluation`` (at training ``step``, with
-        ``value`` of the metric), or None to let it continue."""
+        ``value`` of the metric; ``keep_values``: the evaluation's metrics, of which the keep
+        metrics are read), or None to let it continue."""
         if member in self.stops:
             return self.stops[member]
         for rung in reversed(self.rungs):
@@ -108,28 +120,41 @@ class AshaRule:
                 continue
             if value is None:
                 break
-            reward = self.sign * value
-            cutoff = self.cutoff(recorded)
-            recorded[member] = reward
-            if cutoff is not None and reward < cutoff:
-                self.stops[member] = asha_stop_reason(step, self.steps, evaluation, self.max_t, self.metric, value)
+            worse = self._worse(recorded, member, self.sign * value)
+            for name, mode in self.keep.items():
+                kept = (keep_values or {}).get(name)
+                if kept is not None and math.isfinite(kept):  # record every keep value, as the primary
+                    worse &= self._worse(self.recorded_keep[name][rung], member,
+                                         kept if mode == "max" else -kept)
+            if worse:
+                self.stops[member] = asha_stop_reason(step, self.steps, evaluation, self.max_t, self.metric, value,
+                                                      kept=list(self.keep))
             self._save()
             break
         return self.stops.get(member)
+
+    def _worse(self, recorded: dict[str, float], member: str, reward: float) -> bool:
+        """Whether ``reward`` is below the cutoff of the values recorded at a rung so far; records it."""
+        cutoff = self.cutoff(recorded)
+        recorded[member] = reward
+        return cutoff is not None and reward < cutoff
 
     def _save(self) -> None:
         if self.state_path is None:
             return
         tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"recorded": self.recorded, "stops": self.stops}))
+        tmp.write_text(json.dumps({"recorded": self.recorded, "recorded_keep": self.recorded_keep,
+                                   "stops": self.stops}))
         os.replace(tmp, self.state_path)
 
 
-def asha_stop_reason(step: int, steps: int, evaluation: int, max_t: int, metric: str, value) -> str:
+def asha_stop_reason(step: int, steps: int, evaluation: int, max_t: int, metric: str, value,
+                     kept: list[str] | None = None) -> str:
     """Why ASHA stopped a trial (``Tag.OUTCOME_REASON``), for trials and pack members alike."""
     shown = f"{value:.2f}" if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
+    also = f", and not in the best part for {', '.join(kept)} either" if kept else ""
     return (f"ASHA stopped at step {step} of {steps} (rung at evaluation {evaluation} of {max_t}: {metric} {shown} "
-            "worse than the rung's cutoff)")
+            f"worse than the rung's cutoff{also})")
 
 
 def stop_points(grace_period: int, reduction_factor: int, max_t: int) -> tuple[int, ...]:

@@ -260,7 +260,8 @@ def _trainable(spec: StudySpec, state: StudyState, corpus, steps: int):
     # ASHA per member (Tune's ASHA could only stop whole packs); its rungs survive a --resume
     asha = start_member_asha(grace_period=spec.scheduler.grace_period, reduction_factor=spec.scheduler.reduction_factor,
                              max_t=spec.evaluations, mode=spec.scheduler.mode, metric=spec.scheduler.metric,
-                             steps=steps, state_path=str(Path(state.folder) / "member_asha.json"))
+                             steps=steps, state_path=str(Path(state.folder) / "member_asha.json"),
+                             keep=spec.scheduler.keep_modes())
     return tune.with_resources(tune.with_parameters(train_pack_trial, corpus=corpus, study=context, asha=asha),
                                resources)
 
@@ -296,7 +297,8 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
             scheduler = RecordingASHA(steps=steps, metric=spec.scheduler.metric, mode=spec.scheduler.mode,
                                       max_t=spec.evaluations, grace_period=spec.scheduler.grace_period,
                                       reduction_factor=spec.scheduler.reduction_factor,
-                                      state_path=str(Path(state.folder) / "asha.json"))
+                                      state_path=str(Path(state.folder) / "asha.json"),
+                                      keep=spec.scheduler.keep_modes())
             metric, mode = spec.scheduler.metric, spec.scheduler.mode
             # Keep the core's best checkpoint (the latest report with is_best = 1: Tune keeps
             # the later of equal scores) besides the latest one a retry resumes from.

@@ -45,6 +45,12 @@ class Scheduler:
     mode: str = ""  # "min" | "max"; empty: the metric's direction in the registry
     grace_period: int = 2  # evaluations a trial always gets before ASHA may stop it
     reduction_factor: int = 2
+    # metrics in whose best 1/reduction_factor at a rung a trial also continues (e.g. val_mi_loo:
+    # early stopping on NLL alone stops the trials with a live latent); their registry direction
+    keep: list[str] = field(default_factory=list)
+
+    def keep_modes(self) -> dict[str, str]:
+        return {name: direction(name) for name in self.keep}
 
 
 @dataclass
@@ -98,7 +104,8 @@ class StudySpec:
             "base.dataset": self.dataset, "base.scale": self.scale,
             "baselines": ";".join(",".join(f"{k}={v}" for k, v in b.items()) for b in self.baselines) or "none",
             "scheduler": f"{self.scheduler.type}(metric={self.scheduler.metric}, grace={self.scheduler.grace_period}, "
-                         f"rf={self.scheduler.reduction_factor}, max_t={self.evaluations})",
+                         f"rf={self.scheduler.reduction_factor}, max_t={self.evaluations}"
+                         + (f", keep={'+'.join(self.scheduler.keep)}" if self.scheduler.keep else "") + ")",
             "cpus_per_trial": str(self.resources.cpus_per_trial),
             "gpus_per_trial": str(self.resources.gpus_per_trial),
             "max_concurrent_trials": str(self.resources.max_concurrent_trials),
@@ -201,6 +208,7 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> StudySpec:
         mode=_take(sched_raw, "mode", str, f"{source}: scheduler", ""),
         grace_period=_take(sched_raw, "grace_period", int, f"{source}: scheduler", 2),
         reduction_factor=_take(sched_raw, "reduction_factor", int, f"{source}: scheduler", 2),
+        keep=list(_take(sched_raw, "keep", list, f"{source}: scheduler", [])),
     )
     resources = Resources(
         cpus_per_trial=_take(res_raw, "cpus_per_trial", float, f"{source}: resources", 1.0),
@@ -279,6 +287,10 @@ def validate_spec(spec: StudySpec) -> None:
     if spec.scheduler.grace_period > n_evals:
         raise SpecError(f"{where}: scheduler.grace_period {spec.scheduler.grace_period} exceeds the "
                         f"{n_evals} evaluations of a trial (train.steps / train.eval_every)")
+    for name in spec.scheduler.keep:
+        if not isinstance(name, str) or not _known_direction(name):
+            raise SpecError(f"{where}: scheduler.keep: {name!r} is not a metric with a direction; choose from: "
+                            f"{', '.join(m for m in METRICS if _known_direction(m))}")
     if spec.scheduler.reduction_factor < 2:
         raise SpecError(f"{where}: scheduler.reduction_factor must be >= 2, got {spec.scheduler.reduction_factor}")
     r = spec.resources

@@ -286,7 +286,7 @@ def _run_pack(members: list[tuple[str, dict[str, Any]]], study: StudyContext, co
             if step >= steps:
                 ended[member_id] = {OUTCOME: Outcome.DONE}
             elif asha is not None:
-                reason = ray.get(asha.decide.remote(member_id, evaluation, step, item.metrics.get(metric)))
+                reason = ray.get(asha.decide.remote(member_id, evaluation, step, item.metrics.get(metric), item.metrics))
                 if reason:
                     stops.append(item.member)
                     ended[member_id] = {OUTCOME: Outcome.STOPPED_EARLY, REASON: reason}

@@ -183,6 +183,28 @@ def test_member_asha_keeps_its_rungs_and_answers_a_repeated_question_alike(tmp_p
     assert again.decide("e", 2, 20, 5.5) is not None
 
 
+def test_asha_keeps_a_trial_in_the_best_part_of_a_keep_metric_and_remembers_it(tmp_path):
+    """scheduler.keep: a trial worse on NLL at a rung continues when its MI is in the rung's best
+    half; one worse on both is stopped, with both named in the reason; a restart answers alike."""
+    path = tmp_path / "asha.json"
+    asha = AshaRule(2, 2, 8, "min", steps=80, state_path=str(path), keep={"val_mi_loo": "max"})
+    assert asha.decide("a", 2, 20, 5.0, {"val_mi_loo": 0.1}) is None
+    assert asha.decide("b", 2, 20, 4.0, {"val_mi_loo": 0.2}) is None
+    assert asha.decide("live", 2, 20, 6.0, {"val_mi_loo": 3.0}) is None  # worse NLL, best MI: kept
+    stop = asha.decide("dead", 2, 20, 6.5, {"val_mi_loo": 0.0})  # worse on both
+    assert stop and "val_nll 6.50" in stop and "val_mi_loo" in stop
+    without_keep = AshaRule(2, 2, 8, "min", steps=80)
+    for member, value in (("a", 5.0), ("b", 4.0)):
+        without_keep.decide(member, 2, 20, value)
+    assert without_keep.decide("live", 2, 20, 6.0) is not None  # what NLL alone decides
+    again = AshaRule(2, 2, 8, "min", steps=80, state_path=str(path), keep={"val_mi_loo": "max"})
+    assert again.decide("live", 2, 20, 6.0, {"val_mi_loo": 3.0}) is None
+    assert again.decide("dead", 2, 20, 6.5, {"val_mi_loo": 0.0}) == stop
+    # the keep values recorded before the restart set the cutoff after it: 0.15 (of 0.1, 0.2, 3, 0) is
+    # the median, so MI 0.12 is in the worse half, and NLL 7 is too
+    assert again.decide("f", 2, 20, 7.0, {"val_mi_loo": 0.12}) is not None
+
+
 def test_pack_flag_checks(monkeypatch):
     from studies import spaces
     from studies.options import Options, apply_flags
