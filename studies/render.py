@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .effects import EFFECTS_HEADING, effect_line
 from .spec import StudySpec
 from .state import StudyState
 from .summary import TrialRow, finite, oriented, rank
@@ -99,6 +100,8 @@ def render_markdown(spec: StudySpec, state: StudyState, rows: list[TrialRow], su
         out += ["Per configuration (mean ± sd over seeds):", "", "```"]
         out += group_lines(spec, summary["configurations"], front)
         out += ["```", ""]
+    if summary.get("effects"):
+        out += [EFFECTS_HEADING + ":", ""] + [f"- {effect_line(e)}" for e in summary["effects"]] + [""]
     out += [f"- Ray experiment: `{state.experiment_path}`", f"- Optuna storage: `{state.optuna_storage}`",
             f"- MLflow: `{state.tracking_uri}`, parent run `{state.parent_run_id}`"]
     return "\n".join(out) + "\n"
@@ -121,6 +124,10 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
         print("\nPer configuration (mean ± sd over seeds):")
         for line in group_lines(spec, summary["configurations"], front):
             print(line)
+    if summary.get("effects"):
+        print(f"\n{EFFECTS_HEADING}:")
+        for entry in summary["effects"]:
+            print(f"  {effect_line(entry)}")
     if spec.multi_objective:
         print(f"\nPareto front over {', '.join(str(o) for o in spec.objectives)}: marked *")
     best = summary["best"]

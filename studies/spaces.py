@@ -91,6 +91,18 @@ def table3_grid() -> list[dict[str, Any]]:
     return cells
 
 
+def coupling_effect_grid() -> list[dict[str, Any]]:
+    """The default study's cells (docs/default-study-design.md): the VAE, Table 1's Coupled-VAE
+    (the preset: RQ, lambda_r = 1, lambda_m = 0.1) and Table 3's lambda_m = 1 cells of both
+    distances. Run over seeds, each coupled cell is compared with the VAE seed by seed; RQ 1 vs
+    RQ 0.1 is Table 3's "larger lambda_m" direction."""
+    cells: list[dict[str, Any]] = [{"preset": "vae"}]
+    for distance, lambda_m in (("rq", 0.1), ("rq", 1.0), ("eucl", 1.0)):
+        cells.append({"preset": "coupled-vae", "coupling.distance": distance,
+                      "coupling.lambda_r": 1.0, "coupling.lambda_m": lambda_m})
+    return cells
+
+
 def posterior_grid() -> list[dict[str, Any]]:
     """Tables 1 and 4 per family: the base model, its coupled twin with the preset's lambda_m
     (Table 1) and the coupled twin without matching, lambda_m = 0 (Table 4)."""
@@ -111,8 +123,8 @@ def table8_grid() -> list[dict[str, Any]]:
             *({"preset": "coupled-cvae", "coupling.lambda_m": lm} for lm in CVAE_LAMBDA_M)]
 
 
-GRIDS: dict[str, Callable[[], list[dict[str, Any]]]] = {"table3": table3_grid, "posterior": posterior_grid,
-                                                          "table8": table8_grid}
+GRIDS: dict[str, Callable[[], list[dict[str, Any]]]] = {"table3": table3_grid, "coupling_effect": coupling_effect_grid,
+                                                          "posterior": posterior_grid, "table8": table8_grid}
 
 
 # ---------------------------------------------------------------------------------------------

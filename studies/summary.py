@@ -11,6 +11,7 @@ from typing import Any
 
 from cvae_core.metrics.names import BEST_STEP, pareto_mask
 
+from .effects import coupling_effects
 from .record import Outcome, Tag
 from .spec import Objective, StudySpec
 from .state import StudyState
@@ -193,5 +194,6 @@ def summarize(spec: StudySpec, state: StudyState, rows: list[TrialRow], interrup
         "tracking_uri": state.tracking_uri, "parent_run_id": state.parent_run_id, "pareto_front": sorted(front),
         "trials": [dataclasses.asdict(r) for r in ranked + [r for r in rows if not r.best]],
         "configurations": groups,
+        "effects": coupling_effects(rows, spec.preset),
         "best": dataclasses.asdict(ranked[0]) if ranked else None,
     }

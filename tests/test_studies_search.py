@@ -364,3 +364,30 @@ def test_stop_points_are_asha_rungs_and_the_last_evaluation():
     assert stop_points(2, 2, 16) == (2, 4, 8, 16)
     assert stop_points(2, 3, 20) == (2, 6, 18, 20)
     assert stop_points(4, 2, 4) == (4,)
+
+
+def test_coupling_effects_pair_each_coupled_configuration_with_its_twin_by_seed():
+    from studies.effects import coupling_effects, effect_line
+    from studies.summary import TrialRow
+
+    def row(name, config, seed, nll, kl, status="done"):
+        return TrialRow(f"{name}{seed}", name, {**config, "train.seed": seed}, seed, status, 4,
+                        {"val_nll": nll, "val_kl": kl, "val_mi_loo": kl / 2, "val_au": 2 * kl})
+
+    vae = {"preset": "vae"}
+    eucl = {"coupling.distance": "eucl", "coupling.lambda_m": 1.0}  # a proposal: the spec's preset
+    rows = [row("vae", vae, s, 130 + s, 0.0) for s in (0, 1, 2)]
+    rows += [row("eucl", eucl, s, 131 + 2 * s, kl) for s, kl in ((0, 1.5), (1, 2.0), (2, 2.5))]
+    rows += [row("eucl", eucl, 3, 120.0, 9.0, status="stopped"),  # no final metrics: left out
+             row("vae", {"preset": "vae", "model.latent_dim": 8}, 0, 90.0, 0.0)]  # another twin
+    (effect,) = coupling_effects(rows, base_preset="coupled-vae")
+    assert effect["label"] == "eucl" and effect["base"] == "vae" and effect["seeds"] == [0, 1, 2]
+    kl, nll = effect["val_kl"], effect["val_nll"]
+    # differences 1.5, 2, 2.5: mean 2, sd 0.5, t(0.975, 2) = 4.303 -> half width 1.242
+    assert kl["n"] == 3 and math.isclose(kl["mean"], 2.0)
+    assert math.isclose(kl["low"], 2 - 4.3027 * 0.5 / math.sqrt(3), abs_tol=1e-3) and kl["low"] > 0
+    assert math.isclose(nll["mean"], 2.0) and nll["low"] < 0 < nll["high"]  # differences 1, 2, 3: sd 1
+    line = effect_line(effect)
+    assert line.startswith("eucl − vae: ΔNLL +2.0 [") and "ΔKL +2.00 [+0.76, +3.24]" in line
+    assert line.endswith("(3 seeds, paired)")
+    assert coupling_effects(rows[:3]) == []  # no coupled configuration, no effect
