@@ -36,7 +36,7 @@ def study_options(root: Path, steps: int, trials: int, cpus: int):
     study's VAE baseline trial, ``steps`` long, ``cpus`` torch threads each."""
     from studies.runner import Options
 
-    return Options(profile=SPEC, num_samples=0, seeds=trials, cpus_per_trial=cpus, max_concurrent=trials,
+    return Options(profile=SPEC, search="tpe", num_samples=0, seeds=trials, cpus_per_trial=cpus, max_concurrent=trials,
                    root=str(root), tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
                    overrides=[f"train.steps={steps}", f"train.eval_every={steps // 2}"])
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""λ_r × λ_m × matching distance for the Gaussian Coupled-VAE (the paper's Table 3).
+"""Coupling's effect on the latent, and the λ_r × λ_m × distance axes of the paper's Table 3.
 
-    python studies/lambda_sweep.py                  # small PTB study on a local Ray, SQLite MLflow
-    python studies/lambda_sweep.py --search grid    # exactly the Table 3 grid (+ the VAE baseline)
+    python studies/lambda_sweep.py                  # VAE vs Coupled-VAE over 3 seeds, small PTB, local Ray + SQLite MLflow
+    python studies/lambda_sweep.py --search tpe --seeds 1   # Optuna TPE over λ_r, λ_m, distance (+ the VAE)
     python studies/lambda_sweep.py --profile paper-table3 --address auto --tracking-uri http://HEAD:5000
     python studies/lambda_sweep.py --resume         # continue the latest interrupted study
 """

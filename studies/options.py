@@ -31,7 +31,7 @@ def build_parser(prog: str, default_spec: str, description: str) -> argparse.Arg
                    help=f"study spec: a name under studies/specs/ or a YAML path (default: {default_spec})")
     p.add_argument("--search", choices=("tpe", "grid"), default=None,
                    help="tpe: Optuna TPE over the spec's define-by-run space (plus its baselines); "
-                        "grid: the spec's fixed grid (lambda_sweep: the paper's Table 3). Default: the spec's")
+                        "grid: the spec's fixed grid (lambda_sweep: VAE vs Coupled-VAE cells). Default: the spec's")
     p.add_argument("--objectives", default=None,
                    help="comma-separated, e.g. val_nll or val_nll,val_mi_loo (Pareto front); metric:max|min")
     p.add_argument("--num-samples", type=int, default=None, help="configurations Optuna proposes (tpe)")

@@ -45,6 +45,10 @@ class Scheduler:
     mode: str = ""  # "min" | "max"; empty: the metric's direction in the registry
     grace_period: int = 2  # evaluations a trial always gets before ASHA may stop it
     reduction_factor: int = 2
+    # grace_period: anneal in a spec: the first evaluation at which the KL weight has reached its
+    # full value (recomputed from the configuration whenever the spec is validated): before it, a
+    # trial's NLL and MI say little about where it ends (docs/default-study-design.md)
+    grace_after_anneal: bool = False
     # metrics in whose best 1/reduction_factor at a rung a trial also continues (e.g. val_mi_loo:
     # early stopping on NLL alone stops the trials with a live latent); their registry direction
     keep: list[str] = field(default_factory=list)
@@ -187,7 +191,7 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> StudySpec:
     base = _section(raw, "base", source)
     _check_unknown(base, {"preset", "dataset", "scale", "overrides"}, f"{source}: base")
     sched_raw = _section(raw, "scheduler", source)
-    _check_unknown(sched_raw, {f.name for f in dataclasses.fields(Scheduler)}, f"{source}: scheduler")
+    _check_unknown(sched_raw, {f.name for f in dataclasses.fields(Scheduler)} - {"grace_after_anneal"}, f"{source}: scheduler")
     res_raw = _section(raw, "resources", source)
     _check_unknown(res_raw, {f.name for f in dataclasses.fields(Resources)}, f"{source}: resources")
     budget = _section(raw, "budget", source)
@@ -202,11 +206,13 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> StudySpec:
     baselines = raw.get("baselines", []) or []
     if not isinstance(baselines, list) or not all(isinstance(b, dict) for b in baselines):
         raise SpecError(f"{source}: 'baselines' must be a list of mappings such as {{preset: vae}}")
+    grace = sched_raw.get("grace_period")
     scheduler = Scheduler(
         type=_take(sched_raw, "type", str, f"{source}: scheduler", "asha"),
         metric=_take(sched_raw, "metric", str, f"{source}: scheduler", "val_nll"),
         mode=_take(sched_raw, "mode", str, f"{source}: scheduler", ""),
-        grace_period=_take(sched_raw, "grace_period", int, f"{source}: scheduler", 2),
+        grace_period=2 if grace == "anneal" else _take(sched_raw, "grace_period", int, f"{source}: scheduler", 2),
+        grace_after_anneal=grace == "anneal",
         reduction_factor=_take(sched_raw, "reduction_factor", int, f"{source}: scheduler", 2),
         keep=list(_take(sched_raw, "keep", list, f"{source}: scheduler", [])),
     )
@@ -282,6 +288,9 @@ def validate_spec(spec: StudySpec) -> None:
     if spec.scheduler.mode not in ("min", "max"):
         raise SpecError(f"{where}: scheduler.mode must be min or max, got {spec.scheduler.mode!r}")
     n_evals = math.ceil(config.train.steps / config.train.eval_every)
+    if spec.scheduler.grace_after_anneal:
+        full_weight = config.regularizer.anneal_start + config.regularizer.anneal_steps
+        spec.scheduler.grace_period = min(n_evals, max(2, math.ceil(full_weight / config.train.eval_every)))
     if spec.scheduler.grace_period < 2:
         raise SpecError(f"{where}: scheduler.grace_period must be >= 2 evaluations, got {spec.scheduler.grace_period}")
     if spec.scheduler.grace_period > n_evals:

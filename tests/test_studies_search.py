@@ -200,8 +200,25 @@ def test_default_study_budget_is_the_documented_one():
     spec = load_spec("lambda_sweep")
     config = build_config(spec.preset, spec.dataset, spec.scale, spec.overrides)
     assert (config.train.steps, config.train.eval_every, spec.evaluations) == (400, 100, 4)
-    assert spec.num_samples + len(spec.baselines) == 8 and spec.resources.max_concurrent_trials == 2
-    assert spec.search == "tpe" and spec.baselines == [{"preset": "vae"}]
+    assert spec.resources.max_concurrent_trials == 2
+    # the coupling_effect grid over 3 seeds; TPE (--search tpe) adds its proposals to the VAE baseline
+    assert spec.search == "grid" and spec.grid == "coupling_effect" and spec.seeds == 3
+    assert len(GRIDS[spec.grid]()) * spec.seeds == 12 and spec.baselines == [{"preset": "vae"}]
+    # ASHA's first rung after the KL weight reaches 1 (step 20 + 300): the 4th, last evaluation
+    assert spec.scheduler.grace_after_anneal and spec.scheduler.grace_period == 4
+    assert spec.scheduler.keep == ["val_mi_loo"]
+
+
+def test_grace_period_anneal_follows_the_configuration_and_keep_names_metrics():
+    from studies.options import Options, apply_flags
+
+    longer = apply_flags(load_spec("lambda_sweep"), Options(profile="lambda_sweep", overrides=["train.steps=2000"]))
+    assert longer.scheduler.grace_period == 4 and longer.evaluations == 20  # rungs at 4, 8, 16
+    later = apply_flags(load_spec("lambda_sweep"), Options(profile="lambda_sweep", overrides=[
+        "train.steps=2000", "regularizer.anneal_steps=1000"]))
+    assert later.scheduler.grace_period == 11  # KL weight 1 at step 1020: the 11th evaluation
+    short = apply_flags(load_spec("lambda_sweep"), Options(profile="lambda_sweep", overrides=["train.steps=200"]))
+    assert short.scheduler.grace_period == short.evaluations == 2  # no rung before the end
 
 
 @pytest.mark.parametrize("change, message", [
@@ -211,6 +228,9 @@ def test_default_study_budget_is_the_documented_one():
     ({"space": "nope"}, "space 'nope' is not one of"),
     ({"base": {"preset": "coupled-vae", "overrides": {"coupling.lambda_q": 1}}}, "coupling.lambda_q"),
     ({"objectives": ["val_kl"]}, "needs a direction"),
+    ({"scheduler": {"keep": ["val_mi"]}}, r"scheduler.keep: 'val_mi' is not a metric with a direction"),
+    ({"scheduler": {"keep": "val_mi_loo"}}, r"scheduler"),
+    ({"scheduler": {"grace_after_anneal": True}}, "unknown key"),
     ({"baselines": [{"preset": "vae", "train.seed": 1}], "budget": {"seeds": 2}},
      r"baseline .* sets its own train.seed and the budget repeats every configuration over 2 seeds"),
 ])

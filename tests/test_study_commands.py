@@ -38,6 +38,7 @@ TINY = {
     "regularizer.anneal_steps": 20, "train.lr_decay_start": 30, "train.lr_decay_every": 10,
 }
 TINY_FLAGS = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
+TPE = ["--search", "tpe", "--seeds", "1"]  # these tests drive Optuna's proposals (the default is a grid)
 START = re.compile(r"^\[\s*\d+:\d\d\] start\s+(\w+)\s+(.*)$", re.M)
 
 
@@ -46,7 +47,7 @@ def _env() -> dict[str, str]:
 
 
 def _run_sweep(cwd: Path, *args: str, timeout_s: int = 1500, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SWEEP), *args, *TINY_FLAGS], cwd=cwd, env={**_env(), **env},
+    return subprocess.run([sys.executable, str(SWEEP), *TPE, *args, *TINY_FLAGS], cwd=cwd, env={**_env(), **env},
                           text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s)
 
 
@@ -168,7 +169,7 @@ def kill_driver_then_resume(tmp_path: Path, args: list[str], study_name: str,
     # a Ray temp dir of its own (short: Ray's socket paths must fit 107 bytes), so this study's local
     # Ray is told apart from any other on the machine
     ray_tmp = tempfile.mkdtemp(prefix="cvae-ray-", dir="/tmp")
-    proc = subprocess.Popen([sys.executable, str(SWEEP), *args, *TINY_FLAGS], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, str(SWEEP), *TPE, *args, *TINY_FLAGS], cwd=tmp_path,
                             env={**_env(), "RAY_TMPDIR": ray_tmp}, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     seen, killed = [], False
