@@ -181,6 +181,7 @@ def _settings(options: Options, cwd: Path, root: Path) -> tuple[StudySpec, Study
             raise StudyError(f"study {state.study_name} tracks to {state.tracking_uri}; --tracking-uri "
                              f"{options.tracking_uri} would split its runs. Drop the flag to resume.")
         ignored = [flag for flag, value in (("--search", options.search), ("--objectives", options.objectives),
+                                            ("--constraint", options.constraints),
                                             ("--num-samples", options.num_samples), ("--seeds", options.seeds),
                                             ("--seed", options.seed), ("--set", options.overrides or None),
                                             ("--dataset", options.dataset), ("--data-dir", options.data_dir),
