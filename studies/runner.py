@@ -227,7 +227,8 @@ def build_searcher(spec: StudySpec, state: StudyState):
                                   study_name=state.study_name,
                                   storage=optuna.storages.RDBStorage(state.optuna_storage))
         searcher = StudySearcher(inner, fixed=spec.baselines, n_search=spec.num_samples, seeds=seeds,
-                                 metric=metric, mode=mode, evaluations=spec.evaluations)
+                                 metric=metric, mode=mode, evaluations=spec.evaluations,
+                                 constraints=tuple(spec.constraints))
     if spec.resources.pack == 1:
         return searcher
     from .packing import PackKey, PackSearcher
