@@ -1,7 +1,10 @@
 """Best trial -> download its checkpoint -> full evaluation -> log it back -> register it.
 
 1. Rank the study's FINISHED trials by ``best.<metric>`` (the metric at the evaluation whose
-   checkpoint the trial saved); ``--pareto`` lists the val_nll/val_mi_loo front instead.
+   checkpoint the trial saved), those that satisfy the study's constraints (``Tag.CONSTRAINTS``
+   on its parent run) first; ``--pareto`` lists the val_nll/val_mi_loo front of the feasible
+   trials instead.  With no feasible trial the best infeasible one is evaluated, labelled so,
+   and not registered unless ``--register`` asks for it.
 2. Download the ``checkpoint/`` artifact (works with a remote server's proxied artifacts,
    ``mlflow-artifacts:/`` URIs, as with a local SQLite store).
 3. ``cvae_core.evaluation.evaluate_model`` on the test split (the model loaded once): IS-NLL with
@@ -29,9 +32,10 @@ import pandas as pd
 from cvae_core.errors import CvaeError
 from cvae_core.metrics.names import direction, pareto_mask
 from cvae_core.runtime import format_duration
-from studies.record import PARENT_RUN_ID, Role, Tag
+from studies.record import PARENT_RUN_ID, Role, Tag, read_constraints_tag
 
 from .runs import Study, dumps, fetch_study, json_safe, run_label
+from .selection import broken_by, broken_constraints
 from .store import AnalysisError, connect
 
 Progress = Callable[[str], None]
@@ -55,28 +59,35 @@ def resolve_metric(runs: pd.DataFrame, metric: str) -> str:
 
 
 def rank_runs(runs: pd.DataFrame, metric: str = "val_nll", mode: str | None = None,
-              statuses: tuple[str, ...] | None = ("FINISHED",)) -> pd.DataFrame:
-    """Runs (FINISHED ones unless ``statuses`` is None) with a value of ``best.<metric>``, best first."""
+              statuses: tuple[str, ...] | None = ("FINISHED",), constraints: tuple = ()) -> pd.DataFrame:
+    """Runs (FINISHED ones unless ``statuses`` is None) with a value of ``best.<metric>``, best
+    first, the runs that satisfy ``constraints`` before those that do not; the column ``violated``
+    lists the constraints each run breaks."""
     metric = resolve_metric(runs, metric)
     mode = mode or default_mode(metric)
     column = f"best.{metric}"
     keep = runs["status"].isin(list(statuses)) if statuses is not None else pd.Series(True, index=runs.index)
-    candidates = runs[keep & runs[column].notna()]
+    candidates = runs[keep & runs[column].notna()].assign(violated=lambda f: broken_constraints(f, constraints))
     if not len(candidates):
         raise AnalysisError(f"no {'/'.join(statuses or ('',))} run has a value of {metric}")
-    return candidates.sort_values(column, ascending=(mode == "min"), kind="stable")
+    ranked = candidates.sort_values(column, ascending=(mode == "min"), kind="stable")
+    return ranked.sort_values("violated", key=lambda v: v.map(bool), kind="stable")
 
 
-def pareto_front(runs: pd.DataFrame, objectives: tuple[str, ...] = ("val_nll", "val_mi_loo")) -> pd.DataFrame:
-    """FINISHED runs on the Pareto front of ``objectives`` (per dataset: NLLs of datasets differ)."""
+def pareto_front(runs: pd.DataFrame, objectives: tuple[str, ...] = ("val_nll", "val_mi_loo"),
+                 constraints: tuple = ()) -> pd.DataFrame:
+    """FINISHED runs on the Pareto front of ``objectives`` (per dataset: NLLs of datasets differ),
+    among those that satisfy ``constraints``."""
     columns = [f"best.{resolve_metric(runs, m)}" for m in objectives]
     data = runs[(runs["status"] == "FINISHED")].dropna(subset=columns)
+    data = data[~broken_constraints(data, constraints).map(bool).astype(bool)]
     fronts = []
     for _, group in data.groupby("dataset", sort=True):
         mask = pareto_mask(group[columns].to_numpy().tolist(), [direction(m) for m in objectives])
         fronts.append(group[mask].sort_values(columns[0]))
     if not fronts:
-        raise AnalysisError("no FINISHED run has all of " + ", ".join(objectives))
+        raise AnalysisError("no FINISHED run has all of " + ", ".join(objectives)
+                            + (f" and satisfies {', '.join(str(c) for c in constraints)}" if constraints else ""))
     return pd.concat(fronts)
 
 
@@ -273,9 +284,11 @@ def run_best(args, progress: Progress) -> dict[str, Any] | None:
     say = progress if args.json else print
     study: Study = fetch_study(args.experiment, args.study, args.tracking_uri, progress=progress)
     runs = study.runs
+    constraints = tuple(read_constraints_tag(study.parent.data.tags))
+    among = f", runs that satisfy {', '.join(str(c) for c in constraints)}" if constraints else ""
     if args.pareto:
-        front = pareto_front(runs)
-        print(f"Pareto front of study {study.name!r} (validation, each run's best evaluation): "
+        front = pareto_front(runs, constraints=constraints)
+        print(f"Pareto front of study {study.name!r} (validation, each run's best evaluation{among}): "
               "val_nll lower, val_mi_loo higher")
         for _, row in front.iterrows():
             print(f"  {row['run_id']}  {row['dataset']:<8} {run_label(row):<40} val_nll {row['best.val_nll']:.2f}  "
@@ -288,7 +301,7 @@ def run_best(args, progress: Progress) -> dict[str, Any] | None:
             raise AnalysisError(f"run {args.run_id} is not a trial of study {study.name!r}")
         source, metric = chosen.iloc[0], resolve_metric(runs, args.metric)
     else:
-        ranked = rank_runs(runs, args.metric, args.mode, None if args.all_runs else ("FINISHED",))
+        ranked = rank_runs(runs, args.metric, args.mode, None if args.all_runs else ("FINISHED",), constraints)
         metric = resolve_metric(runs, args.metric)
         source = None
         for _, row in ranked.iterrows():
@@ -298,8 +311,13 @@ def run_best(args, progress: Progress) -> dict[str, Any] | None:
             progress(f"run {row['run_id']} ({run_label(row)}) has no checkpoint/ artifact; trying the next")
         if source is None:
             raise AnalysisError(f"none of the {len(ranked)} ranked runs has a checkpoint/ artifact")
-    say(f"best run by {metric} ({args.mode or default_mode(metric)}): {source['run_id']} {run_label(source)} on "
-        f"{source['dataset']}: {metric} {source[f'best.{metric}']:.3f} at step {source['best_step']}")
+    fails = broken_by(source, constraints)
+    if fails and not args.run_id:
+        say(f"none feasible: no run with a checkpoint satisfies {', '.join(str(c) for c in constraints)}; "
+            "evaluating the best infeasible run")
+    say(f"best run by {metric} ({args.mode or default_mode(metric)}{among if not args.run_id else ''}): "
+        f"{source['run_id']} {run_label(source)} on {source['dataset']}: {metric} {source[f'best.{metric}']:.3f} "
+        f"at step {source['best_step']}" + (f" (INFEASIBLE: fails {', '.join(fails)})" if fails else ""))
     progress(f"downloading checkpoint/ of run {source['run_id']} from {uri}")
     started = time.monotonic()
     checkpoint = download_checkpoint(uri, source["run_id"], args.out or Path("best-checkpoints") / source["run_id"])
@@ -331,10 +349,11 @@ def run_best(args, progress: Progress) -> dict[str, Any] | None:
         link = (f": {uri.rstrip('/')}/#/experiments/{study.experiment.experiment_id}/runs/{eval_run}"
                 if uri.startswith(("http://", "https://")) else "")
         say(f"logged evaluation run {eval_run} (nested under trial run {source['run_id']}){link}")
-    # A quick look (any partial-evaluation flag) never moves the champion unless asked to.
-    if args.register is None and partial:
-        say(f"not registered: a partial evaluation ({', '.join(partial)}) leaves @{args.alias} where it is; "
-            "pass --register to register it anyway")
+    # A quick look (any partial-evaluation flag) or an infeasible run never moves the champion
+    # unless asked to.
+    if args.register is None and (partial or fails):
+        why = f"a partial evaluation ({', '.join(partial)})" if partial else f"an infeasible run ({', '.join(fails)})"
+        say(f"not registered: {why} leaves @{args.alias} where it is; pass --register to register it anyway")
     elif args.register is not False:
         version, previous = register(client, args.model_name, source, args.alias, eval_run, result, evaluation,
                                      checkpoint, uri, study.experiment.experiment_id)

@@ -79,7 +79,7 @@ TAG_COLUMNS = {"study": Tag.STUDY, "parent_run_id": PARENT_RUN_ID, "outcome": Ta
                "code_version": Tag.CODE_VERSION, "ray_trial_id": Tag.TRIAL_ID}
 # Every record tag analysis reads, by the role of the run it reads it from; a test runs a real
 # study and checks that the study service writes each of them.
-READ_TAGS = {Role.STUDY: (Tag.ROLE, Tag.STUDY, Tag.OPTUNA_STORAGE, Tag.OPTUNA_STUDY),
+READ_TAGS = {Role.STUDY: (Tag.ROLE, Tag.STUDY, Tag.OPTUNA_STORAGE, Tag.OPTUNA_STUDY, Tag.CONSTRAINTS),
              Role.TRIAL: (Tag.ROLE, *TAG_COLUMNS.values())}
 
 

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from cvae_core.metrics.constraints import Constraint, violated
 from cvae_core.metrics.names import sort_key
 
 from .runs import BEST_PREFIX, CONFIG_PREFIX, FINAL_PREFIX
@@ -28,6 +29,21 @@ class Comparison:
     label: str
     dataset: str
     diffs: dict[str, PairedDifference]
+
+
+def broken_by(run: pd.Series, constraints: Iterable[Constraint]) -> list[str]:
+    """The study's constraints that a run's best evaluation (its ``best.*`` values: the checkpoint
+    it saved) does not satisfy, as texts; empty: feasible. A missing metric breaks its constraint
+    (the study summary and Optuna judge alike: ``cvae_core.metrics.constraints``)."""
+    constraints = list(constraints)
+    values = {c.metric: _plain(run.get(BEST_PREFIX + c.metric)) for c in constraints}
+    return [str(c) for c in violated(constraints, values)]
+
+
+def broken_constraints(runs: pd.DataFrame, constraints: Iterable[Constraint]) -> pd.Series:
+    """:func:`broken_by` for every run of a frame."""
+    constraints = list(constraints)
+    return pd.Series([broken_by(run, constraints) for _, run in runs.iterrows()], index=runs.index, dtype=object)
 
 
 def metric_column(metric: str, at: str = "best", split: str = "val") -> str:

@@ -12,7 +12,7 @@ from cvae_core.config import build_config, parse_assignments
 from cvae_core.errors import CvaeError, OneLineArgumentParser, finite_float
 from cvae_core.guards import adopt_tracking_credentials, redact
 
-from .spec import SpecError, StudySpec, parse_objectives, validate_spec
+from .spec import SpecError, StudySpec, parse_constraints, parse_objectives, validate_spec
 
 DEFAULT_EXPERIMENT = "coupled-vae-studies"
 # a few checkpoints of a paper-size model, Tune's experiment state and optuna.db fit in this
@@ -34,6 +34,9 @@ def build_parser(prog: str, default_spec: str, description: str) -> argparse.Arg
                         "grid: the spec's fixed grid (lambda_sweep: VAE vs Coupled-VAE cells). Default: the spec's")
     p.add_argument("--objectives", default=None,
                    help="comma-separated, e.g. val_nll or val_nll,val_mi_loo (Pareto front); metric:max|min")
+    p.add_argument("--constraint", dest="constraints", action="append", default=None, metavar="'METRIC OP NUMBER'",
+                   help="a trial is feasible only if its best evaluation satisfies this, e.g. 'val_au >= 1' (op: >=, "
+                        "<=, >, <); repeatable; replaces the spec's constraints ('none': no constraints)")
     p.add_argument("--num-samples", type=int, default=None, help="configurations Optuna proposes (tpe)")
     p.add_argument("--seeds", type=int, default=None, help="training seeds per configuration")
     p.add_argument("--seed", type=int, default=None, help="sampler seed and first training seed")
@@ -77,6 +80,7 @@ class Options:
     profile: str
     search: str | None = None
     objectives: str | None = None
+    constraints: list[str] | None = None
     num_samples: int | None = None
     seeds: int | None = None
     seed: int | None = None
@@ -133,6 +137,9 @@ def apply_flags(spec: StudySpec, options: Options) -> StudySpec:
         spec.search = options.search
     if options.objectives:
         spec.objectives = parse_objectives(options.objectives, "--objectives")
+    if options.constraints is not None:
+        spec.constraints = [] if options.constraints == ["none"] else parse_constraints(options.constraints,
+                                                                                         "--constraint")
     if options.num_samples is not None:
         spec.num_samples = options.num_samples
     if options.seeds is not None:

@@ -5,9 +5,11 @@ module of ``studies`` it is allowed to import; see docs/architecture.md).
 Runs, all in one experiment (tag ``Tag.ROLE``):
 
 * ``study``      one parent run per study: ``Tag.STUDY``, ``Tag.SPEC``, ``Tag.CODE_VERSION``,
-                 ``Tag.EXPERIMENT_PATH``, ``Tag.OPTUNA_STORAGE``, ``Tag.OPTUNA_STUDY``; at the end
-                 ``Tag.STATUS``, the ``Tag.BEST_*`` tags, ``best.<config key>`` tags (the best
-                 configuration) and ``best_*`` / ``n_<outcome count>`` metrics.
+                 ``Tag.EXPERIMENT_PATH``, ``Tag.OPTUNA_STORAGE``, ``Tag.OPTUNA_STUDY``,
+                 ``Tag.CONSTRAINTS`` (the spec's feasibility constraints); at the end
+                 ``Tag.STATUS``, the ``Tag.BEST_*`` tags and ``best.<config key>`` tags (the best
+                 feasible trial and its configuration; absent when no trial is feasible) and
+                 ``best_*`` / ``n_<outcome count>`` (+ ``n_feasible``) metrics.
 * ``trial``      one child run per Ray trial (``mlflow.parentRunId`` = the study run):
                  ``Tag.TRIAL_ID`` (one run per trial, reopened on a retry), ``Tag.PRESET``,
                  ``Tag.DATASET``, ``Tag.SEED``, ``Tag.CONFIG_ID``, ``Tag.CODE_VERSION``, ``Tag.DEVICE``
@@ -22,7 +24,10 @@ Runs, all in one experiment (tag ``Tag.ROLE``):
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
+
+from cvae_core.metrics.constraints import Constraint, parse_constraint
 
 # Tells the MLflow 3 UI that the experiment holds training runs, so it opens on the runs table
 # instead of the GenAI traces page.
@@ -38,6 +43,7 @@ class Tag:
     EXPERIMENT_PATH = "ray.experiment_path"
     OPTUNA_STORAGE = "optuna.storage"
     OPTUNA_STUDY = "optuna.study_name"
+    CONSTRAINTS = "cvae.constraints"  # JSON list of "<metric> <op> <number>"; absent: none (older stores)
     # trial runs
     TRIAL_ID = "ray_trial_id"
     TRIAL_NAME = "ray_trial_name"
@@ -90,6 +96,16 @@ class Outcome:
 # the distance never mixes the baseline into coupled results.
 UNUSED_WITHOUT_COUPLING = ("coupling.lambda_r", "coupling.lambda_m", "coupling.distance", "coupling.rq_c")
 UNUSED = "none"
+
+
+def constraints_tag(constraints: list[Constraint]) -> str:
+    """The value of ``Tag.CONSTRAINTS``: the constraints' texts as a JSON list."""
+    return json.dumps([str(c) for c in constraints])
+
+
+def read_constraints_tag(tags: dict[str, str]) -> list[Constraint]:
+    """The constraints a study run's tags hold (none for a store written before the tag)."""
+    return [parse_constraint(text) for text in json.loads(tags.get(Tag.CONSTRAINTS) or "[]")]
 
 
 def quote(value: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 from .effects import EFFECTS_HEADING, effect_line
 from .spec import StudySpec
 from .state import StudyState
-from .summary import TrialRow, finite, oriented, rank
+from .summary import TrialRow, broken, finite, oriented, rank
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,38 +29,82 @@ def _status_text(row: TrialRow, evaluations: int) -> str:
     return row.status
 
 
+def _feasible_text(spec: StudySpec, values: dict[str, float]) -> str:
+    """The feasible column: yes, no, or blank for a row without an evaluation to judge."""
+    return ("no" if broken(spec, values) else "yes") if values else ""
+
+
+def constraints_note(spec: StudySpec) -> str:
+    """The legend of the feasible column ("" for a study without constraints)."""
+    if not spec.constraints:
+        return ""
+    return (f"Constraints: {', '.join(str(c) for c in spec.constraints)} at each trial's best checkpoint. Feasible "
+            "trials rank first; an infeasible one (feasible: no) is never the study's best.")
+
+
 def table_lines(spec: StudySpec, rows: list[TrialRow], front: set[str]) -> list[str]:
     ranked = rank(spec, [r for r in rows if r.best]) + [r for r in rows if not r.best]
     width = max([len("config")] + [len(r.label) for r in ranked])
-    mo = spec.multi_objective
+    mo, constrained = spec.multi_objective, bool(spec.constraints)
     header = (f"{'rank':>4}  {'trial':<13} {'config':<{width}} {'seed':>4} {'val NLL':>8} {'KL':>6} "
-              f"{'MI':>6} {'AU':>4} {'PPL':>7} {'step':>5}" + ("  front" if mo else "") + "  status")
+              f"{'MI':>6} {'AU':>4} {'PPL':>7} {'step':>5}" + ("  front" if mo else "")
+              + ("  feasible" if constrained else "") + "  status")
     lines = [header, "-" * len(header)]
     for i, r in enumerate(ranked, 1):
         b = r.best
+        fails = broken(spec, b) if b else []
         lines.append(
             f"{i if r.best else '':>4}  {r.trial_id:<13} {r.label:<{width}} {r.seed if r.seed is not None else '':>4} "
             f"{_f(b.get('val_nll')):>8} {_f(b.get('val_kl')):>6} {_f(b.get('val_mi_loo')):>6} "
             f"{_f(b.get('val_au'), 0):>4} {_f(b.get('val_ppl'), 1):>7} {int(b['step']) if 'step' in b else '':>5}"
-            + (f"  {'*' if r.trial_id in front else '':^5}" if mo else "") + f"  {_status_text(r, spec.evaluations)}")
+            + (f"  {'*' if r.trial_id in front else '':^5}" if mo else "")
+            + (f"  {_feasible_text(spec, b):<8}" if constrained else "") + f"  {_status_text(r, spec.evaluations)}"
+            + (f"  (fails {', '.join(fails)})" if fails else ""))
     return lines
 
 
 def group_lines(spec: StudySpec, groups: list[dict[str, Any]], front: set[str]) -> list[str]:
+    """Configurations ranked by their mean of the first objective, feasible means first."""
     first = spec.objectives[0]
-    groups = sorted(groups, key=lambda g: (g.get(first.metric) is None, oriented(first, g.get(first.metric) or 0)))
+    means = {g["label"]: {k: v for k, v in g.items() if k.startswith("val_") and not k.endswith("_sd") and finite(v)}
+             for g in groups}
+    groups = sorted(groups, key=lambda g: (g.get(first.metric) is None, bool(broken(spec, means[g["label"]])),
+                                           oriented(first, g.get(first.metric) or 0)))
     width = max([len("config")] + [len(g["label"]) for g in groups])
 
     def ms(g, key, digits=2):
         mean, sd = g.get(key), g.get(f"{key}_sd")
         return f"{_f(mean, digits)}±{_f(sd, digits)}" if sd is not None else _f(mean, digits)
 
-    header = f"{'rank':>4}  {'config':<{width}} {'n':>2} {'val NLL':>13} {'KL':>11} {'MI':>11} {'AU':>7}"
+    header = (f"{'rank':>4}  {'config':<{width}} {'n':>2} {'val NLL':>13} {'KL':>11} {'MI':>11} {'AU':>7}"
+              + ("  feasible" if spec.constraints else ""))
     lines = [header, "-" * len(header)]
     for i, g in enumerate(groups, 1):
         lines.append(f"{i:>4}  {g['label']:<{width}} {g['n']:>2} {ms(g, 'val_nll'):>13} {ms(g, 'val_kl'):>11} "
                      f"{ms(g, 'val_mi_loo'):>11} {ms(g, 'val_au', 1):>7}"
+                     + (f"  {_feasible_text(spec, means[g['label']]):<8}" if spec.constraints else "")
                      + ("  *" if spec.multi_objective and g["label"] in front else ""))
+    return lines
+
+
+def best_lines(summary: dict[str, Any]) -> list[str]:
+    """The study's best trial and where its checkpoint is; with none feasible, says so and shows
+    the best infeasible trial as such (never a champion)."""
+    best, label = summary["best"], ""
+    if best is None and summary.get("best_infeasible"):
+        best = summary["best_infeasible"]
+        label = (f"none feasible: no trial satisfies {', '.join(summary['constraints'])}. "
+                 "Best infeasible trial (not a champion): ")
+    if best is None:
+        return []
+    fails = f" (fails {', '.join(best['violated'])})" if best.get("violated") else ""
+    lines = [f"Best: {label}{best['trial_id']} ({best['label']}, seed {best['seed']}), val_nll "
+             f"{_f(best['best'].get('val_nll'))} at step {int(best['best'].get('step', 0))}{fails}"]
+    if best["checkpoint"]:
+        lines.append(f"  checkpoint (Ray):    {best['checkpoint']}")
+    if best["run_id"]:
+        lines.append(f"  checkpoint (MLflow): runs:/{best['run_id']}/checkpoint   "
+                     "(evaluation-only: weights, config, vocab)")
     return lines
 
 
@@ -93,15 +137,18 @@ def render_markdown(spec: StudySpec, state: StudyState, rows: list[TrialRow], su
            f"spec `{spec.name}` ({spec.description}), search `{spec.search}`, objectives "
            f"{', '.join(summary['objectives'])}, status **{summary['status']}**, "
            f"{summary['elapsed_s']:.0f} s this session.", "",
-           "Metrics are those of each trial's best checkpoint (lowest validation NLL).", "", "```"]
-    out += table_lines(spec, rows, front)
-    out += ["```", ""]
+           "Metrics are those of each trial's best checkpoint (lowest validation NLL).", ""]
+    if spec.constraints:
+        out += [constraints_note(spec), ""]
+    out += ["```", *table_lines(spec, rows, front), "```", ""]
     if summary["configurations"]:
         out += ["Per configuration (mean ± sd over seeds):", "", "```"]
         out += group_lines(spec, summary["configurations"], front)
         out += ["```", ""]
     if summary.get("effects"):
         out += [EFFECTS_HEADING + ":", ""] + [f"- {effect_line(e)}" for e in summary["effects"]] + [""]
+    if best_lines(summary):
+        out += ["```", *best_lines(summary), "```", ""]
     out += [f"- Ray experiment: `{state.experiment_path}`", f"- Optuna storage: `{state.optuna_storage}`",
             f"- MLflow: `{state.tracking_uri}`, parent run `{state.parent_run_id}`"]
     return "\n".join(out) + "\n"
@@ -120,6 +167,8 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
     print(f"Ranked by {spec.objectives[0]} at each trial's best checkpoint (lowest val NLL):")
     for line in table_lines(spec, rows, front):
         print(line)
+    if spec.constraints:
+        print(constraints_note(spec))
     if summary["configurations"]:
         print("\nPer configuration (mean ± sd over seeds):")
         for line in group_lines(spec, summary["configurations"], front):
@@ -129,15 +178,12 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
         for entry in summary["effects"]:
             print(f"  {effect_line(entry)}")
     if spec.multi_objective:
-        print(f"\nPareto front over {', '.join(str(o) for o in spec.objectives)}: marked *")
-    best = summary["best"]
-    if best:
-        print(f"\nBest: {best['trial_id']} ({best['label']}, seed {best['seed']}), val_nll "
-              f"{_f(best['best'].get('val_nll'))} at step {int(best['best'].get('step', 0))}")
-        if best["checkpoint"]:
-            print(f"  checkpoint (Ray):    {best['checkpoint']}")
-        if best["run_id"]:
-            print(f"  checkpoint (MLflow): runs:/{best['run_id']}/checkpoint   (evaluation-only: weights, config, vocab)")
+        print(f"\nPareto front over {', '.join(str(o) for o in spec.objectives)}"
+              + (" (feasible trials only)" if spec.constraints else "") + ": marked *")
+    if best_lines(summary):
+        print()
+        for line in best_lines(summary):
+            print(line)
     print(f"\nSummary:      {Path(state.folder) / 'summary.md'}")
     print(f"Compare runs: {mlflow_ui_command(state.tracking_uri, state.experiment_id, Path(state.folder).parent / 'mlartifacts')}")
     print(f"Analyse:      {analysis_command(state)}")

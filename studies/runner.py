@@ -42,7 +42,7 @@ from .spec import StudySpec, load_spec
 from .state import (StudyState, create_study, find_resumable, load_spec_name, lock_study_folder,
                     release_study_folders, sqlite_store_lock, total_trials)
 from .record import Tag
-from .summary import TrialRow, collect_rows, rank, summarize
+from .summary import TrialRow, best_row, collect_rows, summarize
 
 EXIT_INTERRUPTED = 130
 EXIT_DISK_FULL = 75  # EX_TEMPFAIL: free space, then --resume
@@ -181,6 +181,7 @@ def _settings(options: Options, cwd: Path, root: Path) -> tuple[StudySpec, Study
             raise StudyError(f"study {state.study_name} tracks to {state.tracking_uri}; --tracking-uri "
                              f"{options.tracking_uri} would split its runs. Drop the flag to resume.")
         ignored = [flag for flag, value in (("--search", options.search), ("--objectives", options.objectives),
+                                            ("--constraint", options.constraints),
                                             ("--num-samples", options.num_samples), ("--seeds", options.seeds),
                                             ("--seed", options.seed), ("--set", options.overrides or None),
                                             ("--dataset", options.dataset), ("--data-dir", options.data_dir),
@@ -226,7 +227,8 @@ def build_searcher(spec: StudySpec, state: StudyState):
                                   study_name=state.study_name,
                                   storage=optuna.storages.RDBStorage(state.optuna_storage))
         searcher = StudySearcher(inner, fixed=spec.baselines, n_search=spec.num_samples, seeds=seeds,
-                                 metric=metric, mode=mode, evaluations=spec.evaluations)
+                                 metric=metric, mode=mode, evaluations=spec.evaluations,
+                                 constraints=tuple(spec.constraints))
     if spec.resources.pack == 1:
         return searcher
     from .packing import PackKey, PackSearcher
@@ -380,8 +382,10 @@ def finalize(spec: StudySpec, state: StudyState, study_run, rows: list[TrialRow]
     (folder / "summary.md").write_text(render_markdown(spec, state, rows, summary))
 
     metrics = {f"n_{k}": v for k, v in summary["counts"].items()}
+    if spec.constraints:
+        metrics["n_feasible"] = summary["n_feasible"]
     tags = {Tag.STATUS: summary["status"]}
-    best = rank(spec, [r for r in rows if r.best])[0] if any(r.best for r in rows) else None
+    best = best_row(spec, rows)  # feasible only: a study where none is has no best tags
     if best:
         metrics.update({f"best_{k}": v for k, v in best.best.items() if k != "step"})
         best_config = {k: v for k, v in best.config.items() if not k.startswith("search.")}

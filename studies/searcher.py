@@ -19,7 +19,11 @@ studies) and adds what a paper-style study needs:
   the numbers of the summary and MLflow); one that a scheduler stopped early (ASHA) is PRUNED, with
   the intermediate values it reported, never COMPLETE with a half-budget number; one with a
   diverged trial is FAIL (also ending early, but not stopped: TPE must not read a divergent
-  region as merely slow).
+  region as merely slow);
+* the spec's constraints (``val_au >= 1``): a COMPLETE or PRUNED configuration carries, before
+  it is told, its constraint values (Optuna's ``Trial.set_constraint``, <= 0 = satisfied) from
+  the metrics of its best evaluation (the mean over its seeds, like the objectives), so that TPE
+  learns where the feasible region is and ``study.best_trial`` is feasible.
 
 Tune finds the inner searcher through the ``searcher`` attribute: the base searcher is saved
 with its own ``save`` (OptunaSearch pickles its study handle) and this wrapper with
@@ -40,12 +44,14 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from cvae_core.metrics.constraints import Constraint, violations
 from cvae_core.metrics.names import IS_BEST
 
 from .spec import own_seed
 from .results import DIVERGED
 
 MAX_REPEATS = 50  # re-asks when the inner searcher proposes configurations that already ran
+OPTUNA_NUMBER = "optuna.trial_number"  # NumberedSpace's key in a proposal; StudyOptunaSearch removes it
 RANK_METRIC = "val_nll"  # the core's selection metric, for results that do not carry its is_best flag
 
 
@@ -66,6 +72,18 @@ def name_objectives(study: optuna.Study, metrics: list[str]) -> None:
         study.set_metric_names(metrics)
 
 
+class NumberedSpace:
+    """A define-by-run space that also returns the number of the Optuna trial it was called with
+    (under ``OPTUNA_NUMBER``): how StudyOptunaSearch learns, through Optuna's public API, which
+    Optuna trial a Tune trial got, so that it can set that trial's constraints later."""
+
+    def __init__(self, space):
+        self.space = space
+
+    def __call__(self, trial) -> dict[str, Any]:
+        return {**(self.space(trial) or {}), OPTUNA_NUMBER: trial.number}
+
+
 class StudyOptunaSearch(OptunaSearch):
     """``OptunaSearch`` whose persisted Optuna study stays truthful.
 
@@ -78,7 +96,13 @@ class StudyOptunaSearch(OptunaSearch):
       parameters (a define-by-run space re-reads parameters a trial already has).
     * Trials that ended after that snapshot (a pack member ends while its pack trains on) are
       not told again when their resumed pack re-reports them: the storage keeps its first word.
+    * :meth:`set_constraints` gives a trial its constraint values before it is told.
     """
+
+    def __init__(self, space, *args, study_name: str | None = None, storage=None, **kwargs):
+        super().__init__(NumberedSpace(space), *args, study_name=study_name, storage=storage, **kwargs)
+        self.study_storage, self.optuna_study_name = storage, study_name  # set_constraints writes there
+        self.trial_numbers: dict[str, int] = {}  # Tune trial id -> its Optuna trial's number
 
     def _setup_study(self, mode):
         super()._setup_study(mode)
@@ -110,7 +134,26 @@ class StudyOptunaSearch(OptunaSearch):
         orphans = getattr(self, "_orphans", None)
         if orphans and trial_id not in self._ot_trials:
             self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphans.pop(0))
-        return super().suggest(trial_id)
+        config = super().suggest(trial_id)
+        if isinstance(config, dict) and OPTUNA_NUMBER in config:  # absent in a study started before NumberedSpace
+            self.trial_numbers[trial_id] = config.pop(OPTUNA_NUMBER)
+        return config
+
+    def set_constraints(self, trial_id: str, values: dict[str, float]) -> None:
+        """Set the constraint values (name -> value, <= 0 satisfied) of the Optuna trial proposed
+        for ``trial_id``, before it is told: Optuna 5's samplers and ``study.best_trial(s)`` read
+        them from the finished trial (its ``constraints_func`` is deprecated). Public API only:
+        the trial is found by its number in the study's storage."""
+        storage = self.study_storage
+        if storage is None or self.optuna_study_name is None:
+            raise ValueError("set_constraints needs the Optuna study's storage and study_name")
+        study = optuna.load_study(study_name=self.optuna_study_name, storage=storage,
+                                  sampler=optuna.samplers.RandomSampler())
+        number = self.trial_numbers[trial_id]
+        trial = optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(self.optuna_study_name), number))
+        for name, value in values.items():
+            trial.set_constraint(name, value)
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -201,13 +244,20 @@ class StudySearcher(SearcherWrapper):
 
     ``metric``/``mode`` are the objective(s) told to the inner searcher (str or list);
     ``evaluations`` is a trial's full budget in reports (``training_iteration``): a trial that
-    ends earlier without an error was stopped by the scheduler.
+    ends earlier without an error was stopped by the scheduler; ``constraints`` (the spec's) are
+    set on each configuration's Optuna trial before it is told (the inner searcher must then be
+    a :class:`StudyOptunaSearch`).
     """
 
+    constraints: tuple[Constraint, ...] = ()  # also the value of a searcher pickled before constraints existed
+
     def __init__(self, searcher: Searcher, fixed: list[dict[str, Any]], n_search: int, seeds: list[int],
-                 metric: str | list[str], mode: str | list[str], evaluations: int | None = None):
+                 metric: str | list[str], mode: str | list[str], evaluations: int | None = None,
+                 constraints: tuple[Constraint, ...] = ()):
         super().__init__(metric=metric, mode=mode)
         self.evaluations = evaluations
+        self.constraints = tuple(constraints)
+        self.known_constraints: dict[str, dict[str, float]] = {}  # config -> constraint values told
         self.best_results: dict[str, dict] = {}  # trial id -> its best report (the core's is_best)
         self.reported: dict[str, int] = {}  # trial id -> last training_iteration told to the searcher
         self.searcher = searcher
@@ -269,6 +319,8 @@ class StudySearcher(SearcherWrapper):
                 # A configuration that already ran (likely in mostly categorical spaces): tell
                 # the searcher its result again (or that it was pruned, or diverged) instead of
                 # training it twice, and ask anew.
+                if self.constraints and key in self.known_constraints:
+                    self.searcher.set_constraints(primary, self.known_constraints[key])
                 self.searcher.on_trial_complete(primary, result=self.known_results.get(key),
                                                 error=key in self.diverged_configs)
                 primary = f"{trial_id}~{attempt}"
@@ -310,8 +362,8 @@ class StudySearcher(SearcherWrapper):
         error = error or diverged
         stopped = not error and self.evaluations is not None and reports < self.evaluations
         at_best = None if diverged else self.best_results.get(trial_id, result)
-        group["trials"][trial_id] = {"result": _objective_values(at_best, self.metric), "error": error,
-                                     "stopped": stopped, "diverged": diverged}
+        group["trials"][trial_id] = {"result": _metric_values(at_best, self._objectives + self._constrained),
+                                     "error": error, "stopped": stopped, "diverged": diverged}
         done = [v for v in group["trials"].values() if v is not None]
         if group["source"] != "search" or index in self.told or len(done) < len(self._seeds(group)):
             return
@@ -321,22 +373,29 @@ class StudySearcher(SearcherWrapper):
             self.searcher.on_trial_complete(group["primary"], result=None, error=True)
             return
         all_failed = all(v["error"] for v in done)
+        key = _key(group["config"])
+        if self.constraints and not all_failed:  # COMPLETE or PRUNED: Optuna reads both trials' constraints
+            self.known_constraints[key] = violations(self.constraints, _means(done, self._constrained))
+            self.searcher.set_constraints(group["primary"], self.known_constraints[key])
         if any(v.get("stopped") for v in done) and not all_failed:
             # Stopped early: PRUNED in Optuna (result None, no error), keeping the intermediate
             # values already reported, so TPE and importances never mistake it for a final number.
-            self.known_results[_key(group["config"])] = None
+            self.known_results[key] = None
             self.searcher.on_trial_complete(group["primary"], result=None, error=False)
             return
-        metrics = [self.metric] if isinstance(self.metric, str) else list(self.metric)
-        means: dict[str, float] = {}
-        for metric in metrics:
-            values = [v["result"][metric] for v in done if v["result"].get(metric) is not None]
-            if values:
-                means[metric] = sum(values) / len(values)
-        result = means if len(means) == len(metrics) else None
+        means = _means(done, self._objectives)
+        result = means if len(means) == len(self._objectives) else None
         if result is not None:
-            self.known_results[_key(group["config"])] = result
+            self.known_results[key] = result
         self.searcher.on_trial_complete(group["primary"], result=result, error=result is None or all_failed)
+
+    @property
+    def _objectives(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def _constrained(self) -> list[str]:
+        return [c.metric for c in self.constraints]
 
     def rename_trial(self, old: str, new: str) -> None:
         """Call the trial proposed as ``old`` ``new`` from now on (a pack names its members only
@@ -356,7 +415,18 @@ def _key(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, default=str)
 
 
-def _objective_values(result: dict | None, metric: str | list[str]) -> dict[str, float | None]:
+def _means(done: list[dict], metrics: list[str]) -> dict[str, float]:
+    """The mean over a configuration's seeds of each metric at their best evaluations (seeds
+    without a value left out; a metric no seed has is missing)."""
+    means: dict[str, float] = {}
+    for metric in metrics:
+        values = [v["result"][metric] for v in done if v["result"].get(metric) is not None]
+        if values:
+            means[metric] = sum(values) / len(values)
+    return means
+
+
+def _metric_values(result: dict | None, metric: str | list[str]) -> dict[str, float | None]:
     metrics = [metric] if isinstance(metric, str) else list(metric)
     out: dict[str, float | None] = {}
     for name in metrics:
@@ -368,7 +438,7 @@ def _objective_values(result: dict | None, metric: str | list[str]) -> dict[str,
 def record_grid_in_optuna(spec, state, rows) -> None:
     """Grid studies have no Optuna sampler; record each finished configuration (``rows``: the
     study's :class:`~studies.summary.TrialRow` list) in the same kind of Optuna study a TPE
-    study persists (mean over seeds, like StudySearcher tells Optuna), so that
+    study persists (mean over seeds, like StudySearcher tells Optuna, constraints included), so that
     optuna-dashboard and importance analysis read both kinds of study alike."""
     import optuna
     from optuna.distributions import CategoricalDistribution
@@ -395,12 +465,15 @@ def record_grid_in_optuna(spec, state, rows) -> None:
             continue
         if len(members) < spec.seeds:
             continue
-        values = []
-        for objective in spec.objectives:
-            scored = [m.best[objective.metric] for m in members if finite(m.best.get(objective.metric))]
-            values.append(statistics.fmean(scored) if scored else None)
+        means = {}
+        for metric in dict.fromkeys([o.metric for o in spec.objectives] + [c.metric for c in spec.constraints]):
+            scored = [m.best[metric] for m in members if finite(m.best.get(metric))]
+            if scored:
+                means[metric] = statistics.fmean(scored)
+        values = [means.get(o.metric) for o in spec.objectives]
         complete = all(v is not None for v in values)
         study.add_trial(create_trial(
             state=TrialState.COMPLETE if complete else TrialState.FAIL, values=values if complete else None,
             params=cell, distributions={k: distributions[k] for k in cell},
-            user_attrs={"config": label, "ray_trial_ids": [m.trial_id for m in members]}))
+            user_attrs={"config": label, "ray_trial_ids": [m.trial_id for m in members]},
+            constraints=violations(spec.constraints, means) if complete and spec.constraints else None))

@@ -18,6 +18,7 @@ import yaml
 from cvae_core.config import PRESETS, build_config, resolve_key
 from cvae_core.errors import CvaeError
 from cvae_core.guards import decode_text
+from cvae_core.metrics.constraints import Constraint, parse_constraint
 from cvae_core.metrics.names import METRICS, direction
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
@@ -87,6 +88,8 @@ class StudySpec:
     seed: int  # sampler seed and first training seed
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # a trial is feasible when its best evaluation satisfies every one (cvae_core.metrics.constraints)
+    constraints: list[Constraint] = field(default_factory=list)
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -104,6 +107,7 @@ class StudySpec:
         return {
             "spec": self.name, "search": search, "space": self.space if search == "tpe" else self.grid,
             "objectives": ",".join(str(o) for o in self.objectives), "num_samples": str(self.num_samples),
+            "constraints": "; ".join(str(c) for c in self.constraints) or "none",
             "seeds": str(self.seeds), "seed": str(self.seed), "base.preset": self.preset,
             "base.dataset": self.dataset, "base.scale": self.scale,
             "baselines": ";".join(",".join(f"{k}={v}" for k, v in b.items()) for b in self.baselines) or "none",
@@ -121,6 +125,7 @@ class StudySpec:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["objectives"] = [str(o) for o in self.objectives]
+        out["constraints"] = [str(c) for c in self.constraints]
         return out
 
 
@@ -150,6 +155,25 @@ def parse_objectives(text: str | list[str], where: str) -> list[Objective]:
         out.append(Objective(metric, mode))
     if len({o.metric for o in out}) != len(out):
         raise SpecError(f"{where}: objectives repeat a metric: {items}")
+    return out
+
+
+def parse_constraints(items: Any, where: str) -> list[Constraint]:
+    """["val_au >= 1", "val_kl > 0.5"] -> [Constraint, ...]; a SpecError naming ``where`` and the
+    offending constraint (``where`` is the spec file and key, or the flag)."""
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise SpecError(f"{where}: must be a list of strings such as ['val_au >= 1'], got {items!r}")
+    out = []
+    for item in items:
+        try:
+            out.append(parse_constraint(item))
+        except CvaeError as exc:
+            raise SpecError(f"{where}: constraint {item!r}: {exc}") from None
+    repeated = sorted({str(c) for c in out if out.count(c) > 1})
+    if repeated:
+        raise SpecError(f"{where}: constraint {repeated[0]!r} is listed twice")
     return out
 
 
@@ -187,7 +211,7 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> StudySpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a study spec must be a mapping, got {type(raw).__name__}")
     _check_unknown(raw, {"name", "description", "base", "space", "grid", "search", "baselines", "objectives",
-                         "scheduler", "budget", "resources", "extra"}, source)
+                         "constraints", "scheduler", "budget", "resources", "extra"}, source)
     base = _section(raw, "base", source)
     _check_unknown(base, {"preset", "dataset", "scale", "overrides"}, f"{source}: base")
     sched_raw = _section(raw, "scheduler", source)
@@ -239,6 +263,7 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> StudySpec:
         seeds=_take(budget, "seeds", int, f"{source}: budget", 1),
         seed=_take(budget, "seed", int, f"{source}: budget", 0),
         source=source, extra=dict(raw.get("extra") or {}),
+        constraints=parse_constraints(raw.get("constraints"), f"{source}: constraints"),
     )
     validate_spec(spec)
     return spec

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from .options import Options, StudyError
-from .record import Role, Tag
-from .spec import Resources, Scheduler, StudySpec, load_spec, parse_objectives, validate_spec
+from .record import Role, Tag, constraints_tag
+from .spec import Resources, Scheduler, StudySpec, load_spec, parse_constraints, parse_objectives, validate_spec
 
 
 def spec_from_dict(raw: dict[str, Any]) -> StudySpec:
     raw = dict(raw)
     raw["objectives"] = parse_objectives(raw["objectives"], "study.json")
+    raw["constraints"] = parse_constraints(raw.get("constraints"), "study.json: constraints")
     raw["scheduler"] = Scheduler(**raw["scheduler"])
     raw["resources"] = Resources(**raw["resources"])
     spec = StudySpec(**raw)
@@ -207,6 +208,7 @@ def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: st
             Tag.ROLE: Role.STUDY, Tag.STUDY: study_name, Tag.SPEC: spec.name,
             Tag.OPTUNA_STORAGE: optuna_storage, Tag.OPTUNA_STUDY: study_name,
             Tag.EXPERIMENT_PATH: experiment_path, Tag.CODE_VERSION: version,
+            Tag.CONSTRAINTS: constraints_tag(spec.constraints),
             "mlflow.note.content": spec.description, **source_tags(f"studies spec {spec.name}"),
         })
     client.log_batch(parent.info.run_id,

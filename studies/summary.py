@@ -1,6 +1,12 @@
 """A study's results: one row per trial (its outcome and its metrics at the core's best
 evaluation), the ranking, the Pareto front, the per-configuration means and the summary that
-``summary.json`` holds.  Printing them is ``studies/render.py``."""
+``summary.json`` holds.  Printing them is ``studies/render.py``.
+
+With constraints in the spec, a row is feasible when the metrics of its best evaluation satisfy
+all of them (``cvae_core.metrics.constraints``); the ranking puts feasible rows first, the
+study's best is the first feasible row, and the Pareto front is taken over feasible points.
+When no row is feasible there is no best: ``summary.json`` names the first-ranked infeasible
+row as ``best_infeasible`` instead, and the parent run gets no best tags."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +15,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from cvae_core.metrics.constraints import violated
 from cvae_core.metrics.names import BEST_STEP, pareto_mask
 
 from .effects import coupling_effects
@@ -100,7 +107,8 @@ def _row(spec: StudySpec, trial_id: str, config: dict[str, Any], records: list[d
     return TrialRow(
         trial_id=trial_id, label=describe(config, spec.preset), config=config,
         seed=config.get("train.seed"), status=status, evaluations=n_evals,
-        best={k: float(best[k]) for k in SUMMARY_KEYS if k in best and finite(best[k])},
+        best={k: float(best[k]) for k in (*SUMMARY_KEYS, *(c.metric for c in spec.constraints))
+              if k in best and finite(best[k])},
         run_id=run.info.run_id if run else "", config_id=tags.get(Tag.CONFIG_ID, ""),
         checkpoint=checkpoint_at(best.get("step")) if best else "", error=error,
         reason=reason if status == "stopped" else "")
@@ -139,15 +147,28 @@ def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def broken(spec: StudySpec, values: dict[str, float]) -> list[str]:
+    """The spec's constraints that ``values`` (a row's best evaluation, or a configuration's
+    means) do not satisfy; empty: feasible."""
+    return [str(c) for c in violated(spec.constraints, values)]
+
+
 def rank(spec: StudySpec, rows: list[TrialRow]) -> list[TrialRow]:
-    """Rows by the first objective (in its direction), rows without a value last."""
+    """Rows by the first objective (in its direction): feasible rows, then infeasible ones, then
+    rows without a value."""
     first = spec.objectives[0]
 
     def key(row: TrialRow):
         value = row.best.get(first.metric)
-        return (not finite(value), oriented(first, value) if finite(value) else 0.0)
+        return (not finite(value), bool(broken(spec, row.best)), oriented(first, value) if finite(value) else 0.0)
 
     return sorted(rows, key=key)
+
+
+def best_row(spec: StudySpec, rows: list[TrialRow]) -> TrialRow | None:
+    """The study's best trial, its champion candidate: the first-ranked feasible row (None if no
+    row with an evaluation is feasible)."""
+    return next((r for r in rank(spec, [r for r in rows if r.best]) if not broken(spec, r.best)), None)
 
 
 def oriented(objective: Objective, value: float) -> float:
@@ -156,20 +177,22 @@ def oriented(objective: Objective, value: float) -> float:
 
 
 def pareto_front(spec: StudySpec, points: list[tuple[str, dict[str, float]]]) -> set[str]:
-    """Names of the non-dominated points under the spec's objectives."""
+    """Names of the non-dominated feasible points under the spec's objectives."""
+    points = [(name, values) for name, values in points if not broken(spec, values)]
     mask = pareto_mask([[values.get(o.metric) for o in spec.objectives] for _, values in points],
                        [o.mode for o in spec.objectives])
     return {name for (name, _), on_front in zip(points, mask) if on_front}
 
 
-def group_by_config(rows: list[TrialRow]) -> list[dict[str, Any]]:
+def group_by_config(rows: list[TrialRow], extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Per configuration: the mean (and sd) over its seeds of val NLL, KL, MI, AU and ``extra``."""
     groups: dict[str, list[TrialRow]] = {}
     for row in rows:
         groups.setdefault(row.label, []).append(row)
     out = []
     for label, members in groups.items():
         entry: dict[str, Any] = {"label": label, "n": len(members), "config_id": members[0].config_id}
-        for key in ("val_nll", "val_kl", "val_mi_loo", "val_au"):
+        for key in dict.fromkeys(("val_nll", "val_kl", "val_mi_loo", "val_au", *extra)):
             values = [m.best[key] for m in members if finite(m.best.get(key))]
             entry[key] = statistics.fmean(values) if values else None
             entry[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
@@ -181,7 +204,8 @@ def summarize(spec: StudySpec, state: StudyState, rows: list[TrialRow], interrup
               elapsed_s: float) -> dict[str, Any]:
     """What ``summary.json`` holds."""
     ranked = rank(spec, [r for r in rows if r.best])
-    groups = group_by_config(rows) if spec.seeds > 1 else []
+    best = best_row(spec, rows)
+    groups = group_by_config(rows, tuple(c.metric for c in spec.constraints)) if spec.seeds > 1 else []
     front: set[str] = set()
     if spec.multi_objective:
         points = ([(g["label"], g) for g in groups] if groups else [(r.trial_id, r.best) for r in rows])
@@ -192,8 +216,18 @@ def summarize(spec: StudySpec, state: StudyState, rows: list[TrialRow], interrup
         "elapsed_s": round(elapsed_s, 1), "counts": {s: sum(1 for r in rows if r.status == s) for s in COUNTED},
         "experiment_path": state.experiment_path, "optuna_storage": state.optuna_storage,
         "tracking_uri": state.tracking_uri, "parent_run_id": state.parent_run_id, "pareto_front": sorted(front),
-        "trials": [dataclasses.asdict(r) for r in ranked + [r for r in rows if not r.best]],
+        "trials": [_trial_entry(spec, r) for r in ranked + [r for r in rows if not r.best]],
         "configurations": groups,
         "effects": coupling_effects(rows, spec.preset),
-        "best": dataclasses.asdict(ranked[0]) if ranked else None,
+        "constraints": [str(c) for c in spec.constraints],
+        "n_feasible": sum(1 for r in ranked if not broken(spec, r.best)),
+        "best": _trial_entry(spec, best) if best else None,
+        # no feasible trial: the one that would have been best, never a champion
+        "best_infeasible": _trial_entry(spec, ranked[0]) if ranked and best is None else None,
     }
+
+
+def _trial_entry(spec: StudySpec, row: TrialRow) -> dict[str, Any]:
+    """A row in ``summary.json``, with the constraints its best evaluation breaks (``violated``,
+    empty: feasible; None: no evaluation to judge)."""
+    return {**dataclasses.asdict(row), "violated": broken(spec, row.best) if row.best else None}
