@@ -159,6 +159,16 @@ def values_frame(runs: pd.DataFrame, at: str = "best") -> pd.DataFrame:
                                           "n", "delta", "note"])
 
 
+def _effect_decimals(e: Effect) -> int:
+    """The metric's decimals, or more (up to 4) when the difference would otherwise print as 0:
+    an interval such as [+0.001, +0.010] nats must not read [+0.0, +0.0]."""
+    d = metric_info(e.metric).decimals
+    value = abs(e.ours_value)
+    while d < 4 and 0 < value < 10 ** -d * 10:
+        d += 1
+    return d
+
+
 def _fmt(value: float | None, metric: str, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -211,9 +221,10 @@ def report(runs: pd.DataFrame, study: str = "", at: str = "best", statuses=("FIN
     else:
         lines += ["| Table | Dataset | a − b | Metric | Paper | Ours | Verdict |", "|---|---|---|---|---|---|---|"]
         for e in found:
-            ours = _fmt(e.ours_value, e.metric, signed=True)
+            d = _effect_decimals(e)
+            ours = f"{e.ours_value:+.{d}f}"
             if e.ours is not None and e.ours.n >= 2:
-                ours += f" [{_fmt(e.ours.low, e.metric, True)}, {_fmt(e.ours.high, e.metric, True)}] (n={e.ours.n})"
+                ours += f" [{e.ours.low:+.{d}f}, {e.ours.high:+.{d}f}] (n={e.ours.n})"
             verdict = e.verdict()
             verdict = f"**{verdict}**" if verdict == "contradicted" else verdict
             lines.append(f"| {e.table} | {DATASET_LABELS.get(e.dataset, e.dataset)} | {e.a} − {e.b} | "
