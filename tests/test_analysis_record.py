@@ -27,7 +27,7 @@ def study_store(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("record_study")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    outcome = run_study(Options(profile="lambda_sweep", search="tpe", num_samples=2, seeds=1, root=str(root / "out"),
+    outcome = run_study(Options(profile="lambda_sweep", search="tpe", constraints=["none"], num_samples=2, seeds=1, root=str(root / "out"),
                                 tracking_uri=uri, study_name=STUDY, overrides=TINY))
     assert outcome.exit_code == 0
     return uri
