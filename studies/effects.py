@@ -9,14 +9,20 @@ ranked table shows.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cvae_core.stats import PairedDifference, paired_difference
 
 from .spaces import SEARCH_PREFIX
 
-if TYPE_CHECKING:
-    from .summary import TrialRow
+
+class Row(Protocol):
+    """What an effect needs of a trial (``studies.summary.TrialRow`` has it)."""
+    label: str
+    config: dict[str, Any]
+    seed: int | None
+    status: str
+    best: dict[str, float]
 
 EFFECT_METRICS = ("val_nll", "val_kl", "val_mi_loo", "val_au")
 EFFECT_NAMES = {"val_nll": "ΔNLL", "val_kl": "ΔKL", "val_mi_loo": "ΔMI", "val_au": "ΔAU"}
@@ -48,12 +54,12 @@ def _twin_key(settings: dict[str, Any]) -> tuple | None:
     return _key(twin)
 
 
-def coupling_effects(rows: list[TrialRow], base_preset: str = "") -> list[dict[str, Any]]:
+def coupling_effects(rows: list[Row], base_preset: str = "") -> list[dict[str, Any]]:
     """One entry per coupled configuration with at least one seed paired with its twin:
     ``{"label", "base", "seeds": [...], "val_nll": {"mean", "low", "high", "n"}, ...}``.
     ``base_preset``: the spec's preset, which a configuration without its own ``preset`` has."""
     done = [r for r in rows if r.status == "done" and r.best and r.seed is not None]
-    groups: dict[tuple, list[TrialRow]] = {}
+    groups: dict[tuple, list[Row]] = {}
     for row in done:
         groups.setdefault(_key(_settings(row.config, base_preset)), []).append(row)
     out = []
