@@ -34,9 +34,9 @@ KNOWN_CHECKSUMS = {
     ("swda", "valid"): "d3964e58472ba305dc290ac7f26bcef5",  # Zhao et al.'s Switchboard JSON lines
     ("swda", "test"): "aa6d63988925dbe8a064edc3baa3cdcf",
     # He et al.'s synthetic data from their seed (SYNTHETIC_SEED), as cvae_core.data.synthetic samples it
-    ("synthetic", "train"): "TODO",
-    ("synthetic", "valid"): "TODO",
-    ("synthetic", "test"): "TODO",
+    ("synthetic", "train"): "ed01a327f106ac14aab85f2e749a31ea",
+    ("synthetic", "valid"): "66c1e00bd2a8de27ff6302d1f391a3f9",
+    ("synthetic", "test"): "051683b4947b2789005d5968b74c821d",
 }
 
 
