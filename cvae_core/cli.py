@@ -90,10 +90,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(json_safe(result), indent=2))
         return
+    width = max(12, *(len(key) + 1 for key in result))  # the synthetic data's metric names are longer
     for key, value in result.items():
         if key != "fingerprint":
-            print(f"{key:<12} {value if value is None or isinstance(value, int) else f'{value:.3f}'}")
-    print("fingerprint  " + json.dumps(result["fingerprint"]))
+            print(f"{key:<{width}} {value if value is None or isinstance(value, int) else f'{value:.3f}'}")
+    print(f"{'fingerprint':<{width}} " + json.dumps(result["fingerprint"]))
 
 
 def _generate(args: argparse.Namespace) -> None:
