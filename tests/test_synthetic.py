@@ -222,6 +222,35 @@ def test_training_and_evaluation_report_the_truth(tmp_path, tiny_cache):
     assert limited["n_sentences"] == 6 and limited["true_nll"] != evaluated["true_nll"]  # the truth is cut too
 
 
+def test_posterior_mean_plot_shows_the_vae_beside_the_coupled_vae(tmp_path, tiny_cache):
+    import pandas as pd
+
+    from analysis.plots import plot_posterior_means
+    from cvae_core.train import train
+
+    rows, folders = [], {}
+    for preset, nll in (("vae", 60.0), ("coupled-vae", 61.0)):
+        config = build_config(preset, "synthetic", "quick", {"data.data_dir": str(tiny_cache), **TINY_TRAINING})
+        folders[preset] = train(config, tmp_path / preset, log=_quiet).best_checkpoint
+        rows.append({"run_id": preset, "preset": preset, "dataset": "synthetic", "seed": 0,
+                     "config.coupling.enabled": preset.startswith("coupled"), "config.model.kind": "vae",
+                     "best.val_nll": nll, "best.val_kl": 0.5, "best.val_cluster_probe_acc": 0.3})
+    rows.append({**rows[0], "run_id": "worse vae", "best.val_nll": 70.0})  # not the best VAE: not drawn
+    runs = pd.DataFrame(rows)
+    asked, notes = [], []
+
+    def checkpoint(row):
+        asked.append(row["run_id"])
+        return folders[row["run_id"]]
+
+    (path,) = plot_posterior_means(runs, tmp_path / "plots", checkpoint, note=notes.append)
+    assert path.name == "posterior_means.png" and path.read_bytes().startswith(b"\x89PNG") and not notes
+    assert asked == ["vae", "coupled-vae"]
+    assert plot_posterior_means(runs.assign(dataset="ptb"), tmp_path, checkpoint, note=notes.append) == []
+    assert not notes  # a study on other data has no known answer: nothing to say
+    assert plot_posterior_means(runs, tmp_path, None, note=notes.append) == [] and "checkpoints" in notes[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Cross-entropy >= entropy: a trained model's test NLL is not below the generator's
 
