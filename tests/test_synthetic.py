@@ -80,13 +80,33 @@ def test_the_sampler_draws_from_the_likelihood_it_reports():
     assert (z[component == 1].mean() - 2.0).abs() < 0.05
 
 
+def test_importance_sampling_of_the_real_generator_agrees_with_the_quadrature():
+    """An independent estimate on the 1,000-word generator: -log mean_k p(x, z_k) / q(z_k) with
+    2,000 draws from a defensive mixture around the true posterior mean (q = N(m, 0.25²) + N(m, 1))."""
+    lm = SyntheticLM()
+    x, _, _ = lm.sample(20, torch.Generator().manual_seed(11))
+    exact = exact_nll(lm, x)
+    draws = torch.Generator().manual_seed(0)
+    estimates = []
+    for sentence, mean in zip(x, exact.posterior_mean):
+        sd = torch.where(torch.rand(2000, generator=draws) < 0.5, 1.0, 0.25).double()[:, None]
+        z = mean + sd * torch.randn(2000, 2, generator=draws, dtype=torch.float64)
+        log_q = torch.logsumexp(torch.stack([math.log(0.5) + torch.distributions.Normal(mean, s).log_prob(z).sum(-1)
+                                             for s in (1.0, 0.25)]), 0)
+        log_w = lm.log_px_given_z(sentence.expand(len(z), -1), z) + lm.log_prior(z) - log_q
+        estimates.append(-(torch.logsumexp(log_w, 0) - math.log(len(z))))
+    difference = torch.stack(estimates) - exact.nll
+    assert difference.abs().max().item() < 0.2  # one sentence's Monte Carlo noise
+    assert abs(difference.mean().item()) < 0.03  # over 20 sentences: ~0.006 of noise
+
+
 @pytest.mark.slow
 def test_exact_nll_of_the_real_generator_matches_a_fine_grid():
     lm = SyntheticLM()
     x, _, _ = lm.sample(14, torch.Generator().manual_seed(7))
     x = x[[13]]  # a sentence whose posterior has secondary modes (the lattice step is halved)
     exact = exact_nll(lm, x)
-    brute = grid_nll(lm, x, 0.025, 7.0)  # 561 x 561 nodes
+    brute = grid_nll(lm, x, 0.05, 7.0)  # 281 x 281 nodes; 0.025 moves it by 6e-4
     assert (exact.check <= synthetic.TOLERANCE).all()
     assert (exact.nll - brute).abs().max().item() < 0.01
 
@@ -254,7 +274,6 @@ def test_posterior_mean_plot_shows_the_vae_beside_the_coupled_vae(tmp_path, tiny
 # ---------------------------------------------------------------------------------------------
 # Cross-entropy >= entropy: a trained model's test NLL is not below the generator's
 
-@pytest.mark.slow
 def test_a_trained_model_does_not_beat_the_true_likelihood(tmp_path, monkeypatch):
     from cvae_core.data.batching import eval_batches
     from cvae_core.evaluation import load_for_evaluation
@@ -272,4 +291,4 @@ def test_a_trained_model_does_not_beat_the_true_likelihood(tmp_path, monkeypatch
     excess = nll.double() - test.truth.nll  # per sentence: the model's -log q(x) minus the true -log p(x)
     standard_error = excess.std().item() / math.sqrt(len(excess))
     assert excess.mean().item() > -3 * standard_error
-    assert excess.mean().item() < 40  # and it learnt something: an untrained model is ~45 nats above
+    assert excess.mean().item() < 40  # and it learnt something: an untrained model is ~45 nats above (500 steps: ~16)
