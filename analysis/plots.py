@@ -419,10 +419,17 @@ def plot_posterior_means(runs: pd.DataFrame, out_dir: Path, checkpoint: Checkpoi
     component = truth.component.numpy()
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.6 * (1 + len(panels)), 4.4), constrained_layout=True,
                              squeeze=False)
-    _posterior_panel(axes[0][0], truth.z.numpy(), component, "the true z of each sentence", ("$z_1$", "$z_2$"))
-    for ax, (means, title) in zip(axes[0][1:], panels):
+    views = [(truth.z.numpy(), "the true z of each sentence", ("$z_1$", "$z_2$"))]
+    for means, title in panels:
         points, names = _two_axes(means)
+        views.append((points, title, names))
+    # one scale for every panel, as in He et al.'s figure: a collapsed encoder's means are one dot
+    limit = 1.05 * max(float(np.abs(view[0]).max()) for view in views)
+    for ax, (points, title, names) in zip(axes[0], views):
         _posterior_panel(ax, points, component, title, names)
+        ax.set_xlim(-limit, limit)
+        ax.set_ylim(-limit, limit)
+        ax.set_aspect("equal")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=4, frameon=False, markerscale=3)
     fig.suptitle(f"Synthetic data (He et al. 2019): posterior means of {len(component):,} validation sentences, "

@@ -116,7 +116,8 @@ def evaluate_model(model: torch.nn.Module, config: Config, data: Split, checkpoi
         result.update({key: scores.get(key) for key in TRUTH_KEYS})
         optional.update(synthetic_seed=config.data.synthetic_seed, true_nll_estimator=QUADRATURE_NOTE,
                         true_nll_check_max=None if data.truth.nll_check is None else data.truth.nll_check.max().item(),
-                        probes="linear/logistic on E_q[z|x], fitted on even rows and scored on odd rows, and back")
+                        probes="linear/logistic on one z ~ q(z|x) per sentence (the MI pass's seeded stream), fitted on "
+                               "even rows and scored on odd rows, and back")
     if bleu:
         scored = reconstruction_bleu(model, data, n_samples=bleu_samples, seed=seed, max_steps=steps)
         result.update(bleu1=scored["bleu1"], bleu2=scored["bleu2"], sacrebleu=scored["sacrebleu"])

@@ -200,7 +200,7 @@ def _mixture(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return z, component
 
 
-def test_latent_recovery_of_a_perfect_and_of_a_collapsed_encoder():
+def test_latent_recovery_of_a_perfect_and_of_collapsed_encoders():
     z, component = _mixture(2000)
     perfect = latent_recovery(torch.stack([3 * z[:, 1] - 1, z[:, 0] + z[:, 1]], 1), z, component)  # affine in z
     assert perfect["z_probe_r2"] == pytest.approx(1.0, abs=1e-6)
@@ -210,7 +210,11 @@ def test_latent_recovery_of_a_perfect_and_of_a_collapsed_encoder():
     assert collapsed["z_probe_r2"] == pytest.approx(0.0, abs=0.01)
     assert abs(collapsed["cluster_probe_mi"]) < 0.01
     assert collapsed["cluster_probe_acc"] < 0.3
-    noisy = latent_recovery(z + 2 * torch.randn(z.shape, generator=torch.Generator().manual_seed(1)), z, component)
+    # a collapsed posterior's code: means that differ by a thousandth of z under unit noise
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
+    sampled = latent_recovery(1e-3 * z + noise, z, component)
+    assert sampled["z_probe_r2"] < 0.01 and sampled["cluster_probe_acc"] < 0.3 and sampled["cluster_probe_mi"] < 0.01
+    noisy = latent_recovery(z + 2 * noise, z, component)
     assert 0.1 < noisy["z_probe_r2"] < perfect["z_probe_r2"] and noisy["cluster_probe_mi"] < perfect["cluster_probe_mi"]
 
 

@@ -145,12 +145,12 @@ def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: i
 @torch.inference_mode()
 def latent_metrics(model: nn.Module, split: Split, mi_samples: int) -> dict[str, float]:
     """mi_loo and mi_batch over consecutive batches of 513 sentences, and active units; on a split
-    with a known answer, the latent recovery of the posterior means too."""
+    with a known answer, the latent recovery of one code z ~ q(z|x) per sentence too."""
     if split.truth is not None and len(split.truth.z) != len(split.examples):
         raise CvaeError(f"{split.name}: {len(split.examples)} sentences but the truth of {len(split.truth.z)}; "
                         "cut a split with Split.head, which cuts both")
     device = next(model.parameters()).device
-    loo_sum, batch_sum, loo_count, means = 0.0, 0.0, 0, []
+    loo_sum, batch_sum, loo_count, means, codes = 0.0, 0.0, 0, [], []
     for batch in eval_batches(split.examples, MI_BATCH):
         posterior = model.posterior(batch.to(device))
         mi_loo, mi_batch = mi_estimates(posterior, mi_samples)
@@ -158,13 +158,14 @@ def latent_metrics(model: nn.Module, split: Split, mi_samples: int) -> dict[str,
         if not torch.isnan(mi_loo).any():
             loo_sum, loo_count = loo_sum + mi_loo.sum().item(), loo_count + mi_loo.numel()
         means.append(posterior.mean.float().cpu())
+        if split.truth is not None:
+            codes.append(posterior.rsample_with_log_prob((1,)).z[0].float().cpu())
     n = len(split.examples)
-    means = torch.cat(means)
     return {
         "mi_loo": loo_sum / loo_count if loo_count else float("nan"),
         "mi_batch": batch_sum / n,
-        "au": active_units(means),
-        **({} if split.truth is None else latent_recovery(means, split.truth.z, split.truth.component)),
+        "au": active_units(torch.cat(means)),
+        **({} if split.truth is None else latent_recovery(torch.cat(codes), split.truth.z, split.truth.component)),
     }
 
 

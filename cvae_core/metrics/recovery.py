@@ -3,15 +3,18 @@
 * ``true_nll``: the mean exact -log p(x) of the split under the generator (quadrature over z,
   computed once with the data); ``nll_gap`` = ``nll`` − ``true_nll``, the model's excess
   cross-entropy (≥ 0 in expectation, up to the IS estimate's noise and the split's sampling error).
-* Latent recovery, from the posterior means E_q[z|x] [N, d] (any d) and the generator's z [N, 2]
-  and mixture component [N]: linear probes fitted on one half of the split and scored on the other
-  (even/odd rows, both ways round), so a probe never scores the sentences it was fitted on.
-  ``z_probe_r2``: R² of a least-squares map [E_q z, 1] -> true z (1 − SSE/SST pooled over z's
-  coordinates; 0 for a collapsed encoder, ~1 when z is read back up to an affine map);
-  ``cluster_probe_acc``: accuracy of a multinomial logistic regression E_q z -> component (chance
-  0.25; the true z itself reaches ~0.955: the components overlap); ``cluster_probe_mi``: the
-  held-out bound mean[log q(c|E_q z) − log p̂(c)] ≤ I(E_q z; c) in nats (0 for a collapsed encoder,
-  at most log 4 ≈ 1.39; it can dip just below 0 by chance).
+* Latent recovery: how much of the generator's z [N, 2] and mixture component [N] the model's
+  latent code carries.  The probes read one code z ~ q(z|x) per sentence [N, d] (any d), what the
+  decoder reads: the posterior means of a collapsed encoder still differ by thousandths, which a
+  probe that standardises its inputs would read as information.  Linear probes are fitted on one
+  half of the split and scored on the other (even/odd rows, both ways round), so a probe never
+  scores the sentences it was fitted on.
+  ``z_probe_r2``: R² of a least-squares map [code, 1] -> true z (1 − SSE/SST pooled over z's
+  coordinates; ~0 for a collapsed encoder, ~1 when z is read back up to an affine map);
+  ``cluster_probe_acc``: accuracy of a multinomial logistic regression code -> component (chance
+  0.25; the true z itself reaches ~0.95: the components overlap); ``cluster_probe_mi``: the
+  held-out bound mean[log q(c|code) − log p̂(c)] ≤ I(code; c) in nats (~0 for a collapsed encoder,
+  at most log 4 ≈ 1.39, the true z ~1.22; it can dip just below 0 by chance).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 from torch import Tensor
 
 TRUTH_KEYS = ("true_nll", "nll_gap", "z_probe_r2", "cluster_probe_acc", "cluster_probe_mi")
-RIDGE = 1e-6  # keeps the probes' normal equations solvable when E_q z does not vary (collapse)
+RIDGE = 1e-6  # keeps the probes' normal equations solvable when the codes do not vary
 LOGISTIC_L2 = 1e-3  # per-sentence weight decay of the cluster probe: finite weights on separable data
 
 
@@ -38,7 +41,7 @@ def _standardized(features: Tensor, fit: Tensor) -> Tensor:
 
 
 def z_probe_r2(means: Tensor, z: Tensor) -> float:
-    """R² of the held-out linear map E_q z -> true z, pooled over both halves and z's coordinates."""
+    """R² of the held-out linear map code [N, d] -> true z, pooled over both halves and z's coordinates."""
     means, z = means.double(), z.double()
     sse = sst = 0.0
     for fit, score in _halves(len(means)):
@@ -70,7 +73,7 @@ def _fit_logistic(x: Tensor, labels: Tensor, classes: int) -> Tensor:
 
 
 def cluster_probe(means: Tensor, component: Tensor, classes: int = 4) -> dict[str, float]:
-    """Held-out accuracy and MI bound (nats) of a logistic probe E_q z -> mixture component."""
+    """Held-out accuracy and MI bound (nats) of a logistic probe code [N, d] -> mixture component."""
     means, component = means.double(), component.long()
     correct, bound = 0, 0.0
     for fit, score in _halves(len(means)):
@@ -86,8 +89,8 @@ def cluster_probe(means: Tensor, component: Tensor, classes: int = 4) -> dict[st
 
 
 def latent_recovery(means: Tensor, z: Tensor, component: Tensor) -> dict[str, float]:
-    """z_probe_r2, cluster_probe_acc, cluster_probe_mi of posterior means [N, d] against the truth;
-    NaN for fewer than 4 sentences (two per half)."""
+    """z_probe_r2, cluster_probe_acc, cluster_probe_mi of codes [N, d] (one per sentence) against
+    the truth; NaN for fewer than 4 sentences (two per half)."""
     if len(means) < 4:
         return {"z_probe_r2": math.nan, "cluster_probe_acc": math.nan, "cluster_probe_mi": math.nan}
     return {"z_probe_r2": z_probe_r2(means, z), **cluster_probe(means, component)}
