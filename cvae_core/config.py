@@ -346,7 +346,8 @@ def _validate_synthetic(data: DataConfig) -> None:
     """Settings that would silently change what the synthetic data's known answer refers to."""
     if data.min_count != 1:
         raise CvaeError(f"data.min_count={data.min_count} does not apply to dataset synthetic: its vocabulary is "
-                        "the generator's 1,000 words, seen or not; leave data.min_count at 1")
+                        "the generator's 1,000 words, seen or not, so that the true NLL is of the words themselves; "
+                        "set data.min_count=1 (e.g. --set data.min_count=1 over a PTB spec)")
     if data.max_len < SYNTHETIC_LENGTH:
         raise CvaeError(f"data.max_len={data.max_len} would cut the synthetic sentences ({SYNTHETIC_LENGTH} words), "
                         f"and their true NLL is of whole sentences; use data.max_len >= {SYNTHETIC_LENGTH}")
