@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -118,8 +119,10 @@ def _plots(args) -> None:
     study = _study(args)
     runs = study.runs if args.all_runs else study.runs[study.runs["status"] == "FINISHED"]
     out = Path(args.out or f"analysis-plots/{study.name}")
-    paths = make_plots(runs, study.history, study.parent.data.tags, out, at=args.at, top_k=args.top_k,
-                       note=lambda text: _progress(text), fmt=args.format)
+    with tempfile.TemporaryDirectory(prefix="cvae-plot-checkpoints-") as downloads:
+        paths = make_plots(runs, study.history, study.parent.data.tags, out, at=args.at, top_k=args.top_k,
+                           note=lambda text: _progress(text), fmt=args.format,
+                           checkpoint=_checkpoint_fetcher(study.tracking_uri, Path(downloads)))
     for path in paths:
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     if paths and not args.no_log:
@@ -129,6 +132,21 @@ def _plots(args) -> None:
         for path in paths:
             client.log_artifact(study.parent_run_id, str(path), artifact_path="analysis/plots")
         print(f"logged {len(paths)} plots to the study run {study.parent_run_id} under analysis/plots/")
+
+
+def _checkpoint_fetcher(tracking_uri: str, folder: Path):
+    """A run's row -> its ``checkpoint/`` artifact downloaded under ``folder`` (None when it has none)."""
+    from .best import download_checkpoint, has_checkpoint
+    from .store import connect
+
+    def fetch(row) -> Path | None:
+        client, _ = connect(tracking_uri)
+        if not has_checkpoint(client, row["run_id"]):
+            return None
+        _progress(f"downloading the checkpoint of run {row['run_id']} for the posterior-mean plot")
+        return download_checkpoint(tracking_uri, row["run_id"], folder / row["run_id"])
+
+    return fetch
 
 
 def _best(args) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 SOURCE = ("Wu, Wang & Wang (2020), On the Encoder-Decoder Incompatibility in Variational Text Modeling "
           "and Beyond, ACL 2020 (arXiv:2004.09189)")
 PAPER_SPLIT = "test"
-DATASET_LABELS = {"ptb": "PTB", "yelp13": "Yelp", "yahoo": "Yahoo", "switchboard": "Switchboard"}
+DATASET_LABELS = {"ptb": "PTB", "yelp13": "Yelp", "yahoo": "Yahoo", "switchboard": "Switchboard", "synthetic": "Synthetic"}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ it returns ``[]`` and reports why through ``note`` when the study lacks what the
   importances.png           Optuna parameter importances: PED-ANOVA and fANOVA
   parallel_coordinates.png  Optuna's parallel-coordinates plot of the persisted study
   top_k_curves.png          validation curves of the k best trials
+  posterior_means.png       synthetic data: posterior means coloured by true cluster, VAE beside
+                            Coupled-VAE (He et al. 2019's figure), from the runs' checkpoints
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ GRAD_TITLES = {
     "dh_de": r"$\|\partial h/\partial e\|_F^2 / \|h\|^2$",
 }
 Note = Callable[[str], None]
+Checkpoint = Callable[[pd.Series], "Path | None"]  # a run's row -> its checkpoint folder (None: it has none)
 
 
 FORMATS = ("png", "pdf", "svg")
@@ -341,8 +344,104 @@ def plot_top_k(runs: pd.DataFrame, history: pd.DataFrame, out_dir: Path, k: int 
     return [_save(fig, out_dir / "top_k_curves.png")]
 
 
+COMPONENT_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+POSTERIOR_POINTS = 1000  # validation sentences drawn (He et al. draw 500)
+
+
+def _posterior_panel(ax, points: np.ndarray, component: np.ndarray, title: str, axis_names: tuple[str, str]) -> None:
+    from cvae_core.data.synthetic import GeneratorShape
+
+    for k, mean in enumerate(GeneratorShape().means):
+        mine = component == k
+        ax.scatter(points[mine, 0], points[mine, 1], s=5, alpha=0.6, color=COMPONENT_COLORS[k],
+                   label=f"cluster ({mean[0]:+g}, {mean[1]:+g})")
+    ax.set_xlabel(axis_names[0])
+    ax.set_ylabel(axis_names[1])
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+def _two_axes(means: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
+    """A 2-D view of posterior means [N, d]: the means themselves for d = 2, else their first two
+    principal components (one dimension padded with 0 for d = 1)."""
+    if means.shape[1] == 2:
+        return means, (r"$E_q[z_1|x]$", r"$E_q[z_2|x]$")
+    if means.shape[1] == 1:
+        return np.column_stack([means[:, 0], np.zeros(len(means))]), (r"$E_q[z|x]$", "")
+    centred = means - means.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T, (r"PC 1 of $E_q[z|x]$", r"PC 2 of $E_q[z|x]$")
+
+
+def plot_posterior_means(runs: pd.DataFrame, out_dir: Path, checkpoint: Checkpoint | None, at: str = "best",
+                         note: Note = print) -> list[Path]:
+    """He et al. (2019)'s picture on the synthetic data: the true z of validation sentences and the
+    posterior means E_q[z|x] of the best VAE and the best Coupled-VAE run (lowest validation NLL,
+    at each run's best checkpoint), all coloured by the sentence's true mixture component.
+    A collapsed encoder puts every mean at one point; one that recovers z shows the four clusters."""
+    data = runs[runs["dataset"] == "synthetic"]
+    if not len(data):
+        return []  # the figure needs the known answer of the synthetic data
+    if checkpoint is None:
+        note("posterior-mean plot skipped: no way to fetch the runs' checkpoints was given")
+        return []
+    from cvae_core.errors import CvaeError
+    from cvae_core.evaluation import load_for_evaluation
+    from cvae_core.metrics.likelihood import posterior_means
+
+    column = metric_column("nll", at)
+    coupled = cfg(data, "coupling.enabled").fillna(False).astype(bool)
+    latent = cfg(data, "model.kind", "vae").fillna("vae") == "vae"
+    panels, truth = [], None
+    for name, group in (("VAE", data[latent & ~coupled]), ("Coupled-VAE", data[latent & coupled])):
+        group = group[group[column].notna()] if column in group.columns else group.iloc[0:0]
+        if not len(group):
+            note(f"posterior-mean plot: no {name} run with {column}")
+            continue
+        row = group.sort_values(column, kind="stable").iloc[0]
+        try:
+            folder = checkpoint(row)
+            if folder is None:
+                note(f"posterior-mean plot: {name} run {row['run_id']} has no checkpoint")
+                continue
+            model, _, _, split = load_for_evaluation(folder, "valid", device="cpu", limit=POSTERIOR_POINTS)
+        except CvaeError as exc:
+            note(f"posterior-mean plot: {name} run {row['run_id']} skipped: {exc}")
+            continue
+        truth = split.truth
+        metrics = ", ".join(f"{metric_info(key).label} {row[metric_column(key, at)]:.{metric_info(key).decimals}f}"
+                            for key in ("kl", "mi_loo", "au", "cluster_probe_acc", "z_probe_r2")
+                            if metric_column(key, at) in row.index and pd.notna(row[metric_column(key, at)]))
+        panels.append((posterior_means(model, split).numpy(), f"{name}: {run_label(row)}\nvalidation {metrics}"))
+    if truth is None:
+        note("posterior-mean plot skipped: no VAE or Coupled-VAE checkpoint could be read")
+        return []
+    component = truth.component.numpy()
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.6 * (1 + len(panels)), 4.4), constrained_layout=True,
+                             squeeze=False)
+    views = [(truth.z.numpy(), "the true z of each sentence", ("$z_1$", "$z_2$"))]
+    for means, title in panels:
+        points, names = _two_axes(means)
+        views.append((points, title, names))
+    # one scale for every panel, as in He et al.'s figure: a collapsed encoder's means are one dot
+    limit = 1.05 * max(float(np.abs(view[0]).max()) for view in views)
+    for ax, (points, title, names) in zip(axes[0], views):
+        _posterior_panel(ax, points, component, title, names)
+        ax.set_xlim(-limit, limit)
+        ax.set_ylim(-limit, limit)
+        ax.set_aspect("equal")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=4, frameon=False, markerscale=3)
+    fig.suptitle(f"Synthetic data (He et al. 2019): posterior means of {len(component):,} validation sentences, "
+                 "coloured by the true mixture component")
+    return [_save(fig, out_dir / "posterior_means.png")]
+
+
 def make_plots(runs: pd.DataFrame, history: pd.DataFrame, parent_tags: dict[str, str], out_dir: str | Path,
-               at: str = "best", top_k: int = 5, note: Note = print, fmt: str = "png") -> list[Path]:
+               at: str = "best", top_k: int = 5, note: Note = print, fmt: str = "png",
+               checkpoint: Checkpoint | None = None) -> list[Path]:
+    """Every figure the study supports; ``checkpoint`` (a run's row -> its checkpoint folder) lets
+    the synthetic data's posterior-mean plot load the models."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -353,6 +452,7 @@ def make_plots(runs: pd.DataFrame, history: pd.DataFrame, parent_tags: dict[str,
         paths += plot_grad_norms(runs, history, out_dir, note=note)
         paths += plot_optuna(parent_tags, out_dir, note=note)
         paths += plot_top_k(runs, history, out_dir, top_k, note=note)
+        paths += plot_posterior_means(runs, out_dir, checkpoint, at, note=note)
     finally:
         _format["suffix"] = previous
     return paths

@@ -90,10 +90,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(json_safe(result), indent=2))
         return
+    width = max(12, *(len(key) + 1 for key in result))  # the synthetic data's metric names are longer
     for key, value in result.items():
         if key != "fingerprint":
-            print(f"{key:<12} {value if value is None or isinstance(value, int) else f'{value:.3f}'}")
-    print("fingerprint  " + json.dumps(result["fingerprint"]))
+            print(f"{key:<{width}} {value if value is None or isinstance(value, int) else f'{value:.3f}'}")
+    print(f"{'fingerprint':<{width}} " + json.dumps(result["fingerprint"]))
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -171,11 +172,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model")
     p.add_argument("--preset", default="coupled-vae", help="see `cvae presets`")
     p.add_argument("--dataset", default="ptb",
-                   help="ptb | yelp13 | yahoo | text; dialogue presets: ptb-pairs | swda | pairs")
+                   help="ptb | yelp13 | yahoo | text | synthetic (He et al. 2019, generated); dialogue presets: "
+                        "ptb-pairs | swda | pairs")
     p.add_argument("--scale", default="quick", choices=SCALES, help="quick (CPU minutes) or paper (60K steps)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--data-dir", help="folder with train.txt, valid.txt, test.txt (swda: .jsonl, pairs: .tsv; "
-                                      "not needed for ptb and ptb-pairs)")
+                                      "not needed for ptb and ptb-pairs; synthetic: its cache folder)")
     p.add_argument("--out", help="output folder (default runs/<preset>-<dataset>-<scale>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/latest")
     p.add_argument("--pack", metavar="KEY=V1,V2,...",

@@ -15,7 +15,7 @@ from typing import Any, Callable, get_type_hints
 
 from .errors import CvaeError
 
-DATASETS = ("ptb", "yelp13", "yahoo", "text", "ptb-pairs", "swda", "pairs")
+DATASETS = ("ptb", "yelp13", "yahoo", "text", "ptb-pairs", "swda", "pairs", "synthetic")
 PAIR_DATASETS = ("ptb-pairs", "swda", "pairs")  # post/response pairs, for the conditional models
 MODEL_KINDS = ("lm", "dae", "vae", "seq2seq", "cvae")
 CONDITIONAL_KINDS = ("seq2seq", "cvae")
@@ -31,12 +31,15 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 # The bound on every integer setting: far above any this model needs (the paper trains 60,000
 # steps; its largest sizes are in the hundreds), far below what a typo such as steps=10**20 asks.
 MAX_INTEGER = 10**9
+SYNTHETIC_SEED = 19950927  # He et al.'s generate.py default
+SYNTHETIC_LENGTH = 10  # words per sentence of their synthetic data
 
 
 @dataclass
 class DataConfig:
     dataset: str = "ptb"
-    # Folder with train.txt/valid.txt/test.txt (Yelp-13, Yahoo, plain text); PTB needs none.
+    # Folder with train.txt/valid.txt/test.txt (Yelp-13, Yahoo, plain text); PTB needs none. For
+    # synthetic: the cache folder its generated data is kept in (default ~/.cache/cvae/synthetic).
     data_dir: str = ""
     train_path: str = ""  # overrides data_dir/train.txt
     valid_path: str = ""
@@ -49,6 +52,8 @@ class DataConfig:
     # length: about 4% padding, so little compute is spent on it); "random" = i.i.d. shuffled
     # batches, as the authors train.
     batching: str = "bucket"
+    # He et al. (2019)'s synthetic data is generated from this seed (theirs by default)
+    synthetic_seed: int = SYNTHETIC_SEED
 
 
 @dataclass
@@ -294,6 +299,7 @@ def validate(config: Config) -> None:
         "train.keep_last": config.train.keep_last,
         "train.pretrain_steps": config.train.pretrain_steps,
         "train.dynamics_every": config.train.dynamics_every,
+        "data.synthetic_seed": config.data.synthetic_seed,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -325,6 +331,8 @@ def validate(config: Config) -> None:
     if config.model.dropout >= 1:
         raise CvaeError(f"model.dropout must be < 1, got {config.model.dropout}")
     _validate_combinations(config)
+    if config.data.dataset == "synthetic":
+        _validate_synthetic(config.data)
     if config.data.dataset in ("yelp13", "yahoo", "text", "swda", "pairs") and not (
             config.data.data_dir or config.data.train_path):
         ext = {"swda": "jsonl", "pairs": "tsv"}.get(config.data.dataset, "txt")
@@ -332,6 +340,21 @@ def validate(config: Config) -> None:
             f"data.dataset={config.data.dataset} needs data.data_dir=DIR (with train.{ext}, valid.{ext}, "
             f"test.{ext}) or data.train_path/valid_path/test_path"
         )
+
+
+def _validate_synthetic(data: DataConfig) -> None:
+    """Settings that would silently change what the synthetic data's known answer refers to."""
+    if data.min_count != 1:
+        raise CvaeError(f"data.min_count={data.min_count} does not apply to dataset synthetic: its vocabulary is "
+                        "the generator's 1,000 words, seen or not, so that the true NLL is of the words themselves; "
+                        "set data.min_count=1 (e.g. --set data.min_count=1 over a PTB spec)")
+    if data.max_len < SYNTHETIC_LENGTH:
+        raise CvaeError(f"data.max_len={data.max_len} would cut the synthetic sentences ({SYNTHETIC_LENGTH} words), "
+                        f"and their true NLL is of whole sentences; use data.max_len >= {SYNTHETIC_LENGTH}")
+    for key in ("train_path", "valid_path", "test_path"):
+        if getattr(data, key):
+            raise CvaeError(f"data.{key}={getattr(data, key)} is not used by dataset synthetic (it is generated "
+                            "from data.synthetic_seed; data.data_dir names its cache folder); drop it")
 
 
 def _validate_combinations(config: Config) -> None:
@@ -538,6 +561,10 @@ DATASET_SIZES = {  # GRU hidden size per direction of the bidirectional encoder 
     # Switchboard: the authors' vocabulary keeps words seen at least 5 times in the training pairs
     "swda": {"model.hidden_dim": 128, "data.min_count": 5},
     "pairs": {"model.hidden_dim": 128},
+    # He et al.'s synthetic data: their model is an LSTM encoder and decoder of 50 units, embedding
+    # 50, a 2-D z (so posterior means can be drawn), batch 16. Ours: a bi-GRU encoder of 2 x 25 and
+    # a GRU decoder of 2 x 25 = 50 units, the same embedding, z and batch.
+    "synthetic": {"model.embed_dim": 50, "model.hidden_dim": 25, "model.latent_dim": 2, "train.batch_size": 16},
 }
 
 

@@ -13,10 +13,12 @@ from . import __version__
 from .checkpoint import load_model
 from .config import Config
 from .data import load_corpus
-from .data.corpus import KNOWN_CHECKSUMS, Split
+from .data.corpus import Split, known_checksum
+from .data.synthetic import QUADRATURE_NOTE
 from .errors import CvaeError
 from .metrics.dynamics import GRAD_BATCH, encoding_module, gradient_norms
 from .metrics.likelihood import MI_BATCH, evaluate
+from .metrics.recovery import TRUTH_KEYS
 from .metrics.text import prior_diversity, reconstruction_bleu, response_diversity
 from .runtime import format_duration, resolve_device
 
@@ -39,7 +41,7 @@ def load_for_evaluation(checkpoint: str | Path, split: str = "test", device: str
     corpus = load_corpus(data_config, (split,), vocab=vocab)
     data = corpus[split]
     if limit:
-        data = dataclasses.replace(data, examples=data.examples[:limit])
+        data = data.head(limit)
     return model, config, vocab, data
 
 
@@ -48,7 +50,8 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "test", n_samples: 
                         limit: int = 0, bleu: bool = False, dist: bool = False, grad_norms: bool = False,
                         bleu_samples: int = 10, dist_samples: int = 3200, max_steps: int = 0,
                         progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Full evaluation of a checkpoint: the RESULT_KEYS plus ``rec`` and a ``fingerprint``.
+    """Full evaluation of a checkpoint: the RESULT_KEYS plus ``rec`` and a ``fingerprint``; on the
+    synthetic data also the TRUTH_KEYS (true NLL, the gap to it, latent recovery).
 
     ``data_overrides`` replaces data paths recorded in the checkpoint (e.g. another data_dir).
     ``limit`` evaluates the first N sentences only (0 = the whole split).
@@ -109,6 +112,12 @@ def evaluate_model(model: torch.nn.Module, config: Config, data: Split, checkpoi
     result: dict[str, Any] = {key: scores[key] for key in RESULT_KEYS}
     result["rec"] = scores["rec"]
     optional: dict[str, Any] = {}
+    if data.truth is not None:
+        result.update({key: scores.get(key) for key in TRUTH_KEYS})
+        optional.update(synthetic_seed=config.data.synthetic_seed, true_nll_estimator=QUADRATURE_NOTE,
+                        true_nll_check_max=None if data.truth.nll_check is None else data.truth.nll_check.max().item(),
+                        probes="linear/logistic on one z ~ q(z|x) per sentence (the MI pass's seeded stream), fitted on "
+                               "even rows and scored on odd rows, and back")
     if bleu:
         scored = reconstruction_bleu(model, data, n_samples=bleu_samples, seed=seed, max_steps=steps)
         result.update(bleu1=scored["bleu1"], bleu2=scored["bleu2"], sacrebleu=scored["sacrebleu"])
@@ -131,7 +140,7 @@ def evaluate_model(model: torch.nn.Module, config: Config, data: Split, checkpoi
         result.update(gradient_norms(model, data, batch_size=GRAD_BATCH, seed=seed))
         optional.update(grad_batch_size=GRAD_BATCH, grad_mode="train (dropout on, z sampled)",
                         grad_definition="mean squared L2 norms w.r.t. the encoding e")
-    expected = KNOWN_CHECKSUMS.get((config.data.dataset, split))
+    expected = known_checksum(config.data, split)
     result["fingerprint"] = {
         "dataset": config.data.dataset,
         "split": split,

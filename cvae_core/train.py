@@ -400,7 +400,7 @@ def evaluate_and_checkpoint(config: Config, model: nn.Module, state: TrainState,
         point_link(ckpt_root / BEST, ckpt)
     _prune(ckpt_root, config.train.keep_last)
     log(f"{label}eval step {step} | " + _format_metrics(
-        metrics, ("val_nll", "val_kl", "val_ppl", "val_rec", "val_mi_loo", "val_au"))
+        metrics, ("val_nll", "val_kl", "val_ppl", "val_rec", "val_mi_loo", "val_au", "val_nll_gap", "val_z_probe_r2"))
         + (" | new best" if improved else f" | best {state.best_value:.2f} @ {state.best_step}"))
     return metrics, ckpt, eval_seconds
 

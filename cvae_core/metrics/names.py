@@ -52,6 +52,16 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("grad_reg", "", _SQ, "||∂reg/∂e||²", 3, "gradient of the regulariser (KL/MMD) w.r.t. the encoder output"),
     Metric("dh_de", "", "squared Frobenius / ||h||²", "||∂h/∂e||²/||h||²", 3,
            "sensitivity of the decoding signal to the encoder output"),
+    # Against a known answer: the synthetic dataset only (cvae_core/metrics/recovery.py)
+    Metric("true_nll", "", _NATS, "true NLL", 2,
+           "exact -log p(x) under the generator: lattice quadrature over z, within 0.01 nats (step-doubling check)"),
+    Metric("nll_gap", "min", _NATS, "NLL − true", 2, "IS-NLL minus the exact true NLL of the same sentences"),
+    Metric("z_probe_r2", "max", "R²", "z R²", 2,
+           "held-out least-squares probe z ~ q(z|x) -> true z (halves of the split, both ways), pooled R²"),
+    Metric("cluster_probe_acc", "max", "fraction", "cluster acc", 2,
+           "held-out logistic probe z ~ q(z|x) -> true mixture component, accuracy (chance 0.25)"),
+    Metric("cluster_probe_mi", "max", "nats", "cluster MI", 2,
+           "held-out logistic probe's bound E[log q(c|z) - log p(c)] <= I(z; c), z ~ q(z|x)"),
 )}
 GRAD_KEYS = ("grad_rec", "grad_rec_coupled", "grad_total", "grad_reg", "dh_de")
 
