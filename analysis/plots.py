@@ -28,11 +28,11 @@ import pandas as pd  # noqa: E402
 
 from cvae_core.metrics.names import GRAD_KEYS, bare_name, direction, pareto_mask  # noqa: E402
 from cvae_core.metrics.names import metric as metric_info  # noqa: E402
-from studies.record import Tag  # noqa: E402
+from studies.record import Tag, read_constraints_tag  # noqa: E402
 
 from .paper import DATASET_LABELS  # noqa: E402
 from .runs import BEST_PREFIX, run_label  # noqa: E402
-from .selection import cfg, family_label, family_of, metric_column, ordered_datasets  # noqa: E402
+from .selection import broken_constraints, cfg, family_label, family_of, metric_column, ordered_datasets  # noqa: E402
 
 DPI = 130
 DISTANCE_STYLE = {"rq": ("tab:blue", "o", "RQ kernel"), "eucl": ("tab:orange", "s", "Euclidean")}
@@ -374,10 +374,11 @@ def _two_axes(means: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
 
 
 def plot_posterior_means(runs: pd.DataFrame, out_dir: Path, checkpoint: Checkpoint | None, at: str = "best",
-                         note: Note = print) -> list[Path]:
+                         note: Note = print, constraints=()) -> list[Path]:
     """He et al. (2019)'s picture on the synthetic data: the true z of validation sentences and the
     posterior means E_q[z|x] of the best VAE and the best Coupled-VAE run (lowest validation NLL,
-    at each run's best checkpoint), all coloured by the sentence's true mixture component.
+    at each run's best checkpoint; among the runs that satisfy the study's ``constraints`` when
+    any does, as the study's champion), all coloured by the sentence's true mixture component.
     A collapsed encoder puts every mean at one point; one that recovers z shows the four clusters."""
     data = runs[runs["dataset"] == "synthetic"]
     if not len(data):
@@ -398,7 +399,8 @@ def plot_posterior_means(runs: pd.DataFrame, out_dir: Path, checkpoint: Checkpoi
         if not len(group):
             note(f"posterior-mean plot: no {name} run with {column}")
             continue
-        row = group.sort_values(column, kind="stable").iloc[0]
+        infeasible = broken_constraints(group, constraints).map(bool)
+        row = group.assign(_infeasible=infeasible).sort_values(["_infeasible", column], kind="stable").iloc[0]
         try:
             folder = checkpoint(row)
             if folder is None:
@@ -452,7 +454,8 @@ def make_plots(runs: pd.DataFrame, history: pd.DataFrame, parent_tags: dict[str,
         paths += plot_grad_norms(runs, history, out_dir, note=note)
         paths += plot_optuna(parent_tags, out_dir, note=note)
         paths += plot_top_k(runs, history, out_dir, top_k, note=note)
-        paths += plot_posterior_means(runs, out_dir, checkpoint, at, note=note)
+        paths += plot_posterior_means(runs, out_dir, checkpoint, at, note=note,
+                                      constraints=read_constraints_tag(parent_tags))
     finally:
         _format["suffix"] = previous
     return paths
