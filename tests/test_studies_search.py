@@ -266,7 +266,7 @@ def test_config_id_groups_seeds_of_one_configuration():
 
 def test_pareto_front_keeps_only_non_dominated_points():
     spec = load_spec("lambda_sweep")
-    spec.objectives = [Objective("val_nll", "min"), Objective("val_mi_loo", "max")]
+    spec.objectives, spec.constraints = [Objective("val_nll", "min"), Objective("val_mi_loo", "max")], []
     points = [("a", {"val_nll": 100.0, "val_mi_loo": 0.1}), ("b", {"val_nll": 101.0, "val_mi_loo": 2.0}),
               ("c", {"val_nll": 102.0, "val_mi_loo": 1.0}), ("d", {"val_nll": math.nan, "val_mi_loo": 9.0})]
     assert pareto_front(spec, points) == {"a", "b"}
@@ -311,7 +311,7 @@ def test_grid_studies_are_recorded_in_optuna_once_per_finished_configuration(tmp
     from studies.spaces import describe
 
     spec = load_spec("lambda_sweep")
-    spec.search, spec.seeds = "grid", 2
+    spec.search, spec.grid, spec.seeds, spec.constraints = "grid", "table3", 2, []
     state = StudyState(study_name="g", spec={}, folder=str(tmp_path), tracking_uri="", experiment_name="",
                        experiment_id="", parent_run_id="", storage_path="", experiment_path="",
                        optuna_storage=f"sqlite:///{tmp_path / 'optuna.db'}", code_version="", created="")
@@ -336,7 +336,7 @@ def test_summary_tables_rank_trials_and_give_spread_over_seeds(capsys):
 
     spec = load_spec("lambda_sweep")
     spec.objectives = [Objective("val_nll", "min"), Objective("val_mi_loo", "max")]
-    spec.seeds = 2
+    spec.seeds, spec.constraints = 2, []
     rows = [
         TrialRow("a0", "vae", {"preset": "vae", "train.seed": 0}, 0, "done", 4,
                  {"val_nll": 130.0, "val_kl": 0.0, "val_mi_loo": 0.0, "val_au": 0.0, "step": 400.0}),

@@ -180,7 +180,7 @@ def test_grid_studies_record_constraints_in_optuna(tmp_path):
     from studies.summary import TrialRow
 
     spec = load_spec("lambda_sweep")
-    spec.search, spec.constraints = "grid", [parse_constraint("val_au >= 2")]
+    spec.search, spec.grid, spec.seeds, spec.constraints = "grid", "table3", 1, [parse_constraint("val_au >= 2")]
     state = StudyState(study_name="g", spec={}, folder=str(tmp_path), tracking_uri="", experiment_name="",
                        experiment_id="", parent_run_id="", storage_path="", experiment_path="",
                        optuna_storage=f"sqlite:///{tmp_path / 'optuna.db'}", code_version="", created="")
@@ -241,7 +241,9 @@ def test_the_summary_ranks_feasible_trials_first_and_its_best_is_feasible(tmp_pa
 
     _, _, unconstrained = _summary(tmp_path, [])
     assert unconstrained["best"]["trial_id"] == "collapsed" and unconstrained["n_feasible"] == 3
-    assert "feasible" not in table_lines(load_spec("lambda_sweep"), _rows(), set())[0]
+    unconstrained = load_spec("lambda_sweep")
+    unconstrained.constraints = []
+    assert "feasible" not in table_lines(unconstrained, _rows(), set())[0]
 
 
 def test_with_no_feasible_trial_there_is_no_best_and_the_summary_says_so(tmp_path, capsys):
