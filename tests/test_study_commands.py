@@ -23,6 +23,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from optuna.trial import TrialState
 
 from processes import env_without_mlflow, free_port, group_members, kill_group, wait_until_healthy
@@ -116,8 +117,14 @@ def serve_mlflow_ui(command: str, cwd: Path) -> None:
 
 
 def test_printed_commands_run_and_optuna_matches_the_record(tmp_path):
+    # ASHA must stop a trial for its PRUNED record to be checked: the default spec with a rung at
+    # evaluation 2 on NLL alone (the default's rung follows the KL anneal and also keeps high MI)
+    spec = yaml.safe_load((REPO / "studies" / "specs" / "lambda_sweep.yaml").read_text())
+    spec["scheduler"] = {"type": "asha", "metric": "val_nll", "grace_period": 2, "reduction_factor": 2}
+    (tmp_path / "lambda_sweep.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
     # one trial at a time: the order in which results reach ASHA is fixed, so what it stops is too
-    result = _run_sweep(tmp_path, "--num-samples", "4", "--study-name", "printed", "--max-concurrent", "1")
+    result = _run_sweep(tmp_path, "--profile", str(tmp_path / "lambda_sweep.yaml"), "--num-samples", "4",
+                        "--study-name", "printed", "--max-concurrent", "1")
     output = result.stdout
     assert result.returncode == 0, output[-4000:]
     summary = json.loads((tmp_path / "studies_out" / "printed" / "summary.json").read_text())
