@@ -91,7 +91,8 @@ def _number(value: float | None, digits: int) -> str:
 
 
 def effect_line(entry: dict[str, Any]) -> str:
-    """``coupled-vae rq λr=1 λm=1 − vae: ΔNLL −1.2 [−3.0, +0.6], ΔKL +0.31 [+0.05, +0.57], ... (3 seeds, paired)``"""
+    """One line per configuration, e.g.
+    ``coupled-vae rq λr=1 λm=1 − vae: ΔNLL −1.2 [−3.0, +0.6], ΔKL +0.31 [+0.05, +0.57], ... (3 seeds, paired)``"""
     parts = []
     for metric in EFFECT_METRICS:
         d = entry[metric]

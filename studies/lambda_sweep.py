@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Coupling's effect on the latent, and the λ_r × λ_m × distance axes of the paper's Table 3.
 
-    python studies/lambda_sweep.py                  # VAE vs Coupled-VAE over 3 seeds, small PTB, local Ray + SQLite MLflow
+    python studies/lambda_sweep.py                  # VAE vs Coupled-VAE, 3 seeds, small PTB, local Ray + SQLite
     python studies/lambda_sweep.py --search tpe --seeds 1   # Optuna TPE over λ_r, λ_m, distance (+ the VAE)
     python studies/lambda_sweep.py --profile paper-table3 --address auto --tracking-uri http://HEAD:5000
     python studies/lambda_sweep.py --resume         # continue the latest interrupted study

@@ -215,7 +215,8 @@ def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> StudySpec:
     base = _section(raw, "base", source)
     _check_unknown(base, {"preset", "dataset", "scale", "overrides"}, f"{source}: base")
     sched_raw = _section(raw, "scheduler", source)
-    _check_unknown(sched_raw, {f.name for f in dataclasses.fields(Scheduler)} - {"grace_after_anneal"}, f"{source}: scheduler")
+    spec_keys = {f.name for f in dataclasses.fields(Scheduler)} - {"grace_after_anneal"}  # that one: grace_period: anneal
+    _check_unknown(sched_raw, spec_keys, f"{source}: scheduler")
     res_raw = _section(raw, "resources", source)
     _check_unknown(res_raw, {f.name for f in dataclasses.fields(Resources)}, f"{source}: resources")
     budget = _section(raw, "budget", source)
