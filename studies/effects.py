@@ -24,11 +24,13 @@ class Row(Protocol):
     status: str
     best: dict[str, float]
 
+
 EFFECT_METRICS = ("val_nll", "val_kl", "val_mi_loo", "val_au")
 EFFECT_NAMES = {"val_nll": "ΔNLL", "val_kl": "ΔKL", "val_mi_loo": "ΔMI", "val_au": "ΔAU"}
 COUPLED_PREFIX = "coupled-"
 EFFECTS_HEADING = ("Coupling's effect (coupled − uncoupled twin, same seed; mean [95% t-interval] "
                    "over the seeds, at each trial's best checkpoint)")
+
 
 def _settings(config: dict[str, Any], base_preset: str) -> dict[str, Any]:
     """What defines a configuration: its settings without the seed and the search's bookkeeping,

@@ -147,8 +147,9 @@ def render_markdown(spec: StudySpec, state: StudyState, rows: list[TrialRow], su
         out += ["```", ""]
     if summary.get("effects"):
         out += [EFFECTS_HEADING + ":", ""] + [f"- {effect_line(e)}" for e in summary["effects"]] + [""]
-    if best_lines(summary):
-        out += ["```", *best_lines(summary), "```", ""]
+    best = best_lines(summary)
+    if best:
+        out += ["```", *best, "```", ""]
     out += [f"- Ray experiment: `{state.experiment_path}`", f"- Optuna storage: `{state.optuna_storage}`",
             f"- MLflow: `{state.tracking_uri}`, parent run `{state.parent_run_id}`"]
     return "\n".join(out) + "\n"
@@ -180,10 +181,9 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
     if spec.multi_objective:
         print(f"\nPareto front over {', '.join(str(o) for o in spec.objectives)}"
               + (" (feasible trials only)" if spec.constraints else "") + ": marked *")
-    if best_lines(summary):
-        print()
-        for line in best_lines(summary):
-            print(line)
+    best = best_lines(summary)
+    if best:
+        print("", *best, sep="\n")
     print(f"\nSummary:      {Path(state.folder) / 'summary.md'}")
     print(f"Compare runs: {mlflow_ui_command(state.tracking_uri, state.experiment_id, Path(state.folder).parent / 'mlartifacts')}")
     print(f"Analyse:      {analysis_command(state)}")
