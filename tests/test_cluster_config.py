@@ -158,8 +158,11 @@ def test_every_node_exports_tracking_uri_and_storage_path(raw, tmp_path):
 
 
 def test_readme_states_the_storage_a_cluster_needs():
+    # The README's cluster paragraph links the page with the settings table; a user reads both.
     readme = (REPO / "README.md").read_text()
     cluster = readme[readme.index("### On a cluster"):readme.index("### Resume")]
+    assert "(docs/cluster.md)" in cluster
+    cluster += (REPO / "docs" / "cluster.md").read_text()
     for setting in ("CVAE_STORAGE_PATH", "--storage-path s3://", "--artifacts-destination s3://",
                     "CVAE_MLFLOW_ARTIFACTS_DESTINATION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL",
                     "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "tests/test_object_store_cluster.py"):
