@@ -10,14 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from studies.cli import STUDIES, main
+from studies.cli import main, study_names
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_study_script_is_a_cvae_study_name_and_nothing_else():
     scripts = {p.stem for p in (REPO / "studies").glob("*_sweep.py")}
-    assert set(STUDIES) == scripts == {"lambda_sweep", "posterior_sweep", "cvae_sweep"}
+    assert scripts == {"lambda_sweep", "posterior_sweep", "cvae_sweep"}
+    assert study_names() == sorted(p.stem for p in (REPO / "studies" / "specs").glob("*.yaml"))
+    assert scripts < set(study_names())
+
+
+def test_a_study_kind_is_one_spec_file(tmp_path):
+    assert study_names(tmp_path) == []
+    (tmp_path / "my_study.yaml").write_text("name: my_study\n")
+    assert study_names(tmp_path) == ["my_study"]
 
 
 def test_the_scripts_point_at_the_entry_functions():
@@ -53,13 +61,14 @@ def test_cvae_analysis_usage_names_the_console_script():
 def test_a_bad_study_name_is_one_line_listing_the_valid_ones(argv, problem, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
-    valid = "lambda_sweep, posterior_sweep, cvae_sweep"
+    valid = ", ".join(study_names())
+    assert "lambda_sweep" in valid and "synthetic_effect" in valid
     assert err == f"error: {problem}; choose one of {valid} (cvae-study NAME [options])\n"
 
 
 def test_help_names_the_study_and_its_description(capsys):
     assert main(["--help"]) == 0
-    assert capsys.readouterr().out.startswith("usage: cvae-study {lambda_sweep,posterior_sweep,cvae_sweep}")
+    assert capsys.readouterr().out.startswith("usage: cvae-study {" + ",".join(study_names()) + "}")
     with pytest.raises(SystemExit) as exit_:
         main(["posterior_sweep", "--help"])
     out = capsys.readouterr().out
