@@ -62,6 +62,9 @@ import sys
 import time
 from pathlib import Path
 
+# The project's guards load without torch (cvae_core/__init__.py loads its names lazily).
+from cvae_core.guards import redact
+
 PROG = "mlflow/server.py"
 EXIT_BAD_INPUT = 2
 
@@ -93,14 +96,6 @@ def _setting(cli_value, flag: str, env_name: str, default=None):
     if env_value:
         return env_value, env_name
     return default, None
-
-
-def mask_password(uri: str) -> str:
-    """postgresql://user:secret@host/db -> postgresql://user:***@host/db (for logs only).
-
-    cvae_core.guards.redact does the same for free text; importing it would load the cvae_core
-    package, and with it torch, into this launcher, which needs only the standard library."""
-    return re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", uri)
 
 
 def check_backend_uri(uri: str | None) -> str:
@@ -386,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     except BadInput as error:
         fail(str(error))
 
-    printable = shlex.join(mask_password(part) for part in command)
+    printable = shlex.join(redact(part) for part in command)
     if args.dry_run:
         print(printable)
         return

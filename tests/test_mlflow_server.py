@@ -158,3 +158,31 @@ def test_default_allowed_hosts_follow_the_bind_address(valid_env):
     assert command[command.index("--allowed-hosts") + 1].split(",") == [
         "10.1.2.3", "10.1.2.3:5001", "localhost", "localhost:5001", "127.0.0.1", "127.0.0.1:5001",
     ]
+
+
+def test_the_launcher_redacts_with_the_projects_guards_and_loads_no_torch(tmp_path):
+    """mlflow/server.py needs only the standard library and cvae_core.guards, which must not pull
+    in torch (cvae_core/__init__.py loads its public names lazily)."""
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{str(MLFLOW_LAUNCHER)!r}, '--dry-run', '--backend-store-uri',"
+             f" 'postgresql://ray:secret@localhost/mlflow', '--artifacts-destination', {str(tmp_path)!r}]\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as exit_:\n    assert exit_.code in (0, None), exit_.code\n"
+             "print('torch loaded:', 'torch' in sys.modules)\n")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                           env=env_without_mlflow())
+    assert shown.returncode == 0, shown.stderr
+    assert "postgresql://ray:***@localhost/mlflow" in shown.stdout and "secret" not in shown.stdout
+    assert shown.stdout.rstrip().endswith("torch loaded: False")
+
+
+def test_the_core_package_loads_its_names_on_first_use():
+    probe = ("import sys, cvae_core.guards, cvae_core.errors\n"
+             "assert 'torch' not in sys.modules\n"
+             "import cvae_core.train\n"  # the submodule import must not rebind the package's `train`
+             "from cvae_core import train, PRESETS, CvaeError\n"
+             "assert callable(train) and train.__module__ == 'cvae_core.train' and 'vae' in PRESETS\n"
+             "assert sorted(set(dir(cvae_core)) & {'train', 'load_model'}) == ['load_model', 'train']\n"
+             "print('ok')\n")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout == "ok\n", shown.stderr
