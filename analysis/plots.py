@@ -48,7 +48,6 @@ Checkpoint = Callable[[pd.Series], "Path | None"]  # a run's row -> its checkpoi
 
 
 FORMATS = ("png", "pdf", "svg")
-_format = {"suffix": "png"}  # set for one make_plots call (--format)
 
 # Optuna parameter names as readers know them (the define-by-run spaces of studies/spaces.py).
 PARAM_LABELS = {
@@ -59,9 +58,9 @@ PARAM_LABELS = {
 FEW_TRIALS = 20  # below this, importances are rough
 
 
-def _save(fig, path: Path) -> Path:
-    """Save with every label inside the canvas (bbox_inches="tight"), in the chosen format."""
-    path = path.with_suffix(f".{_format['suffix']}")
+def _save(fig, path: Path, fmt: str) -> Path:
+    """Save with every label inside the canvas (bbox_inches="tight"), as ``fmt`` (one of FORMATS)."""
+    path = path.with_suffix(f".{fmt}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
@@ -89,7 +88,7 @@ def _x_scale(ax, values: np.ndarray) -> None:
 
 
 def plot_lambda_m(runs: pd.DataFrame, out_dir: Path, at: str = "best", ref_lambda_r: float = 1.0,
-                  note: Note = print) -> list[Path]:
+                  note: Note = print, fmt: str = "png") -> list[Path]:
     """Per dataset: val NLL, KL and MI against λ_m, one line per matching distance (mean ± std over
     seeds, individual runs as faint points), the uncoupled base model as a dashed line."""
     coupled = runs[cfg(runs, "coupling.enabled").fillna(False).astype(bool)]
@@ -148,11 +147,12 @@ def plot_lambda_m(runs: pd.DataFrame, out_dir: Path, at: str = "best", ref_lambd
             fig.legend(handles, labels, loc="outside lower center", ncol=len(handles), frameon=False)
         fig.suptitle(rf"{_dataset_name(dataset)}: validation metrics against $\lambda_m$ ({lr_text}, "
                      f"{'best' if at == 'best' else 'last'} evaluation of each run)")
-        paths.append(_save(fig, out_dir / f"lambda_m_{dataset}.png"))
+        paths.append(_save(fig, out_dir / f"lambda_m_{dataset}.png", fmt))
     return paths
 
 
-def plot_pareto(runs: pd.DataFrame, out_dir: Path, at: str = "best", note: Note = print) -> list[Path]:
+def plot_pareto(runs: pd.DataFrame, out_dir: Path, at: str = "best", note: Note = print,
+                fmt: str = "png") -> list[Path]:
     """Validation NLL (lower is better) against MI (higher is better) per dataset; Pareto front marked."""
     x_col, y_col = metric_column("nll", at), metric_column("mi_loo", at)
     if x_col not in runs.columns or y_col not in runs.columns:
@@ -189,7 +189,7 @@ def plot_pareto(runs: pd.DataFrame, out_dir: Path, at: str = "best", note: Note 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     fig.suptitle("Trade-off between likelihood and latent information (each point: one trial)")
-    return [_save(fig, out_dir / "pareto_nll_mi.png")]
+    return [_save(fig, out_dir / "pareto_nll_mi.png", fmt)]
 
 
 def grad_metrics(history: pd.DataFrame) -> list[str]:
@@ -197,7 +197,8 @@ def grad_metrics(history: pd.DataFrame) -> list[str]:
     return [name for name in sorted(set(history["metric"])) if bare_name(name) in GRAD_KEYS]
 
 
-def plot_grad_norms(runs: pd.DataFrame, history: pd.DataFrame, out_dir: Path, note: Note = print) -> list[Path]:
+def plot_grad_norms(runs: pd.DataFrame, history: pd.DataFrame, out_dir: Path, note: Note = print,
+                    fmt: str = "png") -> list[Path]:
     """Figure 2: each gradient-norm metric over training steps, one line per preset (mean over runs)."""
     names = grad_metrics(history)
     if not names:
@@ -220,7 +221,7 @@ def plot_grad_norms(runs: pd.DataFrame, history: pd.DataFrame, out_dir: Path, no
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Gradient norms w.r.t. the encoding e during training (paper Figure 2)")
-    return [_save(fig, out_dir / "grad_norms.png")]
+    return [_save(fig, out_dir / "grad_norms.png", fmt)]
 
 
 def load_optuna_study(parent_tags: dict[str, str], note: Note = print):
@@ -249,7 +250,7 @@ def _target(study):
     return (lambda t: t.values[0]), (names[0] if names else "objective 0")
 
 
-def plot_optuna(parent_tags: dict[str, str], out_dir: Path, note: Note = print) -> list[Path]:
+def plot_optuna(parent_tags: dict[str, str], out_dir: Path, note: Note = print, fmt: str = "png") -> list[Path]:
     """Parameter importances (PED-ANOVA and fANOVA) and parallel coordinates of the Optuna study."""
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
@@ -291,7 +292,7 @@ def plot_optuna(parent_tags: dict[str, str], out_dir: Path, note: Note = print) 
                   + ": a rough ranking, not a measurement") if len(complete) < FEW_TRIALS else ""
         fig.suptitle(f"Hyperparameter importances for {target_name}, Optuna study {study.study_name!r} "
                      f"({len(complete)} trials){caveat}")
-        paths.append(_save(fig, out_dir / "importances.png"))
+        paths.append(_save(fig, out_dir / "importances.png", fmt))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -307,7 +308,7 @@ def plot_optuna(parent_tags: dict[str, str], out_dir: Path, note: Note = print) 
             fig.suptitle(f"Parallel coordinates, {len(complete)} trials (colour: {target_name})\n"
                          f"Optuna study {study.study_name!r}")
             fig.tight_layout()
-            paths.append(_save(fig, out_dir / "parallel_coordinates.png"))
+            paths.append(_save(fig, out_dir / "parallel_coordinates.png", fmt))
         except Exception as exc:
             plt.close("all")
             note(f"parallel-coordinates plot skipped: {type(exc).__name__}: {exc}")
@@ -315,7 +316,7 @@ def plot_optuna(parent_tags: dict[str, str], out_dir: Path, note: Note = print) 
 
 
 def plot_top_k(runs: pd.DataFrame, history: pd.DataFrame, out_dir: Path, k: int = 5, metric: str = "val_nll",
-               note: Note = print) -> list[Path]:
+               note: Note = print, fmt: str = "png") -> list[Path]:
     """Validation curves (NLL, KL, MI) of the k trials with the best ``metric`` (at their best evaluation)."""
     column = BEST_PREFIX + metric
     if column not in runs.columns or runs[column].notna().sum() == 0:
@@ -341,7 +342,7 @@ def plot_top_k(runs: pd.DataFrame, history: pd.DataFrame, out_dir: Path, k: int 
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(handles)), fontsize=8, frameon=False)
     fig.suptitle(f"Validation curves of the {len(top)} best trials by {metric} (★ = best evaluation)")
-    return [_save(fig, out_dir / "top_k_curves.png")]
+    return [_save(fig, out_dir / "top_k_curves.png", fmt)]
 
 
 COMPONENT_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
@@ -374,7 +375,7 @@ def _two_axes(means: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
 
 
 def plot_posterior_means(runs: pd.DataFrame, out_dir: Path, checkpoint: Checkpoint | None, at: str = "best",
-                         note: Note = print, constraints=()) -> list[Path]:
+                         note: Note = print, constraints=(), fmt: str = "png") -> list[Path]:
     """He et al. (2019)'s picture on the synthetic data: the true z of validation sentences and the
     posterior means E_q[z|x] of the best VAE and the best Coupled-VAE run (lowest validation NLL,
     at each run's best checkpoint; among the runs that satisfy the study's ``constraints`` when
@@ -436,7 +437,7 @@ def plot_posterior_means(runs: pd.DataFrame, out_dir: Path, checkpoint: Checkpoi
     fig.legend(handles, labels, loc="outside lower center", ncol=4, frameon=False, markerscale=3)
     fig.suptitle(f"Synthetic data (He et al. 2019): posterior means of {len(component):,} validation sentences, "
                  "coloured by the true mixture component")
-    return [_save(fig, out_dir / "posterior_means.png")]
+    return [_save(fig, out_dir / "posterior_means.png", fmt)]
 
 
 def make_plots(runs: pd.DataFrame, history: pd.DataFrame, parent_tags: dict[str, str], out_dir: str | Path,
@@ -447,15 +448,11 @@ def make_plots(runs: pd.DataFrame, history: pd.DataFrame, parent_tags: dict[str,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    previous, _format["suffix"] = _format["suffix"], fmt
-    try:
-        paths += plot_lambda_m(runs, out_dir, at, note=note)
-        paths += plot_pareto(runs, out_dir, at, note=note)
-        paths += plot_grad_norms(runs, history, out_dir, note=note)
-        paths += plot_optuna(parent_tags, out_dir, note=note)
-        paths += plot_top_k(runs, history, out_dir, top_k, note=note)
-        paths += plot_posterior_means(runs, out_dir, checkpoint, at, note=note,
-                                      constraints=read_constraints_tag(parent_tags))
-    finally:
-        _format["suffix"] = previous
+    paths += plot_lambda_m(runs, out_dir, at, note=note, fmt=fmt)
+    paths += plot_pareto(runs, out_dir, at, note=note, fmt=fmt)
+    paths += plot_grad_norms(runs, history, out_dir, note=note, fmt=fmt)
+    paths += plot_optuna(parent_tags, out_dir, note=note, fmt=fmt)
+    paths += plot_top_k(runs, history, out_dir, top_k, note=note, fmt=fmt)
+    paths += plot_posterior_means(runs, out_dir, checkpoint, at, note=note,
+                                  constraints=read_constraints_tag(parent_tags), fmt=fmt)
     return paths
