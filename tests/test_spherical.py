@@ -14,14 +14,9 @@ from scipy.special import ive
 
 from cvae_core.modules.posteriors import LatentSample, log_sphere_area
 from cvae_core.modules.power_spherical import PowerSpherical, PowerSphericalHead
-from cvae_core.modules.vmf import (
-    HypersphericalUniform,
-    SphericalHead,
-    VonMisesFisher,
-    VonMisesFisherHead,
-    bessel_iv_ratio,
-    log_bessel_iv,
-)
+from cvae_core.modules.bessel import bessel_iv_ratio, log_bessel_iv
+from cvae_core.modules.sphere import HypersphericalUniform, SphericalHead
+from cvae_core.modules.vmf import VonMisesFisher, VonMisesFisherHead
 from sphere import integral_over_s2, unit_vectors
 
 torch.set_num_threads(1)

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.distributions import Beta, constraints, register_kl
 
 from cvae_core.modules.posteriors import LatentDistribution, log_sphere_area
-from cvae_core.modules.vmf import HypersphericalUniform, SphericalHead, householder_from_e1, uniform_on_sphere
+from cvae_core.modules.sphere import HypersphericalUniform, SphericalHead, householder_from_e1, uniform_on_sphere
 
 
 class PowerSpherical(LatentDistribution):

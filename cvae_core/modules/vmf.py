@@ -1,190 +1,21 @@
 """von Mises-Fisher posterior on the unit sphere S^{d-1} (Davidson et al. 2018; the authors' s-vae port).
 
-Public names:
-
-* :func:`log_bessel_iv` / :func:`bessel_iv_ratio`: ``log I_v(x)`` and ``I_{v+1}(x) / I_v(x)`` in pure
-  torch (float64 inside, differentiable in ``x``, any device), replacing the authors' scipy op;
-* :class:`HypersphericalUniform`: the prior, uniform on S^{d-1};
-* :class:`VonMisesFisher`: the posterior, a :class:`LatentDistribution`;
-* :class:`SphericalHead`: ``e [B, in_dim] ->`` (mu, kappa) of any family on the sphere, with the
-  uniform prior; :class:`VonMisesFisherHead` is it with a VonMisesFisher (family ``"vmf"``).
-
-All log-densities are in nats with respect to the surface measure of S^{d-1}.
+Public names: :class:`VonMisesFisher`, the posterior, a :class:`LatentDistribution`, and
+:class:`VonMisesFisherHead`, the spherical head (``modules/sphere.py``) with it (family ``"vmf"``).
+Its Bessel functions are in ``modules/bessel.py``. All log-densities are in nats with respect to
+the surface measure of S^{d-1}.
 """
 from __future__ import annotations
 
-import functools
 import math
-from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.distributions import Beta, Distribution, constraints, register_kl
+from torch import Tensor
+from torch.distributions import Beta, constraints, register_kl
 
+from cvae_core.modules.bessel import log_iv_and_ratio
 from cvae_core.modules.posteriors import LatentDistribution, log_sphere_area
-
-# --------------------------------------------------------------------------------------------
-# log-Bessel I_v(x)
-# --------------------------------------------------------------------------------------------
-# Strategy (no scipy, no per-element loop): evaluate the Debye uniform asymptotic expansion
-# (DLMF 10.41.3) at a shifted order v + n >= _DEBYE_MIN_ORDER, where ten correction terms are
-# accurate to ~1e-14 relative for every x > 0, then walk down to v with the backward recurrence
-# I_{m-1}/I_m = 2m/x + I_{m+1}/I_m, which is numerically stable because I_v is the minimal
-# solution of the three-term recurrence in the increasing-order direction. Every step is a
-# smooth torch op, so autograd gives d/dx log I_v(x) = I_{v+1}/I_v + v/x to the same accuracy.
-
-_DEBYE_MIN_ORDER = 20.0
-_DEBYE_TERMS = 10
-
-
-def _debye_polynomials(n_terms: int) -> list[list[float]]:
-    """Coefficients (lowest degree first) of Debye's u_k(t), k = 0..n_terms (DLMF 10.41.10).
-
-    u_{k+1}(t) = t^2 (1 - t^2) u_k'(t) / 2 + (1/8) int_0^t (1 - 5 s^2) u_k(s) ds, exact rationals.
-    """
-    polys = [[Fraction(1)]]
-    for _ in range(n_terms):
-        p = polys[-1]
-        out = [Fraction(0)] * (len(p) + 3)
-        for i, c in enumerate(p[1:], start=1):  # t^2 (1 - t^2) / 2 * i c t^{i-1}
-            out[i + 1] += Fraction(i) * c / 2
-            out[i + 3] -= Fraction(i) * c / 2
-        for i, c in enumerate(p):  # (1/8) int_0^t (c s^i - 5 c s^{i+2}) ds
-            out[i + 1] += c / (8 * (i + 1))
-            out[i + 3] -= 5 * c / (8 * (i + 3))
-        while out and out[-1] == 0:
-            out.pop()
-        polys.append(out)
-    return [[float(c) for c in p] for p in polys]
-
-
-_DEBYE_U = _debye_polynomials(_DEBYE_TERMS)
-_DEBYE_DEGREE = 3 * _DEBYE_TERMS  # u_k has degree 3k
-
-
-@functools.lru_cache(maxsize=64)
-def _debye_series_coefficients(orders: tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
-    """For each order v: a_n with sum_k u_k(t) / v^k = sum_n a_n t^n (one polynomial in t, so the
-    series costs a handful of tensor ops instead of one Horner chain per term)."""
-    out = []
-    for v in orders:
-        a = [0.0] * (_DEBYE_DEGREE + 1)
-        for k, coeffs in enumerate(_DEBYE_U):
-            for n, c in enumerate(coeffs):
-                a[n] += c / v**k
-        out.append(tuple(a))
-    return tuple(out)
-
-
-def _debye_log_iv(orders: tuple[float, ...], x: Tensor) -> Tensor:
-    """Debye expansion of log I_v(x) for large scalar orders v: x float64 > 0 ``[...]`` ->
-    ``[..., len(orders)]``."""
-    v = torch.tensor(orders, dtype=x.dtype, device=x.device)
-    coeffs = torch.tensor(_debye_series_coefficients(orders), dtype=x.dtype, device=x.device)
-    powers = torch.arange(_DEBYE_DEGREE + 1, dtype=x.dtype, device=x.device)
-    z = x.unsqueeze(-1) / v
-    s = torch.sqrt(1.0 + z * z)
-    t = 1.0 / s
-    eta = s + torch.log(z / (1.0 + s))
-    series = (t.unsqueeze(-1) ** powers * coeffs).sum(-1)
-    return v * eta - 0.5 * torch.log(2.0 * math.pi * v) - 0.5 * torch.log(s) + torch.log(series)
-
-
-def _log_iv_and_ratio(v: float, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(log I_v(x), I_{v+1}(x)/I_v(x)) in float64 for a scalar order v >= 0 and x > 0."""
-    if v < 0:
-        raise ValueError(f"Bessel order v must be >= 0, got {v}")
-    x = x.to(torch.float64)
-    n_up = max(0, math.ceil(_DEBYE_MIN_ORDER - v))
-    top = v + n_up
-    log_i = _debye_log_iv((top, top + 1.0), x)
-    log_i_top = log_i[..., 0]
-    ratio = torch.exp(log_i[..., 1] - log_i_top)  # I_{top+1} / I_top
-    log_ratio_sum = torch.zeros_like(x)
-    for m in range(n_up, 0, -1):
-        ratio = 1.0 / (2.0 * (v + m) / x + ratio)  # now I_{v+m} / I_{v+m-1}
-        log_ratio_sum = log_ratio_sum + torch.log(ratio)
-    return log_i_top - log_ratio_sum, ratio
-
-
-def log_bessel_iv(v: float, x: Tensor) -> Tensor:
-    """log I_v(x), modified Bessel function of the first kind; x > 0 any shape, same dtype out.
-
-    Float64 inside; relative error ~1e-13 for v in [0, 40] and x in [1e-3, 1e5] (tested against
-    scipy). Differentiable w.r.t. x (not v).
-    """
-    return _log_iv_and_ratio(float(v), x)[0].to(x.dtype)
-
-
-def bessel_iv_ratio(v: float, x: Tensor) -> Tensor:
-    """I_{v+1}(x) / I_v(x) for x > 0 any shape, same dtype out; differentiable w.r.t. x."""
-    return _log_iv_and_ratio(float(v), x)[1].to(x.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Shared sphere helpers
-# --------------------------------------------------------------------------------------------
-
-
-def uniform_on_sphere(shape: tuple[int, ...], d: int, dtype: torch.dtype, device) -> Tensor:
-    """Uniform points on S^{d-1}, ``[*shape, d]`` (normalised standard Gaussians)."""
-    g = torch.randn(*shape, d, dtype=dtype, device=device)
-    return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-
-
-def householder_from_e1(x: Tensor, loc: Tensor) -> Tensor:
-    """Reflect ``x [*S, B, d]`` (built around e1) so that e1 maps to ``loc [B, d]`` (unit norm).
-
-    Exact reflection with u = e1 - loc (the authors divide by ||u|| + 1e-5, which makes the map
-    slightly non-orthogonal); when loc == e1 the identity is used, which is equally valid because
-    the proposal is invariant under orthogonal maps that fix e1.
-    """
-    e1 = torch.zeros_like(loc)
-    e1[..., 0] = 1.0
-    u = e1 - loc
-    norm_sq = (u * u).sum(-1, keepdim=True)
-    tiny = 1e-20 if x.dtype == torch.float64 else 1e-12
-    reflected = x - 2.0 * (x * u).sum(-1, keepdim=True) * u / norm_sq.clamp_min(tiny)
-    return torch.where(norm_sq > tiny, reflected, x)
-
-
-# --------------------------------------------------------------------------------------------
-# Prior
-# --------------------------------------------------------------------------------------------
-
-
-class HypersphericalUniform(Distribution):
-    """Uniform distribution on S^{d-1} (event ``[d]``); log density -log|S^{d-1}| nats."""
-
-    arg_constraints: dict = {}
-    support = constraints.real_vector  # the sphere; not expressible as a torch constraint
-    has_rsample = True
-
-    def __init__(self, d: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        self.d = int(d)
-        self.device = torch.device(device)
-        self.dtype = dtype
-        super().__init__(batch_shape=torch.Size(), event_shape=torch.Size([self.d]), validate_args=False)
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        """``value [..., d]`` -> ``[...]``, constant -log|S^{d-1}|."""
-        return torch.full(value.shape[:-1], -log_sphere_area(self.d), dtype=value.dtype, device=value.device)
-
-    def rsample(self, sample_shape=torch.Size()) -> Tensor:
-        """``[*sample_shape, d]`` unit vectors (no parameters, so sample == rsample)."""
-        return uniform_on_sphere(tuple(sample_shape), self.d, self.dtype, self.device)
-
-    def sample(self, sample_shape=torch.Size()) -> Tensor:
-        return self.rsample(sample_shape)
-
-    def entropy(self) -> Tensor:
-        return torch.tensor(log_sphere_area(self.d), dtype=self.dtype, device=self.device)
-
-
-# --------------------------------------------------------------------------------------------
-# von Mises-Fisher
-# --------------------------------------------------------------------------------------------
+from cvae_core.modules.sphere import HypersphericalUniform, SphericalHead, householder_from_e1, uniform_on_sphere
 
 
 class VonMisesFisher(LatentDistribution):
@@ -223,13 +54,13 @@ class VonMisesFisher(LatentDistribution):
 
     def _bessel64(self) -> tuple[Tensor, Tensor]:
         """(log I_{d/2-1}(kappa), A_d(kappa) = I_{d/2}/I_{d/2-1}) from one Bessel pass, ``[B]`` float64."""
-        return _log_iv_and_ratio(self.d / 2 - 1, self._kappa64())
+        return log_iv_and_ratio(self.d / 2 - 1, self._kappa64())
 
     def _log_normalizer64(self, log_iv: Tensor | None = None) -> Tensor:
         """log C_d(kappa) = (d/2-1) ln k - (d/2) ln 2pi - ln I_{d/2-1}(k), ``[B]`` float64."""
         k, d = self._kappa64(), self.d
         if log_iv is None:
-            log_iv = _log_iv_and_ratio(d / 2 - 1, k)[0]
+            log_iv = log_iv_and_ratio(d / 2 - 1, k)[0]
         return (d / 2 - 1) * torch.log(k) - (d / 2) * math.log(2 * math.pi) - log_iv
 
     def _mean_resultant64(self) -> Tensor:
@@ -341,35 +172,6 @@ def _kl_vmf_uniform(q: VonMisesFisher, p: HypersphericalUniform) -> Tensor:
     if q.d != p.d:
         raise ValueError(f"KL between vMF on S^{q.d - 1} and uniform on S^{p.d - 1}: dimensions differ")
     return q.kl_to_uniform()
-
-
-class SphericalHead(nn.Module):
-    """e ``[B, in_dim]`` -> a distribution on S^{d-1}: mu = normalize(Linear(e)),
-    kappa = softplus(Linear(e)) + 1, one amortised concentration per example (the authors' s-vae
-    head), with the uniform prior.  A family subclasses it with its ``family`` name and
-    :meth:`distribution`."""
-
-    family = ""
-    label = ""  # the family's name in messages
-
-    def __init__(self, in_dim: int, latent_dim: int):
-        super().__init__()
-        if latent_dim < 2:
-            raise ValueError(f"{self.label} needs latent_dim >= 2 (sphere S^{{d-1}}), got {latent_dim}")
-        self.latent_dim = latent_dim
-        self.loc = nn.Linear(in_dim, latent_dim)
-        self.concentration = nn.Linear(in_dim, 1)
-
-    def distribution(self, mu: Tensor, kappa: Tensor) -> LatentDistribution:
-        raise NotImplementedError
-
-    def forward(self, e: Tensor) -> LatentDistribution:
-        mu = F.normalize(self.loc(e), dim=-1)
-        kappa = F.softplus(self.concentration(e)) + 1.0
-        return self.distribution(mu, kappa)
-
-    def prior(self, device: torch.device | str) -> Distribution:
-        return HypersphericalUniform(self.latent_dim, device)
 
 
 class VonMisesFisherHead(SphericalHead):
