@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .config import Config
+from .config import Config, config_from_dict
 from .data.vocab import Vocab
 from .errors import CvaeError
 
@@ -246,7 +246,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise CvaeError(f"checkpoint file {path / name} cannot be read: refused as not a plain tensor file "
                             f"({type(exc).__name__}; nothing in it was run)") from None
     try:
-        config = Config.from_dict(json.loads((path / "config.json").read_text()))
+        config = config_from_dict(json.loads((path / "config.json").read_text()))
         state = json.loads((path / "state.json").read_text())
         vocab = Vocab.load(path / "vocab.json")
     except CvaeError as exc:
@@ -320,7 +320,7 @@ def read_config(path: str | Path) -> Config:
     path = Path(path)
     raw = _read_json(path, "config.json")
     try:
-        return Config.from_dict(raw)
+        return config_from_dict(raw)
     except CvaeError as exc:
         raise CvaeError(f"checkpoint {path}: {exc}") from None
 
