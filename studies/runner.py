@@ -1,7 +1,7 @@
 """The shared study driver behind ``studies/*_sweep.py``.
 
     spec (+ flags) -> MLflow experiment + parent run -> Ray (local or --address)
-      -> Tuner(StudySearcher(OptunaSearch | grid), ASHA) or Tuner.restore -> live progress
+      -> Tuner(StudySearcher(StudyOptunaSearch | grid), ASHA) or Tuner.restore -> live progress
       -> ranked summary table + parent-run summary + best checkpoint + `mlflow ui` command
 
 Where things go (all absolute):

@@ -1,7 +1,7 @@
 """The study searcher: fixed configurations first, then the inner searcher, each run once per seed.
 
-``StudySearcher`` wraps a Tune searcher (``OptunaSearch``, or :class:`NoSearch` for grid
-studies) and adds what a paper-style study needs:
+``StudySearcher`` wraps a Tune searcher (:class:`StudyOptunaSearch`, Optuna's ask-and-tell, or
+:class:`NoSearch` for grid studies) and adds what a paper-style study needs:
 
 * fixed configurations (the VAE baseline, or every grid cell) that run before, and outside
   of, the Optuna space, so Optuna only ever sees points of its own space;
@@ -26,14 +26,16 @@ studies) and adds what a paper-style study needs:
   learns where the feasible region is and ``study.best_trial`` is feasible.
 
 Tune finds the inner searcher through the ``searcher`` attribute: the base searcher is saved
-with its own ``save`` (OptunaSearch pickles its study handle) and this wrapper with
-``get_state``/``set_state``.
+with its own ``save`` (StudyOptunaSearch pickles its trial numbers; the study stays in its
+storage) and this wrapper with ``get_state``/``set_state``.
 """
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+import pickle
 import statistics
 import warnings
 from typing import Any
@@ -42,7 +44,6 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
 from cvae_core.metrics.constraints import Constraint, violations
 from cvae_core.metrics.names import IS_BEST
@@ -51,7 +52,6 @@ from .spec import own_seed
 from .results import DIVERGED
 
 MAX_REPEATS = 50  # re-asks when the inner searcher proposes configurations that already ran
-OPTUNA_NUMBER = "optuna.trial_number"  # NumberedSpace's key in a proposal; StudyOptunaSearch removes it
 RANK_METRIC = "val_nll"  # the core's selection metric, for results that do not carry its is_best flag
 
 
@@ -72,20 +72,11 @@ def name_objectives(study: optuna.Study, metrics: list[str]) -> None:
         study.set_metric_names(metrics)
 
 
-class NumberedSpace:
-    """A define-by-run space that also returns the number of the Optuna trial it was called with
-    (under ``OPTUNA_NUMBER``): how StudyOptunaSearch learns, through Optuna's public API, which
-    Optuna trial a Tune trial got, so that it can set that trial's constraints later."""
+class StudyOptunaSearch(Searcher):
+    """Optuna's ask-and-tell behind Tune's ``Searcher`` interface, through public APIs only.
 
-    def __init__(self, space):
-        self.space = space
-
-    def __call__(self, trial) -> dict[str, Any]:
-        return {**(self.space(trial) or {}), OPTUNA_NUMBER: trial.number}
-
-
-class StudyOptunaSearch(OptunaSearch):
-    """``OptunaSearch`` whose persisted Optuna study stays truthful.
+    The Optuna study lives in its storage; this searcher keeps only which Optuna trial number
+    each Tune trial got, so a restored driver reloads the study by name and loses nothing.
 
     * The objectives carry their names (``study.set_metric_names``), so Optuna's plots and
       dashboard say ``val_nll``, not "Objective 0".
@@ -97,61 +88,102 @@ class StudyOptunaSearch(OptunaSearch):
     * Trials that ended after that snapshot (a pack member ends while its pack trains on) are
       not told again when their resumed pack re-reports them: the storage keeps its first word.
     * :meth:`set_constraints` gives a trial its constraint values before it is told.
+    * Like Ray's ``OptunaSearch``: a trial told no value is PRUNED, or FAIL with ``error``;
+      intermediate values are reported for a single objective only (Optuna's rule).
     """
 
-    def __init__(self, space, *args, study_name: str | None = None, storage=None, **kwargs):
-        super().__init__(NumberedSpace(space), *args, study_name=study_name, storage=storage, **kwargs)
-        self.study_storage, self.optuna_study_name = storage, study_name  # set_constraints writes there
+    def __init__(self, space, metric: str | list[str], mode: str | list[str], sampler: optuna.samplers.BaseSampler,
+                 study_name: str, storage: str | optuna.storages.BaseStorage):
+        super().__init__(metric=metric, mode=mode)
+        # one storage object for the study and the lookups by trial number (a URL becomes one)
+        self.space, self.sampler, self.study_name = space, sampler, study_name
+        self.storage = optuna.storages.get_storage(storage)
         self.trial_numbers: dict[str, int] = {}  # Tune trial id -> its Optuna trial's number
+        self.orphans: list[int] = []  # RUNNING Optuna trials no Tune trial knows (after a restore)
+        self.study = self._load_study()
 
-    def _setup_study(self, mode):
-        super()._setup_study(mode)
-        name_objectives(self._ot_study, [self._metric] if isinstance(self._metric, str) else list(self._metric))
+    def _load_study(self) -> optuna.Study:
+        metrics = [self.metric] if isinstance(self.metric, str) else list(self.metric)
+        modes = [self.mode] if isinstance(self.mode, str) else list(self.mode)
+        study = optuna.create_study(storage=self.storage, study_name=self.study_name, sampler=self.sampler,
+                                    pruner=optuna.pruners.NopPruner(), load_if_exists=True,
+                                    directions=["minimize" if m == "min" else "maximize" for m in modes])
+        name_objectives(study, metrics)
+        return study
+
+    def __getstate__(self) -> dict:  # Tune pickles searchers; the study is reloaded from its storage
+        state = self.__dict__.copy()
+        state.pop("study", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.study = self._load_study()
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__getstate__(), handle)
 
     def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        known = {trial._trial_id for trial in self._ot_trials.values()}
-        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        self._orphans = [t._trial_id for t in sorted(running, key=lambda t: t.number) if t._trial_id not in known]
+        with open(checkpoint_path, "rb") as handle:
+            self.__setstate__(pickle.load(handle))
+        known = set(self.trial_numbers.values())
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        self.orphans = sorted(t.number for t in running if t.number not in known)
+
+    def _trial(self, number: int) -> optuna.Trial:
+        """The live Optuna trial with this number, found through the storage's public API."""
+        return optuna.Trial(self.study, self._storage_id(number))
+
+    def _storage_id(self, number: int) -> int:
+        study_id = self.storage.get_study_id_from_name(self.study_name)
+        return self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
     def _finished(self, trial_id: str) -> bool:
         """Whether the storage already holds this trial's end: after a killed driver, a pack
         member may have ended (and been told) after the searcher snapshot Tune restores."""
-        trial = self._ot_trials.get(trial_id)
-        return trial is not None and self._ot_study._storage.get_trial(trial._trial_id).state.is_finished()
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if not self._finished(trial_id):
-            super().on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if self._finished(trial_id):
-            self._ot_trials.pop(trial_id, None)
-            return
-        super().on_trial_complete(trial_id, result, error)
+        number = self.trial_numbers.get(trial_id)
+        if number is None:
+            return False
+        return self.storage.get_trial(self._storage_id(number)).state.is_finished()
 
     def suggest(self, trial_id: str) -> dict | None:
-        orphans = getattr(self, "_orphans", None)
-        if orphans and trial_id not in self._ot_trials:
-            self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphans.pop(0))
-        config = super().suggest(trial_id)
-        if isinstance(config, dict) and OPTUNA_NUMBER in config:  # absent in a study started before NumberedSpace
-            self.trial_numbers[trial_id] = config.pop(OPTUNA_NUMBER)
-        return config
+        if trial_id in self.trial_numbers:
+            trial = self._trial(self.trial_numbers[trial_id])
+        elif self.orphans:
+            trial = self._trial(self.orphans.pop(0))
+        else:
+            trial = self.study.ask()
+        self.trial_numbers[trial_id] = trial.number
+        constants = self.space(trial) or {}
+        return {**trial.params, **constants}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not isinstance(self.metric, str) or trial_id not in self.trial_numbers or self._finished(trial_id):
+            return
+        self._trial(self.trial_numbers[trial_id]).report(result[self.metric], result["training_iteration"])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        number = self.trial_numbers.get(trial_id)
+        if number is None or self._finished(trial_id):
+            return
+        values = None
+        if result:
+            values = ([result.get(m) for m in self.metric] if isinstance(self.metric, list)
+                      else result.get(self.metric))
+            if values is None or (isinstance(values, list) and None in values):
+                values = None
+        state = TrialState.COMPLETE if values is not None else TrialState.FAIL if error else TrialState.PRUNED
+        try:
+            self.study.tell(number, values, state=state)
+        except (ValueError, RuntimeError) as exc:  # a value Optuna refuses: the study goes on (Ray's OptunaSearch too)
+            logging.getLogger(__name__).warning("Optuna refused the result of trial %s: %s", number, exc)
 
     def set_constraints(self, trial_id: str, values: dict[str, float]) -> None:
         """Set the constraint values (name -> value, <= 0 satisfied) of the Optuna trial proposed
         for ``trial_id``, before it is told: Optuna 5's samplers and ``study.best_trial(s)`` read
-        them from the finished trial (its ``constraints_func`` is deprecated). Public API only:
-        the trial is found by its number in the study's storage."""
-        storage = self.study_storage
-        if storage is None or self.optuna_study_name is None:
-            raise ValueError("set_constraints needs the Optuna study's storage and study_name")
-        study = optuna.load_study(study_name=self.optuna_study_name, storage=storage,
-                                  sampler=optuna.samplers.RandomSampler())
-        number = self.trial_numbers[trial_id]
-        trial = optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(
-            storage.get_study_id_from_name(self.optuna_study_name), number))
+        them from the finished trial (its ``constraints_func`` is deprecated)."""
+        trial = self._trial(self.trial_numbers[trial_id])
         for name, value in values.items():
             trial.set_constraint(name, value)
 

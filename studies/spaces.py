@@ -9,7 +9,7 @@ A *trial config* is a flat dict handed to the trainable:
 * ``search.*``: the searcher's own bookkeeping (e.g. whether the matching term is on); the
   trainable ignores these.
 
-Define-by-run functions must stay module-level (OptunaSearch pickles them with its state) and
+Define-by-run functions must stay module-level (StudyOptunaSearch pickles them with its state) and
 cheap.  Conditional parameters use a distinct name per branch and never change their choice
 lists, so a persisted Optuna study can be resumed (optuna/optuna#2564).
 """

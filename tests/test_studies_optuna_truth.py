@@ -1,4 +1,4 @@
-"""Optuna is told what the record says (real OptunaSearch over a persisted SQLite Optuna study,
+"""Optuna is told what the record says (the study's real Optuna searcher over a persisted SQLite Optuna study,
 driven through the study's searcher exactly as Tune drives it; no training, seconds):
 
 * a trial stopped early by the scheduler is PRUNED with the intermediate values it reported;
