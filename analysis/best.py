@@ -18,6 +18,9 @@
    the paper's, ...) and ``--register`` was not given: a quick look never moves the champion.
    Every logged number carries its split, sample counts and sentence count (tag
    ``Tag.EVALUATION`` on the evaluation run and the model version).
+
+The core's checkpoint, evaluation and champion code load inside the functions that evaluate
+(torch, MLflow's pyfunc): listing and choosing runs does not need them.
 """
 from __future__ import annotations
 

@@ -20,6 +20,9 @@ Input: a ``sentence`` column of whitespace-tokenised text (words outside the voc
 * ``output="reconstruction"``: ``text``, a greedy decode from z ~ q(z|x);
 * ``output="sample"``: ``text``, a greedy decode from z ~ p(z) (the input only sets how many).
 Every call is seeded (``seed``, default 0), so the same request gives the same answer.
+
+The core loads inside ``load_context``/``predict``: MLflow imports this module to find the
+class, and serving loads torch only once a model is loaded.
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ Every subcommand reads one study of one MLflow experiment:
   --experiment    default: coupled-vae-studies
   --study         default: the latest study (parent run tagged cvae.role=study) in the experiment
 Errors a user can cause print one line ``analysis: error: ...`` and exit with status 2.
+
+Each subcommand imports what it runs inside its function (pandas, MLflow, torch): ``--help``
+and bad flags answer before they load.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from cvae_core.errors import check_counts
+from cvae_core.config import check_device
+from cvae_core.errors import CvaeError, OneLineArgumentParser, argument_type, check_counts
+from cvae_core.guards import check_writable, redact
 
 from .store import DEFAULT_EXPERIMENT, AnalysisError
 
@@ -61,8 +66,6 @@ def _statuses(args):
 
 def _writable(args, *flags: str, folder: bool = False) -> None:
     """Refuse an output flag (``--out``, ``--history``) that cannot be written, before the store is read."""
-    from cvae_core.guards import check_writable
-
     for flag in flags:
         if getattr(args, flag):
             check_writable(getattr(args, flag), f"--{flag}", folder=folder)
@@ -161,9 +164,6 @@ def _best(args) -> None:
 
 
 def parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
-    from cvae_core.config import check_device
-    from cvae_core.errors import OneLineArgumentParser, argument_type
-
     top = OneLineArgumentParser(prog=prog,
                                   description="From the MLflow runs of a Coupled-VAE study to tables, plots and "
                                               "an evaluated best checkpoint.")
@@ -245,8 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     # the usage lines name the command the user typed: the console script or python -m analysis
     args = parser(CONSOLE_SCRIPT if Path(sys.argv[0]).name == CONSOLE_SCRIPT else "python -m analysis").parse_args(argv)
     _quiet()
-    from cvae_core.guards import redact
-
     try:
         args.func(args)
     except AnalysisError as exc:
@@ -256,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
         print("analysis: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from cvae_core.errors import CvaeError
         from mlflow.exceptions import MlflowException
 
         if isinstance(exc, CvaeError):

@@ -12,6 +12,9 @@ it returns ``[]`` and reports why through ``note`` when the study lacks what the
   top_k_curves.png          validation curves of the k best trials
   posterior_means.png       synthetic data: posterior means coloured by true cluster, VAE beside
                             Coupled-VAE (He et al. 2019's figure), from the runs' checkpoints
+
+The synthetic data's posterior-mean plot loads torch and the models inside its function: every
+other plot runs without them.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from cvae_core.errors import CvaeError  # noqa: E402
 from cvae_core.metrics.names import GRAD_KEYS, bare_name, direction, pareto_mask  # noqa: E402
 from cvae_core.metrics.names import metric as metric_info  # noqa: E402
 from studies.record import Tag, read_constraints_tag  # noqa: E402
@@ -387,7 +391,6 @@ def plot_posterior_means(runs: pd.DataFrame, out_dir: Path, checkpoint: Checkpoi
     if checkpoint is None:
         note("posterior-mean plot skipped: no way to fetch the runs' checkpoints was given")
         return []
-    from cvae_core.errors import CvaeError
     from cvae_core.evaluation import load_for_evaluation
     from cvae_core.metrics.likelihood import posterior_means
 

@@ -32,6 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cvae_core.config import FIELDS
 from cvae_core.metrics.names import BEST_STEP, best_key, selection_metric
 from cvae_core.runtime import json_safe
 from studies.record import PARENT_RUN_ID, UNUSED, Outcome, Role, Tag
@@ -113,8 +114,6 @@ def metric_histories(client, runs: Iterable, progress: Callable[[str], None] | N
 
 
 def _config_type(key: str) -> type:
-    from cvae_core.config import FIELDS
-
     return FIELDS[key][2] if key in FIELDS else str
 
 

@@ -12,11 +12,13 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from cvae_core.config import PRESETS
 from cvae_core.metrics.constraints import Constraint, violated
 from cvae_core.metrics.names import sort_key
-
-from .runs import BEST_PREFIX, CONFIG_PREFIX, FINAL_PREFIX
 from cvae_core.stats import PairedDifference, Summary, paired_difference, summarize
+
+from .paper import PAPER_ROWS
+from .runs import BEST_PREFIX, CONFIG_PREFIX, FINAL_PREFIX
 
 DATASET_ORDER = ("ptb", "yelp13", "yahoo", "text", "switchboard")
 DIALOGUE_PRESETS = ("seq2seq", "cvae", "coupled-cvae")
@@ -141,8 +143,6 @@ def family_of(preset: str) -> str:
 
 
 def family_label(family: str, coupled: bool) -> str:
-    from .paper import PAPER_ROWS
-
     preset = f"coupled-{family}" if coupled else family
     for row in PAPER_ROWS:
         if row.preset == preset and row.table in ("1", "8"):
@@ -151,8 +151,6 @@ def family_label(family: str, coupled: bool) -> str:
 
 
 def preset_order(preset: str) -> tuple[int, str]:
-    from cvae_core.config import PRESETS
-
     names = list(PRESETS)
     return (names.index(preset) if preset in names else len(names), preset)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cvae_core.errors import CvaeError
+from cvae_core.guards import adopt_tracking_credentials, check_sqlite_uri, check_tracking_server
 from studies.record import Role, Tag, search_all, study_runs_filter, trial_runs_filter
 
 DEFAULT_EXPERIMENT = "coupled-vae-studies"
@@ -23,9 +25,6 @@ def connect(tracking_uri: str | None = None):
     """-> (MlflowClient, uri).  A SQLite URI must name an existing file: opening a missing one
     would silently create an empty store in the wrong directory."""
     from mlflow import MlflowClient
-
-    from cvae_core.errors import CvaeError
-    from cvae_core.guards import adopt_tracking_credentials, check_sqlite_uri, check_tracking_server
 
     uri = adopt_tracking_credentials(tracking_uri or default_tracking_uri())
     if uri.startswith("sqlite:///"):

@@ -23,15 +23,18 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
+from cvae_core.config import preset_coupling as core_preset_coupling
+from cvae_core.errors import CvaeError
+from cvae_core.stats import Summary
+
 from .runs import stopped_early
 from .selection import (DIALOGUE_PRESETS, Comparison, cfg, compare, config_keys, coupling_triples, distance_label,
-                        family_label, family_of, format_lambda, matches_coupling, metric_column, ordered_datasets, pick_config,
-                        preset_order, summarize_runs, triple_order)
-from cvae_core.stats import Summary
+                        family_label, family_of, format_lambda, matches_coupling, metric_column, ordered_datasets,
+                        pick_config, preset_order, summarize_runs, triple_order)
+from .store import AnalysisError
 
 # the settings that differ between a coupled run and its λ_m = 0 twin (the last two are unused there)
 UNUSED_WITHOUT_MATCHING = ("coupling.lambda_m", "coupling.distance", "coupling.rq_c")
-from .store import AnalysisError
 
 LAYOUTS = ("table1", "table2", "table3", "table4", "table8")
 
@@ -210,9 +213,6 @@ def table3(runs: pd.DataFrame, at: str = "best", study: str = "", family: str | 
 def preset_coupling(preset: str, dataset: str) -> dict | None:
     """The coupling settings (distance, lambda_m, lambda_r) a coupled preset uses on ``dataset``,
     or None when cvae_core does not know the preset (or it does not run on that dataset)."""
-    from cvae_core.config import preset_coupling as core_preset_coupling
-    from cvae_core.errors import CvaeError
-
     known = dataset if dataset in ("ptb", "yelp13", "yahoo") else "ptb"
     try:
         c = core_preset_coupling(preset, known)

@@ -41,6 +41,7 @@ from . import __version__
 from .config import Config, config_from_dict
 from .data.vocab import Vocab
 from .errors import CvaeError
+from .models import build_model
 
 TENSOR_FILES = ("weights.pt", "optimizer.pt", "rng.pt")
 JSON_FILES = ("state.json", "config.json", "vocab.json")
@@ -260,8 +261,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, Vocab]:
     """Load a trained model for evaluation: -> (model in eval mode, config, vocab)."""
-    from .models import build_model
-
     data = load_checkpoint(path, map_location=device)
     # The weights are fitted to a shape-only ("meta") build first: a config.json that does not match
     # them (tampered sizes such as model.hidden_dim=10**8) is refused before any memory is allocated.

@@ -1,4 +1,7 @@
-"""The ``cvae`` command: presets, train, evaluate, generate."""
+"""The ``cvae`` command: presets, train, evaluate, generate.
+
+Each command imports what it runs inside its function: ``cvae --help`` and a bad flag answer
+before torch loads."""
 from __future__ import annotations
 
 import argparse

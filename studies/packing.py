@@ -12,6 +12,9 @@ Ray Tune trial, and stay K trials everywhere else.
 * A pack trial's result layout (member keys, outcomes) is in :mod:`studies.results`.
 
 The pack trainable itself is :func:`studies.trainable.train_pack_trial`.
+
+The trainable, the outcomes and the model builder load inside the functions that need them:
+they bring Ray and torch, which a pack's grouping does not need.
 """
 from __future__ import annotations
 

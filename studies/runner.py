@@ -17,6 +17,9 @@ This module keeps the orchestration; the rooms around it: ``options`` (command l
 ``state`` (study folder, ``study.json``, locks, the new study's parent run), ``tracking`` (the
 MLflow runs: ``StudyRun``, ``TrialRun``), ``outcomes`` (how each trial ended), ``summary`` (rows,
 ranking, Pareto front), ``render`` (tables and final lines), ``progress`` (live lines).
+
+Imports inside functions are deliberate: Ray, Optuna, MLflow and torch load only when a study
+starts, so ``--help`` and bad input answer in a fraction of a second (``tests/test_house.py``).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cvae_core.config import build_config
 from cvae_core.errors import CvaeError
 from cvae_core.guards import check_name, check_sqlite_uri, check_tracking_server, redact
 from cvae_core.metrics.names import IS_BEST
@@ -41,8 +45,10 @@ from .render import print_summary, render_markdown, resume_command
 from .spec import StudySpec, load_spec
 from .state import (StudyState, create_study, find_resumable, load_spec_name, lock_study_folder,
                     release_study_folders, sqlite_store_lock, total_trials)
-from .record import Tag
-from .summary import TrialRow, best_row, collect_rows, summarize
+from .record import Outcome, Tag
+from .results import count_trials
+from .spaces import GRIDS, SPACES
+from .summary import ROW_STATUS, TrialRow, best_row, collect_rows, summarize
 
 EXIT_INTERRUPTED = 130
 EXIT_DISK_FULL = 75  # EX_TEMPFAIL: free space, then --resume
@@ -106,8 +112,7 @@ def _run_study(options: Options) -> StudyOutcome:
 
     # 2. data and Ray first: a missing dataset or an impossible resource request fails before
     #    anything is written to MLflow
-    from cvae_core import build_config
-    from cvae_core.data import load_corpus
+    from cvae_core.data import load_corpus  # torch
 
     from .tracking import StudyRun
 
@@ -210,8 +215,6 @@ def build_searcher(spec: StudySpec, state: StudyState):
     import optuna
 
     from .searcher import NoSearch, PerTrialSeedSampler, StudyOptunaSearch, StudySearcher
-    from .spaces import GRIDS, SPACES
-
     metrics = [o.metric for o in spec.objectives]
     modes = [o.mode for o in spec.objectives]
     metric: str | list[str] = metrics if spec.multi_objective else metrics[0]
@@ -278,8 +281,6 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
     from .outcomes import RecordingASHA, TrialOutcomes
     from .progress import StudyProgress
     from .snapshots import KeepLastGoodSnapshot, repair_snapshot
-
-    from .results import count_trials
 
     trainable = _trainable(spec, state, corpus, steps)
     packed = spec.resources.pack > 1
@@ -365,10 +366,7 @@ def finalize(spec: StudySpec, state: StudyState, study_run, rows: list[TrialRow]
              elapsed_s: float) -> dict[str, Any]:
     """End the trial runs still open, write the summary files, log the summary on the parent
     run and end it."""
-    from .record import Outcome
     from .searcher import record_grid_in_optuna
-    from .summary import ROW_STATUS
-
     outcome_of = {status: outcome for outcome, status in ROW_STATUS.items()}
     by_trial = {r.trial_id: r for r in rows}
     study_run.end_open_trials(lambda trial_id: (

@@ -42,14 +42,16 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import TrialState
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
 from ray.tune.search import Searcher
 
 from cvae_core.metrics.constraints import Constraint, violations
 from cvae_core.metrics.names import IS_BEST
 
-from .spec import own_seed
 from .results import DIVERGED
+from .spec import own_seed
+from .summary import TrialRow, finite
 
 MAX_REPEATS = 50  # re-asks when the inner searcher proposes configurations that already ran
 RANK_METRIC = "val_nll"  # the core's selection metric, for results that do not carry its is_best flag
@@ -472,12 +474,6 @@ def record_grid_in_optuna(spec, state, rows) -> None:
     study's :class:`~studies.summary.TrialRow` list) in the same kind of Optuna study a TPE
     study persists (mean over seeds, like StudySearcher tells Optuna, constraints included), so that
     optuna-dashboard and importance analysis read both kinds of study alike."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution
-    from optuna.trial import TrialState, create_trial
-
-    from .summary import TrialRow, finite
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=state.optuna_storage, study_name=state.study_name, load_if_exists=True,
                                 directions=["minimize" if o.mode == "min" else "maximize" for o in spec.objectives])

@@ -18,6 +18,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
+from cvae_core.config import CVAE_LAMBDA_M
+
 SEARCH_PREFIX = "search."
 
 # lambda_m: a log-uniform range plus an explicit "off" arm for lambda_m = 0 (the paper's
@@ -117,8 +119,6 @@ def posterior_grid() -> list[dict[str, Any]]:
 def table8_grid() -> list[dict[str, Any]]:
     """The paper's Table 8 rows: the GRU encoder-decoder, the CVAE and the Coupled-CVAE at each
     lambda_m in {0.1, 0.5, 1, 2} (RQ, lambda_r = 1, the preset's)."""
-    from cvae_core.config import CVAE_LAMBDA_M
-
     return [{"preset": "seq2seq"}, {"preset": "cvae"},
             *({"preset": "coupled-cvae", "coupling.lambda_m": lm} for lm in CVAE_LAMBDA_M)]
 

@@ -4,6 +4,9 @@ A spec names everything that defines a study except where it runs: the base conf
 (preset, dataset, scale, overrides), the search space and grid, the objective(s), the budget,
 the scheduler and the per-trial resources.  Command-line flags may override the budget and the
 resources (see ``studies/runner.py``).  Every error names the file and the key.
+
+The packed loop's settings load inside the one function that checks a pack, so a spec is read
+and refused without torch.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from cvae_core.errors import CvaeError
 from cvae_core.guards import decode_text
 from cvae_core.metrics.constraints import Constraint, parse_constraint
 from cvae_core.metrics.names import METRICS, direction
+
+from .spaces import GRIDS, SEARCH_PREFIX, SPACES
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
 
@@ -206,8 +211,6 @@ def _check_unknown(raw: dict[str, Any], allowed: set[str], where: str) -> None:
 
 def parse_spec(raw: dict[str, Any], source: str = "<dict>") -> StudySpec:
     """Validate a spec mapping (as loaded from YAML)."""
-    from .spaces import GRIDS, SPACES  # late: spaces imports optuna
-
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: a study spec must be a mapping, got {type(raw).__name__}")
     _check_unknown(raw, {"name", "description", "base", "space", "grid", "search", "baselines", "objectives",
@@ -366,8 +369,6 @@ def check_packable(spec: StudySpec) -> None:
     if varied:
         raise SpecError(f"{where}: pack {spec.resources.pack}: the {spec.search} search varies {', '.join(varied)}, "
                         "which members of one pack must share; use --pack 1")
-    from .spaces import SEARCH_PREFIX
-
     cells = [{}] + list(spec.baselines) + search_cells(spec)
     for cell in cells:
         overrides = {k: v for k, v in cell.items() if k != "preset" and not k.startswith(SEARCH_PREFIX)}
@@ -381,8 +382,6 @@ def check_packable(spec: StudySpec) -> None:
 def searched_keys(spec: StudySpec) -> set[str]:
     """Core config keys the search sets per trial (the grid's cells, or what the define-by-run
     space suggests or returns over a fixed sample of 32 draws)."""
-    from .spaces import SEARCH_PREFIX
-
     return {resolve_key(k) for cell in search_cells(spec) for k in cell
             if k != "preset" and not k.startswith(SEARCH_PREFIX)}
 
@@ -390,8 +389,6 @@ def searched_keys(spec: StudySpec) -> set[str]:
 def search_cells(spec: StudySpec) -> list[dict[str, Any]]:
     """The grid's cells, or a fixed sample of 32 draws of the define-by-run space (each the
     parameters suggested plus the constants the space returns)."""
-    from .spaces import GRIDS, SPACES
-
     if spec.search == "grid":
         cells = GRIDS[spec.grid]()
     else:

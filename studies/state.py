@@ -1,6 +1,9 @@
 """A study's folder and its saved state: ``<root>/<study>/study.json`` (what ``--resume`` needs),
 created here with the study's MLflow parent run; the folder lock that keeps a second driver out,
-and the lock that serialises first use of a SQLite MLflow store."""
+and the lock that serialises first use of a SQLite MLflow store.
+
+MLflow (``tracking``) loads inside the function that creates the study's parent run, after its
+options are checked."""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +18,7 @@ from typing import Any
 
 from .options import Options, StudyError
 from .record import Role, Tag, constraints_tag
+from .spaces import GRIDS
 from .spec import Resources, Scheduler, StudySpec, load_spec, parse_constraints, parse_objectives, validate_spec
 
 
@@ -228,7 +232,5 @@ def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: st
 
 
 def total_trials(spec: StudySpec) -> int:
-    from .spaces import GRIDS
-
     configs = len(GRIDS[spec.grid]()) if spec.search == "grid" else len(spec.baselines) + spec.num_samples
     return configs * spec.seeds

@@ -6,7 +6,10 @@ With constraints in the spec, a row is feasible when the metrics of its best eva
 all of them (``cvae_core.metrics.constraints``); the ranking puts feasible rows first, the
 study's best is the first feasible row, and the Pareto front is taken over feasible points.
 When no row is feasible there is no best: ``summary.json`` names the first-ranked infeasible
-row as ``best_infeasible`` instead, and the parent run gets no best tags."""
+row as ``best_infeasible`` instead, and the parent run gets no best tags.
+
+The outcomes (Ray, MLflow) load inside the functions that read them, so the summary's row type
+imports light."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +23,8 @@ from cvae_core.metrics.names import BEST_STEP, pareto_mask
 
 from .effects import coupling_effects
 from .record import Outcome, Tag
+from .results import member_results, pack_members
+from .spaces import describe
 from .spec import Objective, StudySpec
 from .state import StudyState
 
@@ -54,8 +59,6 @@ def collect_rows(spec: StudySpec, results, trials, statuses: dict[str, str], run
     """One row per study trial (a packed study: per member of each pack).  ``results``: Tune's
     ResultGrid; ``trials``: the saved Ray trials; ``statuses``: their saved Ray statuses; ``runs``:
     trial id -> its MLflow run, whose ``Tag.OUTCOME`` says how a finished trial ended."""
-    from .results import member_results, pack_members
-
     by_path = {result.path: result for result in results}
     rows = []
     for trial in trials:
@@ -83,8 +86,6 @@ def collect_rows(spec: StudySpec, results, trials, statuses: dict[str, str], run
 def _row(spec: StudySpec, trial_id: str, config: dict[str, Any], records: list[dict], ray_status: str, run,
          error: str, checkpoint_at, member: bool = False) -> TrialRow:
     from .outcomes import recorded_outcome
-    from .spaces import describe
-
     records = [r for r in records if not (finite(r.get("diverged")) and r["diverged"])]  # no evaluation
     # A trial resumed from an older checkpoint re-reports the steps after it: count steps once.
     n_evals = len({r.get("step") for r in records})

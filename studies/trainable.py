@@ -20,6 +20,8 @@ It resumes from ``tune.get_checkpoint()`` (FailureConfig retries, ``Tuner.restor
 ``train(resume_from=<that checkpoint's directory>)``: the core installs it in its own tree.
 The corpus arrives through ``tune.with_parameters`` (object store), never through the config.
 It runs on the GPU Ray assigned (fractions allowed), else on CPU.
+
+The packed loop loads inside ``train_pack_trial``: an ordinary trial never imports it.
 """
 from __future__ import annotations
 
@@ -40,9 +42,10 @@ from cvae_core.data import Corpus
 from cvae_core.errors import CvaeError, Diverged
 from cvae_core.metrics.names import IS_BEST
 
+from .record import Outcome, Tag
+from .results import (DIVERGED, NAN_OBJECTIVES, OUTCOME, PACK_STATE, REASON, TRAINING_ITERATION, member_key,
+                      pack_members)
 from .spaces import SEARCH_PREFIX, describe
-from .record import Tag
-from .results import DIVERGED, NAN_OBJECTIVES
 from .tracking import StudyContext, TrialRun
 
 RESERVED = {"preset"}
@@ -216,8 +219,6 @@ def train_pack_trial(config: dict[str, Any], corpus: Corpus | None = None, study
     a retry or ``--resume`` continues the active members from it."""
     if study is None:
         raise CvaeError("train_pack_trial needs the study context: wrap it with tune.with_parameters(..., study=...)")
-    from .results import pack_members
-
     _prepare_worker(study)
     context = tune.get_context()
     members = pack_members(config)
@@ -243,9 +244,6 @@ def _run_pack(members: list[tuple[str, dict[str, Any]]], study: StudyContext, co
     import ray
 
     from cvae_core.packed import train_pack
-
-    from .results import OUTCOME, PACK_STATE, REASON, TRAINING_ITERATION, member_key
-    from .record import Outcome
 
     ended: dict[str, dict[str, str]] = json.loads((Path(restored) / PACK_STATE).read_text())["ended"] if restored else {}
     active = [(member_id, trial_config) for member_id, trial_config in members if member_id not in ended]

@@ -150,3 +150,17 @@ def test_the_study_searcher_accepts_a_url_or_a_storage(tmp_path, storage_kind):
     searcher.on_trial_complete("a", {"val_nll": 1.0, "val_mi_loo": 2.0})
     (trial,) = optuna.load_study(study_name="s", storage=url).get_trials()
     assert trial.values == [1.0, 2.0] and trial.intermediate_values == {}
+
+
+def test_the_entry_modules_import_without_the_heavy_libraries():
+    """``--help`` and bad input answer before torch, Ray, Optuna, MLflow or pandas load: the
+    commands' modules defer them to the functions that need them."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "import analysis.cli, cvae_core.cli, cvae_core.guards, cvae_core.metrics.names, studies.cli, studies.record\n"
+             "print(sorted(m for m in ('torch', 'ray', 'optuna', 'mlflow', 'pandas') if m in sys.modules))\n")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == "[]\n"

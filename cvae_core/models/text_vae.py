@@ -20,8 +20,12 @@ from torch.distributions import Distribution
 
 from ..config import ModelConfig
 from ..data import Batch
+from ..modules.cnn_decoder import CNNDecoder
+from ..modules.flows import PlanarFlowHead
 from ..modules.networks import BiGRUEncoder, GRUDecoder, SignalNetwork
 from ..modules.posteriors import GaussianHead, LatentDistribution, LatentSample
+from ..modules.power_spherical import PowerSphericalHead
+from ..modules.vmf import VonMisesFisherHead
 
 
 @dataclass
@@ -43,16 +47,10 @@ def make_posterior_head(config: ModelConfig, in_dim: int) -> nn.Module:
     if family == "gaussian":
         return GaussianHead(in_dim, config.latent_dim)
     if family == "vmf":
-        from ..modules.vmf import VonMisesFisherHead
-
         return VonMisesFisherHead(in_dim, config.latent_dim, wood_b=config.vmf_sampler)
     if family == "power_spherical":
-        from ..modules.power_spherical import PowerSphericalHead
-
         return PowerSphericalHead(in_dim, config.latent_dim)
     if family == "nf":
-        from ..modules.flows import PlanarFlowHead
-
         return PlanarFlowHead(in_dim, config.latent_dim, n_flows=config.n_flows)
     raise ValueError(f"unknown posterior family {family!r}")
 
@@ -62,8 +60,6 @@ def make_decoder(config: ModelConfig, embedding: nn.Embedding) -> nn.Module:
     if config.decoder == "gru":
         return GRUDecoder(embedding, 2 * config.hidden_dim, config.dropout)
     if config.decoder == "cnn":
-        from ..modules.cnn_decoder import CNNDecoder
-
         return CNNDecoder(embedding, config.cnn_filters, config.cnn_dilations, config.dropout)
     raise ValueError(f"unknown decoder {config.decoder!r}")
 
