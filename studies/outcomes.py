@@ -39,7 +39,7 @@ class RecordingASHA(FIFOScheduler):
     def __init__(self, *, steps: int, metric: str, mode: str, max_t: int, grace_period: int, reduction_factor: int,
                  state_path: str | None = None, keep: dict[str, str] | None = None):
         super().__init__()
-        self._metric, self._mode = metric, mode
+        super().set_search_properties(metric, mode)  # Tune reads it back as the public `metric`
         self.rule = AshaRule(grace_period, reduction_factor, max_t, mode, metric=metric, steps=steps,
                              state_path=state_path, keep=keep)
 
@@ -48,9 +48,9 @@ class RecordingASHA(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         evaluation = result.get("training_iteration")
-        if evaluation is None or self._metric not in result:
+        if evaluation is None or self.metric not in result:
             return TrialScheduler.CONTINUE
-        reason = self.rule.decide(trial.trial_id, int(evaluation), int(result.get("step", 0)), result[self._metric],
+        reason = self.rule.decide(trial.trial_id, int(evaluation), int(result.get("step", 0)), result[self.metric],
                                   result)
         if reason is None:
             return TrialScheduler.CONTINUE
