@@ -111,6 +111,7 @@ class StudyOptunaSearch(Searcher):
                                     pruner=optuna.pruners.NopPruner(), load_if_exists=True,
                                     directions=["minimize" if m == "min" else "maximize" for m in modes])
         name_objectives(study, metrics)
+        self.study_id = self.storage.get_study_id_from_name(self.study_name)  # looked up once, not per report
         return study
 
     def __getstate__(self) -> dict:  # Tune pickles searchers; the study is reloaded from its storage
@@ -138,8 +139,7 @@ class StudyOptunaSearch(Searcher):
         return optuna.Trial(self.study, self._storage_id(number))
 
     def _storage_id(self, number: int) -> int:
-        study_id = self.storage.get_study_id_from_name(self.study_name)
-        return self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
     def _finished(self, trial_id: str) -> bool:
         """Whether the storage already holds this trial's end: after a killed driver, a pack
@@ -173,7 +173,7 @@ class StudyOptunaSearch(Searcher):
         if result:
             values = ([result.get(m) for m in self.metric] if isinstance(self.metric, list)
                       else result.get(self.metric))
-            if values is None or (isinstance(values, list) and None in values):
+            if isinstance(values, list) and None in values:
                 values = None
         state = TrialState.COMPLETE if values is not None else TrialState.FAIL if error else TrialState.PRUNED
         try:
