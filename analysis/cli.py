@@ -24,6 +24,8 @@ from cvae_core.config import check_device
 from cvae_core.errors import CvaeError, OneLineArgumentParser, argument_type, check_counts
 from cvae_core.guards import check_writable, redact
 
+from studies.record import Tag
+
 from .store import DEFAULT_EXPERIMENT, AnalysisError
 
 CONSOLE_SCRIPT = "cvae-analysis"  # pyproject.toml [project.scripts]
@@ -45,6 +47,16 @@ def _progress(text: str) -> None:
     print(f"[analysis] {text}", file=sys.stderr, flush=True)
 
 
+def lineage(tags: dict[str, str]) -> None:
+    """Where a study's trials came from besides its own search: --warm-start and --extend."""
+    if tags.get(Tag.WARM_START):
+        source, _, top = tags[Tag.WARM_START].partition(":")
+        _progress(f"seeded from study {source!r} ({top}, --warm-start): its best configurations ran first, "
+                  "measured again at this study's budget")
+    if tags.get(Tag.EXTENSIONS):
+        _progress(f"extended with --extend by {tags[Tag.EXTENSIONS].replace(',', ', ')} configuration(s)")
+
+
 def _study(args):
     from .runs import fetch_study, stopped_early
 
@@ -54,6 +66,7 @@ def _study(args):
     _progress(f"study {study.name!r}: {len(study.runs)} trial runs "
               f"({', '.join(f'{n} {s}' for s, n in study.runs['status'].value_counts().items())}"
               + (f"; {early_finished} of the FINISHED stopped before train.steps" if early_finished else "") + ")")
+    lineage(study.parent.data.tags)
     if getattr(args, "complete_only", False) and early.any():
         study.runs = study.runs[~early].reset_index(drop=True)
         _progress(f"--complete-only: left out {int(early.sum())} early-stopped runs")

@@ -68,6 +68,12 @@ def build_parser(prog: str, default_spec: str, description: str) -> argparse.Arg
                    help="override the spec's base config, e.g. --set train.steps=1000 (repeatable)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="STUDY",
                    help="continue an interrupted study (default: the latest one of this spec under --root)")
+    p.add_argument("--extend", type=int, default=None, metavar="N",
+                   help="with --resume STUDY: add N configurations that Optuna proposes (each over the study's "
+                        "seeds) to a finished or interrupted tpe study; its sampler sees every earlier trial")
+    p.add_argument("--warm-start", default=None, metavar="STUDY[:top=K]",
+                   help="a new tpe study first runs the best K (default 3) feasible configurations of an earlier "
+                        "study under --root (Optuna's enqueue_trial), then its own proposals")
     p.add_argument("--min-free-mb", type=float, default=DEFAULT_MIN_FREE_MB,
                    help="stop the study (resumable) when its folders have less free disk space than this "
                         f"(default {DEFAULT_MIN_FREE_MB})")
@@ -99,6 +105,8 @@ class Options:
     dataset: str | None = None
     data_dir: str | None = None
     resume: str | None = None
+    extend: int | None = None
+    warm_start: str | None = None
     min_free_mb: float = DEFAULT_MIN_FREE_MB
     verbose: bool = False
     # Python API only: extra ray.tune.Callback objects for a new study, called before the disk
@@ -141,6 +149,9 @@ def apply_flags(spec: StudySpec, options: Options) -> StudySpec:
         spec.constraints = [] if options.constraints == ["none"] else parse_constraints(options.constraints,
                                                                                          "--constraint")
     if options.num_samples is not None:
+        if options.num_samples < 0:
+            raise StudyError(f"--num-samples must be at least 0 (configurations Optuna proposes), got "
+                             f"{options.num_samples}")
         spec.num_samples = options.num_samples
     if options.seeds is not None:
         spec.seeds = options.seeds

@@ -44,6 +44,8 @@ class Tag:
     OPTUNA_STORAGE = "optuna.storage"
     OPTUNA_STUDY = "optuna.study_name"
     CONSTRAINTS = "cvae.constraints"  # JSON list of "<metric> <op> <number>"; absent: none (older stores)
+    WARM_START = "cvae.warm_start"  # "STUDY:top=K": the study whose best configurations ran first
+    EXTENSIONS = "cvae.extensions"  # "N1,N2": configurations each --extend added, oldest first
     # trial runs
     TRIAL_ID = "ray_trial_id"
     TRIAL_NAME = "ray_trial_name"

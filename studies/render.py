@@ -131,12 +131,26 @@ def analysis_command(state: "StudyState") -> str:
                        "--experiment", state.experiment_name, "--study", state.study_name])
 
 
+def lineage_lines(state: StudyState) -> list[str]:
+    """Where the study's trials came from besides its own first search."""
+    lines = []
+    if state.warm_start:
+        source, _, top = state.warm_start.partition(":")
+        lines.append(f"Seeded from study {source} ({top}, --warm-start): its best configurations ran first, "
+                     "measured again at this budget")
+    if state.extensions:
+        lines.append("Extended (--extend) by " + ", then ".join(f"{e['num_samples']} configuration(s)"
+                                                             for e in state.extensions))
+    return lines
+
+
 def render_markdown(spec: StudySpec, state: StudyState, rows: list[TrialRow], summary: dict[str, Any]) -> str:
     front = set(summary["pareto_front"])
     out = [f"# Study {state.study_name}", "",
            f"spec `{spec.name}` ({spec.description}), search `{spec.search}`, objectives "
            f"{', '.join(summary['objectives'])}, status **{summary['status']}**, "
            f"{summary['elapsed_s']:.0f} s this session.", "",
+           *(f"{line}." for line in lineage_lines(state)), *([""] if lineage_lines(state) else []),
            "Metrics are those of each trial's best checkpoint (lowest validation NLL).", ""]
     if spec.constraints:
         out += [constraints_note(spec), ""]
@@ -165,6 +179,8 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
           f"{counts['error']} failed"
           + (f", {counts['interrupted'] + counts['pending']} unfinished" if interrupted else "")
           + f" ({summary['elapsed_s'] / 60:.1f} min this session)")
+    for line in lineage_lines(state):
+        print(line)
     print(f"Ranked by {spec.objectives[0]} at each trial's best checkpoint (lowest val NLL):")
     for line in table_lines(spec, rows, front):
         print(line)

@@ -23,6 +23,7 @@ starts, so ``--help`` and bad input answer in a fraction of a second (``tests/te
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ from .record import Outcome, Tag
 from .results import count_trials
 from .spaces import GRIDS, SPACES
 from .summary import ROW_STATUS, TrialRow, best_row, collect_rows, summarize
+from .warmstart import WarmStart, enqueue, plan_warm_start
 
 EXIT_INTERRUPTED = 130
 EXIT_DISK_FULL = 75  # EX_TEMPFAIL: free space, then --resume
@@ -104,7 +106,7 @@ def _run_study(options: Options) -> StudyOutcome:
 
     # before anything is written (a study folder, a lock, an MLflow store)
     check_free_space(local_folders(root, resolve_storage_path(options.storage_path, root)), options.min_free_mb)
-    spec, state, new_study = _settings(options, cwd, root)
+    spec, state, new_study, warm_start = _settings(options, cwd, root)
     if not options.address:
         check_local_resources(spec)  # a local Ray gets this machine: a trial that cannot fit fails now
     if state is not None:
@@ -126,7 +128,9 @@ def _run_study(options: Options) -> StudyOutcome:
         check_resources(spec, options.address)
         # 3. MLflow: the parent run (created, or reopened on resume) and the study folder
         if state is None:
-            state = create_study(spec, options, root, *new_study)
+            state = create_study(spec, options, root, *new_study, warm_start=warm_start.tag if warm_start else "")
+            if warm_start is not None:
+                _print_warm_start(warm_start)
         else:
             StudyRun(state.tracking_uri, state.experiment_id, state.parent_run_id).reopen()
             state.status = "running"
@@ -142,8 +146,12 @@ def _run_study(options: Options) -> StudyOutcome:
         # 4. the trials
         t0 = time.monotonic()
         try:
-            results, trials, statuses, interrupted = _fit(spec, state, corpus, options, study_run, base.train.steps,
-                                                          folders)
+            interrupted = _fit(spec, state, corpus, options, study_run, base.train.steps, folders, warm_start)
+            if options.extend and not interrupted:  # the study so far is finished: add the new trials
+                spec = _extend(spec, state, options.extend)
+                interrupted = _fit(spec, state, corpus, options, study_run, base.train.steps, folders)
+            results, trials, statuses = _study_trials(state)
+            interrupted = interrupted or count_trials(trials) < total_trials(spec)
             rows = collect_rows(spec, results, trials, statuses, study_run.trial_runs())
             summary = finalize(spec, state, study_run, rows, interrupted, time.monotonic() - t0)
         except BaseException:
@@ -170,18 +178,33 @@ def _run_study(options: Options) -> StudyOutcome:
     return StudyOutcome(state, rows, interrupted, code, summary)
 
 
-def _settings(options: Options, cwd: Path, root: Path) -> tuple[StudySpec, StudyState | None, tuple[str, str]]:
+def _settings(options: Options, cwd: Path, root: Path
+              ) -> tuple[StudySpec, StudyState | None, tuple[str, str], WarmStart | None]:
     """1. The saved settings of the study to resume, or the spec plus flags.  Names become folder
     names and the tracking server is asked before anything is written or started.
-    -> (spec, the state to resume or None, (tracking URI, Tune storage) of a new study)."""
+    -> (spec, the state to resume or None, (tracking URI, Tune storage) of a new study,
+    what a new study enqueues from --warm-start)."""
     check_name(options.experiment, "--experiment")
     if options.study_name is not None:
         check_name(options.study_name, "--study-name")
     if options.resume and options.resume != "latest":
         check_name(options.resume, "--resume")
+    if options.extend is not None:
+        if options.extend < 1:
+            raise StudyError(f"--extend must be at least 1 (configurations to add), got {options.extend}")
+        if not options.resume or options.resume == "latest":
+            raise StudyError("--extend N adds trials to an existing study: name it with --resume STUDY")
+    if options.warm_start is not None and options.resume:
+        raise StudyError("--warm-start seeds a new study; a resumed study keeps what it started with")
     if options.resume:
         state = find_resumable(root, load_spec_name(options.profile), options.resume)
         spec = state.study_spec()
+        if options.extend and spec.search != "tpe":
+            raise StudyError(f"study {state.study_name} is a {spec.search} study: every cell has run; --extend adds "
+                             "Optuna's proposals to a --search tpe study")
+        if options.extend and spec.resources.pack > 1:
+            raise StudyError(f"study {state.study_name} is packed (--pack {spec.resources.pack}); --extend does not "
+                             "extend packed studies")
         if options.tracking_uri and resolve_tracking_uri(options.tracking_uri, cwd) != state.tracking_uri:
             raise StudyError(f"study {state.study_name} tracks to {state.tracking_uri}; --tracking-uri "
                              f"{options.tracking_uri} would split its runs. Drop the flag to resume.")
@@ -195,8 +218,9 @@ def _settings(options: Options, cwd: Path, root: Path) -> tuple[StudySpec, Study
         if ignored:
             print(f"note: resuming {state.study_name} with its saved settings; ignoring {', '.join(ignored)}")
         check_tracking_server(state.tracking_uri)
-        return spec, state, ("", "")
+        return spec, state, ("", ""), None
     spec = apply_flags(load_spec(options.profile), options)
+    warm_start = plan_warm_start(options.warm_start, root, spec) if options.warm_start is not None else None
     tracking_uri = resolve_tracking_uri(options.tracking_uri, cwd)
     with sqlite_store_lock(tracking_uri):  # another driver may be creating the store right now
         check_sqlite_uri(tracking_uri)
@@ -208,10 +232,45 @@ def _settings(options: Options, cwd: Path, root: Path) -> tuple[StudySpec, Study
     if options.address and tracking_uri.startswith("sqlite:"):
         print(f"note: MLflow tracks into {tracking_uri}; trials on other nodes cannot reach a local "
               "SQLite file: use --tracking-uri http://HEAD:5000 (or $MLFLOW_TRACKING_URI)")
-    return spec, None, (tracking_uri, storage_path)
+    return spec, None, (tracking_uri, storage_path), warm_start
 
 
-def build_searcher(spec: StudySpec, state: StudyState):
+def _print_warm_start(warm_start: WarmStart) -> None:
+    print(f"  Warm start from {warm_start.source}: its best {len(warm_start.params)} feasible configuration(s) "
+          f"first ({'; '.join(warm_start.labels)})", flush=True)
+    if warm_start.skipped:
+        print(f"  (not in this study's space, left out: {'; '.join(warm_start.skipped)})", flush=True)
+
+
+def _extend(spec: StudySpec, state: StudyState, n: int) -> StudySpec:
+    """Record an extension of ``n`` configurations before its trials start, so that a killed
+    driver's --resume continues it."""
+    extension = state.add_extension(n)
+    spec = dataclasses.replace(spec, num_samples=spec.num_samples + n)
+    state.spec = spec.to_dict()
+    state.status = "running"
+    state.save()
+    print(f"Extending study {state.study_name} by {n} configuration(s) x {spec.seeds} seed(s); Optuna's sampler "
+          f"sees its earlier trials ({extension['experiment_path']})", flush=True)
+    return spec
+
+
+def _study_trials(state: StudyState):
+    """Tune's results, trials and saved statuses over every experiment of the study (the first
+    one and each extension's)."""
+    from ray import tune
+
+    results, trials = [], []
+    for path in state.experiment_paths():
+        if not tune.Tuner.can_restore(path):
+            continue  # an extension killed before Tune saved anything
+        analysis = tune.ExperimentAnalysis(path)
+        results.extend(tune.ResultGrid(analysis))
+        trials.extend(analysis.trials)
+    return results, trials, {t.trial_id: t.status for t in trials}
+
+
+def build_searcher(spec: StudySpec, state: StudyState, warm_start: WarmStart | None = None):
     import optuna
 
     from .searcher import NoSearch, PerTrialSeedSampler, StudyOptunaSearch, StudySearcher
@@ -229,9 +288,16 @@ def build_searcher(spec: StudySpec, state: StudyState):
                                   sampler=PerTrialSeedSampler(spec.seed),
                                   study_name=state.study_name,
                                   storage=optuna.storages.RDBStorage(state.optuna_storage))
-        searcher = StudySearcher(inner, fixed=spec.baselines, n_search=spec.num_samples, seeds=seeds,
+        if warm_start is not None:
+            enqueue(inner.study, warm_start)
+        # an extension proposes its own configurations only; the baselines ran in the first experiment
+        fixed, n_search = (([], state.extensions[-1]["num_samples"]) if state.extensions
+                           else (spec.baselines, spec.num_samples))
+        searcher = StudySearcher(inner, fixed=fixed, n_search=n_search, seeds=seeds,
                                  metric=metric, mode=mode, evaluations=spec.evaluations,
                                  constraints=tuple(spec.constraints))
+        if state.extensions:
+            searcher.remember_finished(inner)
     if spec.resources.pack == 1:
         return searcher
     from .packing import PackKey, PackSearcher
@@ -271,10 +337,11 @@ def _trainable(spec: StudySpec, state: StudyState, corpus, steps: int):
                                resources)
 
 
-def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run, steps: int, folders: list[Path]):
-    """Run (or continue) the study's trials. -> (Ray results, Ray trials, saved trial statuses,
-    whether the study was interrupted).  ``steps``: train.steps of the base config; ``folders``:
-    the study's local folders, whose free space the DiskGuard watches."""
+def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run, steps: int, folders: list[Path],
+         warm_start: WarmStart | None = None) -> bool:
+    """Run (or continue) the trials of the study's latest Tune experiment (the first one, or its
+    latest extension's). -> whether they were interrupted.  ``steps``: train.steps of the base
+    config; ``folders``: the study's local folders, whose free space the DiskGuard watches."""
     from ray import tune
 
     from .diskspace import DiskGuard, low_space, release_space, reserve_space
@@ -284,14 +351,16 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
 
     trainable = _trainable(spec, state, corpus, steps)
     packed = spec.resources.pack > 1
-    if tune.Tuner.can_restore(state.experiment_path):
-        repaired = repair_snapshot(state.experiment_path)
+    experiment_path = state.experiment_paths()[-1]
+    n_trials = state.extensions[-1]["num_samples"] * spec.seeds if state.extensions else total_trials(spec)
+    if tune.Tuner.can_restore(experiment_path):
+        repaired = repair_snapshot(experiment_path)
         if repaired:
             print(repaired, flush=True)
-        tuner = tune.Tuner.restore(state.experiment_path, trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
-        progress = StudyProgress(spec.preset, spec.evaluations, total_trials(spec))
+        progress = StudyProgress(spec.preset, spec.evaluations, n_trials)
         if packed:  # a pack ends when all its members end; AshaRule stops members (studies/packing.py)
             scheduler, metric, mode = tune.schedulers.FIFOScheduler(), None, None
             # the pack's latest checkpoint (its active members'); each member's best is in MLflow
@@ -310,15 +379,15 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, search_alg=build_searcher(spec, state),
-                scheduler=scheduler, num_samples=total_trials(spec),
+                metric=metric, mode=mode, search_alg=build_searcher(spec, state, warm_start),
+                scheduler=scheduler, num_samples=n_trials,
                 max_concurrent_trials=spec.resources.max_concurrent_trials, reuse_actors=False,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(
-                name=state.study_name, storage_path=state.storage_path,
+                name=experiment_path.rstrip("/").rsplit("/", 1)[-1], storage_path=state.storage_path,
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
                 checkpoint_config=checkpoint_config,
-                callbacks=[progress, TrialOutcomes(study_run), KeepLastGoodSnapshot(state.experiment_path),
+                callbacks=[progress, TrialOutcomes(study_run), KeepLastGoodSnapshot(experiment_path),
                            *options.callbacks, DiskGuard(folders, options.min_free_mb)],
                 verbose=2 if options.verbose else 0,
                 log_to_file=True),
@@ -326,7 +395,7 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
     reserve_space(folders)
     _hide_tune_restore_hint()
     try:
-        results = tuner.fit()
+        tuner.fit()
     except Exception:
         problem = low_space(folders, options.min_free_mb)
         if problem is None:
@@ -340,11 +409,8 @@ def _fit(spec: StudySpec, state: StudyState, corpus, options: Options, study_run
     # On Ctrl-C Tune saves the experiment state, *then* stops the running trials, which marks
     # them TERMINATED in memory. The saved state keeps what matters (RUNNING/PENDING =
     # unfinished), and it is what Tuner.restore will continue from.
-    trials = tune.ExperimentAnalysis(state.experiment_path).trials
-    statuses = {t.trial_id: t.status for t in trials}
-    interrupted = (any(s not in ("TERMINATED", "ERROR") for s in statuses.values())
-                   or count_trials(trials) < total_trials(spec))
-    return results, trials, statuses, interrupted
+    trials = tune.ExperimentAnalysis(experiment_path).trials
+    return any(t.status not in ("TERMINATED", "ERROR") for t in trials) or count_trials(trials) < n_trials
 
 
 class _TuneRestoreHint(logging.Filter):
@@ -383,6 +449,8 @@ def finalize(spec: StudySpec, state: StudyState, study_run, rows: list[TrialRow]
     if spec.constraints:
         metrics["n_feasible"] = summary["n_feasible"]
     tags = {Tag.STATUS: summary["status"]}
+    if state.extensions:  # configurations added by each --extend, oldest first
+        tags[Tag.EXTENSIONS] = ",".join(str(e["num_samples"]) for e in state.extensions)
     best = best_row(spec, rows)  # feasible only: a study where none is has no best tags
     if best:
         metrics.update({f"best_{k}": v for k, v in best.best.items() if k != "step"})

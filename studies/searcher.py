@@ -423,6 +423,21 @@ class StudySearcher(SearcherWrapper):
             self.known_results[key] = result
         self.searcher.on_trial_complete(group["primary"], result=result, error=result is None or all_failed)
 
+    def remember_finished(self, inner: StudyOptunaSearch) -> None:
+        """Know the configurations the Optuna study already finished (an extension of a study:
+        its earlier experiments' searchers are not this one), so that a repeated proposal is told
+        its known result again instead of being trained twice."""
+        finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        for trial in inner.study.get_trials(deepcopy=False, states=finished):
+            key = _key({**trial.params, **(inner.space(optuna.trial.FixedTrial(trial.params)) or {})})
+            if trial.state == TrialState.FAIL:
+                self.diverged_configs.add(key)
+                continue
+            self.known_results[key] = (dict(zip(self._objectives, trial.values)) if trial.state == TrialState.COMPLETE
+                                       else None)
+            if self.constraints and trial.constraints:
+                self.known_constraints[key] = dict(trial.constraints)
+
     @property
     def _objectives(self) -> list[str]:
         return [self.metric] if isinstance(self.metric, str) else list(self.metric)

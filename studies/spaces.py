@@ -75,6 +75,25 @@ def posterior_space(trial) -> dict[str, Any]:
 SPACES: dict[str, Callable] = {"lambda": lambda_space, "posterior": posterior_space}
 
 
+def lambda_params(config: dict[str, Any], ran: dict[str, Any]) -> dict[str, Any]:
+    """The parameters of :func:`lambda_space` for a configuration that ran with the flat config
+    ``ran`` (a grid cell names only what differs from its base, and has no ``search.*`` arm)."""
+    lambda_m = ran["coupling.lambda_m"]
+    params: dict[str, Any] = {"coupling.lambda_r": ran["coupling.lambda_r"],
+                              "search.matching": "on" if lambda_m > 0 else "off"}
+    if lambda_m > 0:
+        params.update({"coupling.lambda_m": lambda_m, "coupling.distance": ran["coupling.distance"]})
+        if ran["coupling.distance"] == "rq":
+            params["coupling.rq_c"] = ran["coupling.rq_c"]
+    return params
+
+
+# How --warm-start (studies/warmstart.py) turns another study's configuration into this space's
+# parameters; a space without an entry takes the configuration's own keys (an Optuna study's
+# configurations carry every parameter, ``search.*`` included).
+SPACE_PARAMS: dict[str, Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]] = {"lambda": lambda_params}
+
+
 # ---------------------------------------------------------------------------------------------
 # Grids
 

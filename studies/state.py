@@ -50,6 +50,20 @@ class StudyState:
     code_version: str
     created: str
     status: str = "running"  # running | interrupted | completed | failed
+    # --extend: each extension is a Tune experiment of its own beside the first (Tune cannot add
+    # samples to a restored experiment); {"experiment_path": ..., "num_samples": N}, oldest first
+    extensions: list = dataclasses.field(default_factory=list)
+    warm_start: str = ""  # "STUDY:top=K" when a new study was seeded from an earlier one
+
+    def experiment_paths(self) -> list[str]:
+        """Every Tune experiment of the study, the first one and each extension's."""
+        return [self.experiment_path, *(e["experiment_path"] for e in self.extensions)]
+
+    def add_extension(self, num_samples: int) -> dict[str, Any]:
+        extension = {"experiment_path": f"{self.experiment_path}-extend{len(self.extensions) + 1}",
+                     "num_samples": num_samples}
+        self.extensions.append(extension)
+        return extension
 
     def save(self) -> None:
         path = Path(self.folder) / "study.json"
@@ -73,12 +87,18 @@ class StudyState:
             raise StudyError(f"{path} is damaged ({type(exc).__name__}: {exc}); the study cannot be "
                              "resumed") from None
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        required = {name for name, f in fields.items() if f.default is dataclasses.MISSING}
+        required = {name for name, f in fields.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         if not isinstance(raw, dict):
             raise StudyError(f"{path} is damaged (a JSON {type(raw).__name__}, not a study's saved state); the "
                              "study cannot be resumed")
         missing, unknown = sorted(required - set(raw)), sorted(set(raw) - set(fields))
-        wrong = sorted(k for k, v in raw.items() if k in fields and not isinstance(v, dict if k == "spec" else str))
+        kinds = {"spec": dict, "extensions": list}
+        wrong = sorted(k for k, v in raw.items() if k in fields and not isinstance(v, kinds.get(k, str)))
+        if isinstance(raw.get("extensions"), list) and not all(
+                isinstance(e, dict) and isinstance(e.get("experiment_path"), str)
+                and isinstance(e.get("num_samples"), int) for e in raw["extensions"]):
+            wrong.append("extensions")
         if missing or unknown or wrong:
             problems = [f"{what} {', '.join(keys)}" for what, keys in (
                 ("missing keys", missing), ("unknown keys", unknown), ("ill-typed keys", wrong)) if keys]
@@ -186,9 +206,10 @@ def load_spec_name(profile: str) -> str:
     return load_spec(profile).name
 
 
-def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: str, storage_path: str) -> StudyState:
+def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: str, storage_path: str,
+                 warm_start: str = "") -> StudyState:
     """The study folder, the MLflow experiment (created by the driver, never by trials) and the
-    study's parent run."""
+    study's parent run.  ``warm_start``: ``STUDY:top=K`` when seeded from an earlier study."""
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
@@ -214,6 +235,7 @@ def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: st
             Tag.EXPERIMENT_PATH: experiment_path, Tag.CODE_VERSION: version,
             Tag.CONSTRAINTS: constraints_tag(spec.constraints),
             "mlflow.note.content": spec.description, **source_tags(f"studies spec {spec.name}"),
+            **({Tag.WARM_START: warm_start} if warm_start else {}),
         })
     client.log_batch(parent.info.run_id,
                      params=[Param(k, v) for k, v in spec.summary_params(spec.search).items()][:100])
@@ -221,7 +243,8 @@ def create_study(spec: StudySpec, options: Options, root: Path, tracking_uri: st
         study_name=study_name, spec=spec.to_dict(), folder=str(folder), tracking_uri=tracking_uri,
         experiment_name=options.experiment, experiment_id=experiment_id,
         parent_run_id=parent.info.run_id, storage_path=storage_path, experiment_path=experiment_path,
-        optuna_storage=optuna_storage, code_version=version, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        optuna_storage=optuna_storage, code_version=version, created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        warm_start=warm_start)
     state.save()
     print(f"Study {study_name}: spec {spec.name}, search {spec.search}, "
           f"{total_trials(spec)} trials x {spec.evaluations} evaluations, "

@@ -217,6 +217,7 @@ def summarize(spec: StudySpec, state: StudyState, rows: list[TrialRow], interrup
         "elapsed_s": round(elapsed_s, 1), "counts": {s: sum(1 for r in rows if r.status == s) for s in COUNTED},
         "experiment_path": state.experiment_path, "optuna_storage": state.optuna_storage,
         "tracking_uri": state.tracking_uri, "parent_run_id": state.parent_run_id, "pareto_front": sorted(front),
+        "warm_start": state.warm_start or None, "extensions": state.extensions,
         "trials": [_trial_entry(spec, r) for r in ranked + [r for r in rows if not r.best]],
         "configurations": groups,
         "effects": coupling_effects(rows, spec.preset),
