@@ -201,8 +201,8 @@ def test_default_study_budget_is_the_documented_one():
     config = build_config(spec.preset, spec.dataset, spec.scale, spec.overrides)
     assert (config.train.steps, config.train.eval_every, spec.evaluations) == (400, 100, 4)
     assert spec.resources.max_concurrent_trials == 2
-    # the coupling_effect grid over 3 seeds; TPE (--search tpe) adds its proposals to the VAE baseline
-    assert spec.search == "grid" and spec.grid == "coupling_effect" and spec.seeds == 3
+    # the paper_directions grid over 4 seeds; TPE (--search tpe) adds its proposals to the VAE baseline
+    assert spec.search == "grid" and spec.grid == "paper_directions" and spec.seeds == 4
     assert len(GRIDS[spec.grid]()) * spec.seeds == 12 and spec.baselines == [{"preset": "vae"}]
     # ASHA's first rung after the KL weight reaches 1 (step 20 + 300): the 4th, last evaluation
     assert spec.scheduler.grace_after_anneal and spec.scheduler.grace_period == 4
