@@ -135,7 +135,7 @@ def _run_study(options: Options) -> StudyOutcome:
             StudyRun(state.tracking_uri, state.experiment_id, state.parent_run_id).reopen()
             state.status = "running"
             state.save()
-            print(f"Resuming study {state.study_name} ({state.experiment_path})", flush=True)
+            print(f"Resuming study {state.study_name} ({state.experiment_paths()[-1]})", flush=True)
         study_run = StudyRun(state.tracking_uri, state.experiment_id, state.parent_run_id)
         if spec.resources.pack > 1:
             from .packing import pack_memory_estimate
