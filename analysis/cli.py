@@ -1,6 +1,7 @@
-"""``python -m analysis``: export, table, reproduce, plots, best.
+"""``python -m analysis``: export, table, reproduce, plots, best, compare.
 
-Every subcommand reads one study of one MLflow experiment:
+Every subcommand reads one study of one MLflow experiment, but ``compare S1 S2 ...``, which puts two
+or more studies side by side (ranked against each other only when their budgets match):
   --tracking-uri  default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; a server's
                   login from $MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD, checked first
   --experiment    default: coupled-vae-studies
@@ -176,14 +177,40 @@ def _best(args) -> None:
     run_best(args, progress=_progress)
 
 
+def _compare(args) -> None:
+    from .compare import as_json, check_names, compare_studies, plot_fronts, render_markdown
+    from .runs import dumps, fetch_study
+
+    check_names(args.studies)
+    _writable(args, "out", folder=True)
+    # every study is read and checked before anything is written or said: bad input leaves no files
+    studies = [fetch_study(args.experiment, name, args.tracking_uri, progress=_progress) for name in args.studies]
+    comparison = compare_studies(studies, args.experiment)
+    for study in studies:
+        _progress(f"study {study.name!r}: {len(study.runs)} trial runs")
+    out = Path(args.out or f"analysis-compare/{'-vs-'.join(s.name for s in studies)}")
+    text = render_markdown(comparison)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(text)
+    plot = plot_fronts(comparison, out / "fronts.png")
+    if args.json:
+        print(dumps(as_json(comparison)))
+    else:
+        print(text, end="")
+    say = _progress if args.json else print  # stdout holds only the JSON object
+    for path in (out / "compare.md", plot):
+        say(f"wrote {path} ({path.stat().st_size:,} bytes)")
+
+
 def parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     top = OneLineArgumentParser(prog=prog,
                                   description="From the MLflow runs of a Coupled-VAE study to tables, plots and "
                                               "an evaluated best checkpoint.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default %(default)s)")
-    common.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; a "
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default %(default)s)")
+    store.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; a "
                         "server's login: $MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD (not in the URI)")
+    common = argparse.ArgumentParser(add_help=False, parents=[store])
     common.add_argument("--study", help="study name (parent run); default: the latest study in the experiment")
     common.add_argument("--all-runs", action="store_true",
                         help="include FAILED/KILLED/RUNNING trials (default: FINISHED only)")
@@ -251,6 +278,14 @@ def parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="coupled-vae", help="registered model name (default %(default)s)")
     p.add_argument("--alias", default="champion", help="alias set on the registered version (default %(default)s)")
     p.set_defaults(func=_best)
+
+    p = sub.add_parser("compare", parents=[store],
+                       help="two or more studies side by side: budgets, best feasible trials, Pareto fronts")
+    p.add_argument("studies", nargs="*", metavar="STUDY",
+                   help="study names (parent runs) of the experiment, two or more")
+    p.add_argument("--out", help="folder for compare.md and fronts.png (default analysis-compare/<S1>-vs-<S2>...)")
+    p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    p.set_defaults(func=_compare)
     return top
 
 

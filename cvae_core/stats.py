@@ -1,5 +1,6 @@
-"""Small statistics for reporting spread across seeds: mean ± std and paired differences with a
-Student-t confidence interval, for the study summary (coupling's effect) and for analysis.
+"""Small statistics for reporting spread across seeds: mean ± std, and a mean (of one
+configuration's seeds, or of paired differences) with a Student-t confidence interval, for the
+study summary (coupling's effect) and for analysis.
 Exact t quantiles without scipy (scipy is only a dev dependency)."""
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def summarize(values: Iterable[float]) -> Summary:
 
 @dataclass(frozen=True)
 class PairedDifference:
-    """Mean of per-seed differences (a − b) with a two-sided t confidence interval (NaN for n < 2)."""
+    """A mean with a two-sided t confidence interval (bounds NaN for n < 2): of per-seed
+    differences a − b (:func:`paired_difference`), or of values over seeds (:func:`mean_interval`)."""
     n: int
     mean: float
     std: float
@@ -100,7 +102,13 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
         raise ValueError(f"paired samples need equal lengths, got {len(a)} and {len(b)}")
     diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None
              and math.isfinite(float(x)) and math.isfinite(float(y))]
-    s = summarize(diffs)
+    return mean_interval(diffs, confidence)
+
+
+def mean_interval(values: Iterable[float], confidence: float = 0.95) -> PairedDifference:
+    """Mean of the finite ``values`` ± t_{n-1} · std / sqrt(n), e.g. one configuration's val NLL
+    over its seeds."""
+    s = summarize(values)
     if s.n < 2:
         return PairedDifference(s.n, s.mean, s.std, math.nan, math.nan, confidence)
     half = t_quantile(confidence, s.n - 1) * s.std / math.sqrt(s.n)

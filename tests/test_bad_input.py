@@ -353,6 +353,10 @@ CASES: list[tuple[str, str, Callable[[Env], list[str]] | list[str], str]] = [
     ("analysis-best-device-banana", ANALYSIS, ["best", "--device", "banana"], "device 'banana' is not one of"),
     ("analysis-plots-zero-top-k", ANALYSIS, lambda e: ["plots", "--tracking-uri", e.store, "--top-k", "0"],
      "--top-k must be >= 1, got 0"),
+    ("analysis-compare-one-study", ANALYSIS, lambda e: ["compare", "--tracking-uri", e.store, "lonely"],
+     "compare needs at least two studies, got 1 ('lonely')"),
+    ("analysis-compare-same-study-twice", ANALYSIS, lambda e: ["compare", "--tracking-uri", e.store, "s", "t", "s"],
+     "study 's' is named more than once"),
     # the tracking-server launcher
     ("server-public-bind", SERVER, lambda e: ["--host", "0.0.0.0", "--backend-store-uri", e.store,
                                               "--artifacts-destination", str(e.work / "a"), "--dry-run"],
