@@ -86,7 +86,9 @@ def _writable(args, *flags: str, folder: bool = False) -> None:
 
 
 def _export(args) -> None:
-    from .runs import read_parquet, write_parquet
+    from studies.record import cost_line
+
+    from .runs import read_parquet, runs_cost, write_parquet
 
     _writable(args, "out", "history")
     study = _study(args)
@@ -97,6 +99,9 @@ def _export(args) -> None:
     if not back.equals(study.runs) or list(back.dtypes) != list(study.runs.dtypes):
         raise AnalysisError(f"{path} does not read back identically (please report this)")
     print(f"wrote {path}: {len(study.runs)} runs x {study.runs.shape[1]} columns (read back identically)")
+    cost = runs_cost(study.runs)
+    if cost["trials"]:
+        print(f"{cost_line(cost)}; per run: final.cpu_seconds, final.gpu_seconds")
     if args.history:
         hpath = write_parquet(study.history, args.history, {**meta, "frame": "history"})
         print(f"wrote {hpath}: {len(study.history)} metric values (long format)")

@@ -12,6 +12,8 @@ turns that into
                   duration_s, n_evals, steps_done, best_by, best_step
     ``config.*``  the flattened config, typed from ``cvae_core.config.FIELDS`` (unknown keys: str)
     ``final.*``   each metric's last logged value (highest step)
+                  (``final.cpu_seconds``, ``final.gpu_seconds``: the trial's cost, cumulative; ``final.system/*``:
+                  the last sample of MLflow's system metrics, which have no ``best.*``: their steps count samples)
     ``best.*``    each metric at the core's last reported ``best_step``: the evaluation that
                   produced the ``checkpoint/`` artifact (``best_by``: the metric the core selects
                   by, val_nll; val_rec for a DAE)
@@ -35,7 +37,7 @@ import pyarrow.parquet as pq
 from cvae_core.config import FIELDS
 from cvae_core.metrics.names import BEST_STEP, best_key, selection_metric
 from cvae_core.runtime import json_safe
-from studies.record import PARENT_RUN_ID, UNUSED, Outcome, Role, Tag
+from studies.record import COST_METRICS, PARENT_RUN_ID, SYSTEM_METRICS_PREFIX, UNUSED, Outcome, Role, Tag, study_cost
 
 from .store import DEFAULT_EXPERIMENT, AnalysisError, connect, find_study, get_experiment, study_name, trial_runs
 
@@ -161,6 +163,8 @@ def tidy_runs(runs: Iterable, history: pd.DataFrame) -> pd.DataFrame:
         # last value per (metric, step): a metric re-logged at one step (e.g. a resumed trial) counts once
         last_at_step = hist.drop_duplicates(["metric", "step"], keep="last")
         final = last_at_step.drop_duplicates("metric", keep="last").set_index("metric")["value"]
+        # MLflow's system metrics count their own steps (one per sample): no training step
+        last_at_step = last_at_step[~last_at_step["metric"].str.startswith(SYSTEM_METRICS_PREFIX)]
         best_by, best_step, best = best_evaluation(last_at_step, final, params.get("model.kind", "vae"))
         config = {key: parse_param(key, value) for key, value in params.items()}
         config_keys.update(config)
@@ -186,7 +190,8 @@ def tidy_runs(runs: Iterable, history: pd.DataFrame) -> pd.DataFrame:
         row.update({BEST_PREFIX + k: float(v) for k, v in best.items()})
         rows.append(row)
     columns = (list(IDENTITY_COLUMNS) + [CONFIG_PREFIX + k for k in sorted(config_keys)]
-               + [FINAL_PREFIX + k for k in sorted(metric_keys)] + [BEST_PREFIX + k for k in sorted(metric_keys)])
+               + [FINAL_PREFIX + k for k in sorted(metric_keys)]
+               + [BEST_PREFIX + k for k in sorted(metric_keys) if not k.startswith(SYSTEM_METRICS_PREFIX)])
     frame = pd.DataFrame(rows, columns=columns)
     for column in ("start_time", "end_time"):
         frame[column] = pd.to_datetime(frame[column], unit="ms", utc=True)
@@ -317,6 +322,14 @@ def stopped_early(frame: pd.DataFrame) -> pd.Series:
         return stopped
     short = (frame["steps_done"].astype("Float64") < planned.astype("Float64")).fillna(False).astype(bool)
     return stopped | (~tagged & short)
+
+
+def runs_cost(frame: pd.DataFrame) -> dict[str, float]:
+    """The cost of the runs in ``frame`` (a whole study: every trial run, whatever its status),
+    the sum of their ``final.cpu_seconds``/``final.gpu_seconds``: ``studies.record.study_cost``."""
+    columns = [FINAL_PREFIX + k for k in COST_METRICS if FINAL_PREFIX + k in frame.columns]
+    return study_cost({column[len(FINAL_PREFIX):]: float(value) for column, value in row.items() if pd.notna(value)}
+                      for row in frame[columns].to_dict("records"))
 
 
 def run_label(row: pd.Series | dict) -> str:

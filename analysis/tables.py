@@ -26,8 +26,9 @@ import pandas as pd
 from cvae_core.config import preset_coupling as core_preset_coupling
 from cvae_core.errors import CvaeError
 from cvae_core.stats import Summary
+from studies.record import cost_line
 
-from .runs import stopped_early
+from .runs import runs_cost, stopped_early
 from .selection import (DIALOGUE_PRESETS, Comparison, cfg, compare, config_keys, coupling_triples, distance_label,
                         family_label, family_of, format_lambda, matches_coupling, metric_column, ordered_datasets,
                         pick_config, preset_order, summarize_runs, triple_order)
@@ -289,7 +290,7 @@ def build_table(runs: pd.DataFrame, layout: str, at: str = "best", study: str = 
         raise AnalysisError(f"unknown layout {layout!r}; choose {', '.join(LAYOUTS)}")
     if at not in ("best", "final"):
         raise AnalysisError(f"--at must be best or final, got {at!r}")
-    total = len(runs)
+    study_runs, total = runs, len(runs)
     if statuses is not None:
         runs = runs[runs["status"].isin(list(statuses))]
     if not len(runs):
@@ -305,4 +306,8 @@ def build_table(runs: pd.DataFrame, layout: str, at: str = "best", study: str = 
                            "--complete-only leaves them out")
     if statuses is not None and len(runs) < total:
         table.notes.append(f"{total - len(runs)} of {total} runs left out (status not {'/'.join(statuses)})")
+    cost = runs_cost(study_runs)
+    if cost["trials"]:
+        table.notes.append(f"{cost_line(cost)} (every trial run of the study; per run: final.cpu_seconds, "
+                           "final.gpu_seconds in `export`)")
     return table

@@ -9,14 +9,16 @@ Runs, all in one experiment (tag ``Tag.ROLE``):
                  ``Tag.CONSTRAINTS`` (the spec's feasibility constraints); at the end
                  ``Tag.STATUS``, the ``Tag.BEST_*`` tags and ``best.<config key>`` tags (the best
                  feasible trial and its configuration; absent when no trial is feasible) and
-                 ``best_*`` / ``n_<outcome count>`` (+ ``n_feasible``) metrics.
+                 ``best_*`` / ``n_<outcome count>`` (+ ``n_feasible``) metrics, and the study's cost
+                 (the sums of its trials' :data:`COST_METRICS`, and ``cpu_hours``/``gpu_hours``).
 * ``trial``      one child run per Ray trial (``mlflow.parentRunId`` = the study run):
                  ``Tag.TRIAL_ID`` (one run per trial, reopened on a retry), ``Tag.PRESET``,
                  ``Tag.DATASET``, ``Tag.SEED``, ``Tag.CONFIG_ID``, ``Tag.CODE_VERSION``, ``Tag.DEVICE``
                  and the Ray placement tags; a diverged trial ``Tag.DIVERGED_AT_STEP``; in a
                  packed study (``--pack K``) each member of a pack is one trial with its own run
                  (``Tag.TRIAL_ID`` = the member's id) and ``Tag.PACK``; params =
-                 the flattened core config; metrics per evaluation with ``step`` = training step;
+                 the flattened core config; metrics per evaluation with ``step`` = training step,
+                 the cost so far (:data:`COST_METRICS`) among them; MLflow's ``system/*`` metrics;
                  at the end ``Tag.OUTCOME`` (one of :class:`Outcome`) and ``Tag.OUTCOME_REASON``.
 * ``evaluation`` a test evaluation of a trial's checkpoint (``analysis best``), nested under the
                  trial run: ``Tag.SOURCE_RUN_ID``, ``Tag.SPLIT``, ``Tag.EVALUATION``; ``test_*``
@@ -25,7 +27,7 @@ Runs, all in one experiment (tag ``Tag.ROLE``):
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from cvae_core.metrics.constraints import Constraint, parse_constraint
 
@@ -92,6 +94,45 @@ class Outcome:
     ERROR = "error"  # crashed after its retries
     INTERRUPTED = "interrupted"  # the study was interrupted before the trial ended
     ALL = (DONE, STOPPED_EARLY, DIVERGED, ERROR, INTERRUPTED)
+
+
+# A trial run's cost metrics, cumulative over its attempts and logged at each evaluation
+# (studies/cost.py says how they are measured); the study run gets their sums and, in hours,
+# cpu_hours/gpu_hours. gpu_seconds only where a trial ran on CUDA.
+CPU_SECONDS, GPU_SECONDS = "cpu_seconds", "gpu_seconds"
+COST_METRICS = (CPU_SECONDS, GPU_SECONDS)
+# MLflow's system-metrics monitor logs system/<name> (the machine's CPU, memory, disk, network,
+# GPUs) with its own step counter (one per sample), not the training step.
+SYSTEM_METRICS_PREFIX = "system/"
+
+
+def study_cost(trials: Iterable[dict[str, float]]) -> dict[str, float]:
+    """A study's cost: the sum over its trials' costs (dicts of :data:`COST_METRICS`; those
+    without ``cpu_seconds`` logged none) -> {cpu_seconds, gpu_seconds, cpu_hours, gpu_hours,
+    trials: how many logged a cost}."""
+    trials = [t for t in trials if CPU_SECONDS in t]
+    cpu = sum(t[CPU_SECONDS] for t in trials)
+    gpu = sum(t.get(GPU_SECONDS, 0.0) for t in trials)
+    return {CPU_SECONDS: cpu, GPU_SECONDS: gpu, "cpu_hours": cpu / 3600, "gpu_hours": gpu / 3600,
+            "trials": len(trials)}
+
+
+def hours_text(hours: float) -> str:
+    """Two significant digits below 0.1, three up to 100, whole hours above: 0.000123 -> "0.00012",
+    0.002 -> "0.0020", 1.2 -> "1.20", 1234.5 -> "1234"; 0 -> "0"."""
+    if hours == 0:
+        return "0"
+    if hours >= 99.95:  # what "#.3g" would print as "100."
+        return f"{hours:.0f}"
+    return f"{hours:#.2g}" if hours < 0.1 else f"{hours:#.3g}"
+
+
+def cost_line(total: dict[str, float], wall_s: float | None = None) -> str:
+    """``Cost: 0.12 CPU-hours (0 GPU-hours) over 12 trials, 5.4 min wall this session``."""
+    n = int(total["trials"])
+    wall = f", {wall_s / 60:.1f} min wall this session" if wall_s is not None else ""
+    return (f"Cost: {hours_text(total['cpu_hours'])} CPU-hours ({hours_text(total['gpu_hours'])} GPU-hours) over "
+            f"{n} trial{'s' if n != 1 else ''}{wall}")
 
 
 # Settings a plain (uncoupled) model never uses: logged as "none" so that a filter on lambda_m or

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .effects import EFFECTS_HEADING, effect_line
+from .record import CPU_SECONDS, GPU_SECONDS, cost_line, hours_text
 from .spec import StudySpec
 from .state import StudyState
 from .summary import TrialRow, broken, finite, oriented, rank
@@ -17,6 +18,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def _f(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if finite(value) else "-"
+
+
+def _hours(cost: dict[str, float], key: str) -> str:
+    """A trial's CPU- or GPU-hours for the table ("-" when it logged none)."""
+    return hours_text(cost[key] / 3600) if key in cost else "-"
 
 
 def _status_text(row: TrialRow, evaluations: int) -> str:
@@ -46,8 +52,10 @@ def table_lines(spec: StudySpec, rows: list[TrialRow], front: set[str]) -> list[
     ranked = rank(spec, [r for r in rows if r.best]) + [r for r in rows if not r.best]
     width = max([len("config")] + [len(r.label) for r in ranked])
     mo, constrained = spec.multi_objective, bool(spec.constraints)
+    gpu = any(GPU_SECONDS in r.cost for r in rows)
     header = (f"{'rank':>4}  {'trial':<13} {'config':<{width}} {'seed':>4} {'val NLL':>8} {'KL':>6} "
-              f"{'MI':>6} {'AU':>4} {'PPL':>7} {'step':>5}" + ("  front" if mo else "")
+              f"{'MI':>6} {'AU':>4} {'PPL':>7} {'step':>5} {'CPU-h':>7}" + (f" {'GPU-h':>7}" if gpu else "")
+              + ("  front" if mo else "")
               + ("  feasible" if constrained else "") + "  status")
     lines = [header, "-" * len(header)]
     for i, r in enumerate(ranked, 1):
@@ -57,6 +65,7 @@ def table_lines(spec: StudySpec, rows: list[TrialRow], front: set[str]) -> list[
             f"{i if r.best else '':>4}  {r.trial_id:<13} {r.label:<{width}} {r.seed if r.seed is not None else '':>4} "
             f"{_f(b.get('val_nll')):>8} {_f(b.get('val_kl')):>6} {_f(b.get('val_mi_loo')):>6} "
             f"{_f(b.get('val_au'), 0):>4} {_f(b.get('val_ppl'), 1):>7} {int(b['step']) if 'step' in b else '':>5}"
+            f" {_hours(r.cost, CPU_SECONDS):>7}" + (f" {_hours(r.cost, GPU_SECONDS):>7}" if gpu else "")
             + (f"  {'*' if r.trial_id in front else '':^5}" if mo else "")
             + (f"  {_feasible_text(spec, b):<8}" if constrained else "") + f"  {_status_text(r, spec.evaluations)}"
             + (f"  (fails {', '.join(fails)})" if fails else ""))
@@ -165,7 +174,9 @@ def render_markdown(spec: StudySpec, state: StudyState, rows: list[TrialRow], su
     if best:
         out += ["```", *best, "```", ""]
     out += [f"- Ray experiment: `{state.experiment_path}`", f"- Optuna storage: `{state.optuna_storage}`",
-            f"- MLflow: `{state.tracking_uri}`, parent run `{state.parent_run_id}`"]
+            f"- MLflow: `{state.tracking_uri}`, parent run `{state.parent_run_id}`", "",
+            cost_line(summary["cost"], summary["elapsed_s"]) + ". CPU-hours: the trials' process CPU time; "
+            "GPU-hours: wall time x the GPUs each trial held (docs/metrics.md)."]
     return "\n".join(out) + "\n"
 
 
@@ -205,6 +216,7 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
     print(f"Analyse:      {analysis_command(state)}")
     if state.optuna_storage != "none":
         print(f"Optuna study: {state.study_name} in {state.optuna_storage}")
+    print(cost_line(summary["cost"], summary["elapsed_s"]))
     if interrupted:
         if stopped_because:
             print(f"\nStopped: {stopped_because}. Free space, then continue with: {resume_command(spec, state)}")

@@ -446,6 +446,7 @@ def finalize(spec: StudySpec, state: StudyState, study_run, rows: list[TrialRow]
     (folder / "summary.md").write_text(render_markdown(spec, state, rows, summary))
 
     metrics = {f"n_{k}": v for k, v in summary["counts"].items()}
+    metrics.update({k: v for k, v in summary["cost"].items() if k != "trials"})  # the study's cost (studies/cost.py)
     if spec.constraints:
         metrics["n_feasible"] = summary["n_feasible"]
     tags = {Tag.STATUS: summary["status"]}

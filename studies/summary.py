@@ -21,8 +21,9 @@ from typing import Any
 from cvae_core.metrics.constraints import violated
 from cvae_core.metrics.names import BEST_STEP, pareto_mask
 
+from .cost import trial_cost
 from .effects import coupling_effects
-from .record import Outcome, Tag
+from .record import Outcome, Tag, study_cost
 from .results import member_results, pack_members
 from .spaces import describe
 from .spec import Objective, StudySpec
@@ -49,6 +50,7 @@ class TrialRow:
     checkpoint: str = ""
     error: str = ""
     reason: str = ""  # why it ended so (Tag.OUTCOME_REASON): e.g. the scheduler's words
+    cost: dict[str, float] = dataclasses.field(default_factory=dict)  # cpu_seconds (gpu_seconds): studies/cost.py
 
 
 SUMMARY_KEYS = ("val_nll", "val_kl", "val_mi_loo", "val_au", "val_ppl", "val_elbo", "val_rec", "step",
@@ -86,6 +88,8 @@ def collect_rows(spec: StudySpec, results, trials, statuses: dict[str, str], run
 def _row(spec: StudySpec, trial_id: str, config: dict[str, Any], records: list[dict], ray_status: str, run,
          error: str, checkpoint_at, member: bool = False) -> TrialRow:
     from .outcomes import recorded_outcome
+    # cumulative, so the largest value is the latest: in Tune's results or on the run (an attempt's last)
+    cost = trial_cost([*records, run.data.metrics if run is not None else {}])
     records = [r for r in records if not (finite(r.get("diverged")) and r["diverged"])]  # no evaluation
     # A trial resumed from an older checkpoint re-reports the steps after it: count steps once.
     n_evals = len({r.get("step") for r in records})
@@ -112,7 +116,7 @@ def _row(spec: StudySpec, trial_id: str, config: dict[str, Any], records: list[d
               if k in best and finite(best[k])},
         run_id=run.info.run_id if run else "", config_id=tags.get(Tag.CONFIG_ID, ""),
         checkpoint=checkpoint_at(best.get("step")) if best else "", error=error,
-        reason=reason if status == "stopped" else "")
+        reason=reason if status == "stopped" else "", cost=cost)
 
 
 def _core_best(records: list[dict]) -> dict:
@@ -215,6 +219,7 @@ def summarize(spec: StudySpec, state: StudyState, rows: list[TrialRow], interrup
         "study": state.study_name, "spec": spec.name, "search": spec.search,
         "objectives": [str(o) for o in spec.objectives], "status": "interrupted" if interrupted else "completed",
         "elapsed_s": round(elapsed_s, 1), "counts": {s: sum(1 for r in rows if r.status == s) for s in COUNTED},
+        "cost": study_cost(r.cost for r in rows),
         "experiment_path": state.experiment_path, "optuna_storage": state.optuna_storage,
         "tracking_uri": state.tracking_uri, "parent_run_id": state.parent_run_id, "pareto_front": sorted(front),
         "warm_start": state.warm_start or None, "extensions": state.extensions,

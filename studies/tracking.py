@@ -28,8 +28,9 @@ import cvae_core
 from cvae_core.checkpoint import export_for_evaluation
 from cvae_core.config import Config
 
-from .record import (EXPERIMENT_KIND, PARENT_RUN_ID, UNUSED, UNUSED_WITHOUT_COUPLING, Outcome, Role, Tag,
-                     child_runs_filter, quote, search_all)
+from .cost import trial_cost
+from .record import (COST_METRICS, EXPERIMENT_KIND, PARENT_RUN_ID, UNUSED, UNUSED_WITHOUT_COUPLING, Outcome, Role,
+                     Tag, child_runs_filter, quote, search_all)
 
 T = TypeVar("T")
 OPEN_ATTEMPTS = 10  # retry()'s doubling waits from 0.5 s: about 4 minutes for a server to come back
@@ -175,9 +176,11 @@ class TrialRun:
     once and returns (training goes on), the next call sends the backlog first, and
     :meth:`flush` waits for it, bounded, where a trial may end."""
 
-    def __init__(self, client: MlflowClient, run_id: str, logged_steps: set[int], first_metrics: tuple[str, ...] = ()):
+    def __init__(self, client: MlflowClient, run_id: str, logged_steps: set[int], first_metrics: tuple[str, ...] = (),
+                 carried: dict[str, float] | None = None):
         self.client, self.run_id, self.logged_steps = client, run_id, logged_steps
         self.first_metrics = first_metrics
+        self.carried = carried or {}  # the cost earlier attempts logged (studies/cost.py)
         self.pending: list[Metric] = []
         self.checkpoint_due: Path | None = None  # a best checkpoint not uploaded yet
 
@@ -201,7 +204,9 @@ class TrialRun:
             retry(lambda: reopen(client, run_id))
             logged = {int(m.step) for m in retry(lambda: client.get_metric_history(run_id, "val_nll"))}
             retry(lambda: client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in extra_tags.items()]))
-            return cls(client, run_id, logged, study.objectives)
+            carried = trial_cost({key: m.value} for key in COST_METRICS
+                                 for m in retry(lambda: client.get_metric_history(run_id, key)))
+            return cls(client, run_id, logged, study.objectives, carried)
         run = retry(lambda: client.create_run(study.experiment_id, run_name=run_name or trial_name,
                                               tags={k: str(v) for k, v in tags.items()}))
         run_id = run.info.run_id
@@ -228,6 +233,14 @@ class TrialRun:
                                "attempt (Ray retries it from its last checkpoint)")
         self.flush(wait_s=0)
         return True
+
+    def log_cost(self, cost: dict[str, float]) -> None:
+        """The trial's cost as an attempt ends (the work after its last evaluation, or a failed
+        attempt's lost work), at the run's last logged step: the latest value there."""
+        now = int(time.time() * 1000)
+        step = max(self.logged_steps, default=0)
+        self.pending += [Metric(k, float(v), now, step) for k, v in cost.items()]
+        self.flush(wait_s=0)
 
     def flush(self, wait_s: float = 0.0) -> bool:
         """Send buffered metrics, in order. A transient failure keeps them for later; with
@@ -281,6 +294,59 @@ class TrialRun:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         retry(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+
+# One sample every 10 s (MLflow's default): a few milliseconds of psutil/NVML and two requests to
+# the store per sample (bench/bench_system_metrics.py measures the overhead). The environment
+# variable MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
+SYSTEM_METRICS_INTERVAL_S = 10.0
+
+
+class SystemMetrics:
+    """MLflow's own system-metrics monitor (a thread) on a trial's run:
+    ``system/cpu_utilization_percentage``, ``system/system_memory_usage_megabytes``/``_percentage``,
+    disk and network, and with NVML (``nvidia-ml-py``) and a GPU ``system/gpu_<i>_*`` (utilisation,
+    memory, power). They describe the machine (every CPU, every GPU of the node), not the
+    trial's process alone. A restart continues the run's series (``resume_logging``).
+
+    CPU utilisation is psutil's "since this thread's previous reading": a monitor's first sample
+    reads 0 (MLflow's behaviour), the next ones are true.  :meth:`stop` logs one last sample (the
+    time since the previous one): call it before Tune ends the process.  Monitoring never fails a
+    trial: with the store unreachable, MLflow's thread stops and the samples are lost.  A context:
+    leaving it stops the monitor."""
+
+    def __init__(self, tracking_uri: str, interval_s: float = SYSTEM_METRICS_INTERVAL_S):
+        import psutil  # only in the processes that monitor
+
+        psutil.cpu_percent()  # this thread's reading for the last sample counts from here
+        self.tracking_uri, self.interval_s = tracking_uri, interval_s
+        self.monitor = None
+
+    def start(self, run_id: str) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.stop()
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=self.interval_s, samples_before_logging=1,
+                                            resume_logging=True, tracking_uri=self.tracking_uri)
+        self.monitor.start()
+
+    def stop(self) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is None:
+            return
+        monitor.finish()
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception:  # noqa: BLE001 - a last sample is not worth failing a trial over (server down)
+            pass
+
+    def __enter__(self) -> "SystemMetrics":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
 
 # How a trial's MLflow run ends for each outcome: only a crash is FAILED; an interrupted trial

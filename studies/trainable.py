@@ -4,7 +4,8 @@ A thin adapter (no model code): it resolves the core config from the study's bas
 trial config, opens (or, after a retry/restore, reopens) the trial's MLflow child run, and
 plugs one callback into the core loop that, at every evaluation,
 
-1. logs the metrics to MLflow with ``step`` = training step,
+1. logs the metrics to MLflow with ``step`` = training step, with the trial's cost so far
+   (``cpu_seconds``, on CUDA ``gpu_seconds``: ``studies/cost.py``),
 2. uploads the checkpoint to MLflow as ``checkpoint/`` when it is the new best (its
    evaluation-only copy: no optimizer or RNG state), and the trial's ``train.log``,
 3. calls ``tune.report(metrics, checkpoint=...)`` with the core checkpoint directory (the full
@@ -19,7 +20,9 @@ guaranteed to run, so the driver ends the MLflow run and writes the trial's outc
 It resumes from ``tune.get_checkpoint()`` (FailureConfig retries, ``Tuner.restore``) with
 ``train(resume_from=<that checkpoint's directory>)``: the core installs it in its own tree.
 The corpus arrives through ``tune.with_parameters`` (object store), never through the config.
-It runs on the GPU Ray assigned (fractions allowed), else on CPU.
+It runs on the GPU Ray assigned (fractions allowed), else on CPU.  While it trains, MLflow's
+system-metrics monitor logs ``system/*`` (CPU, memory, GPUs) to the trial's run
+(``tracking.SystemMetrics``).
 
 The packed loop loads inside ``train_pack_trial``: an ordinary trial never imports it.
 """
@@ -42,11 +45,12 @@ from cvae_core.data import Corpus
 from cvae_core.errors import CvaeError, Diverged
 from cvae_core.metrics.names import IS_BEST
 
+from .cost import CostMeter
 from .record import Outcome, Tag
 from .results import (DIVERGED, NAN_OBJECTIVES, OUTCOME, PACK_STATE, REASON, TRAINING_ITERATION, member_key,
                       pack_members)
 from .spaces import SEARCH_PREFIX, describe
-from .tracking import StudyContext, TrialRun
+from .tracking import StudyContext, SystemMetrics, TrialRun
 
 RESERVED = {"preset"}
 FINAL_FLUSH_S = 300.0
@@ -164,30 +168,43 @@ def train_trial(config: dict[str, Any], corpus: Corpus | None = None, study: Stu
     # train.device stays "auto": Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU (or to nothing),
     # so "auto" picks exactly that; the config (params, config_id, resume check) stays device-free.
     device, gpu_ids = _assigned_device(study.gpus_per_trial)
+    meter = CostMeter(gpus=study.gpus_per_trial if device == "cuda" else 0.0)
 
     output_dir = _fresh_dir(_scratch_dir(trial_id))
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as resume_from:
-        _run_trial(config, core_config, study, corpus, output_dir, resume_from, trial_id, trial_name, device, gpu_ids)
+        _run_trial(config, core_config, study, corpus, output_dir, resume_from, trial_id, trial_name, device, gpu_ids,
+                   meter)
 
 
 def _run_trial(config: dict[str, Any], core_config: Config, study: StudyContext, corpus: Corpus | None,
                output_dir: Path, resume_from: str | None, trial_id: str, trial_name: str, device: str,
-               gpu_ids: list[str]) -> None:
-    """One attempt of a trial: the MLflow run, the core loop (resumed from ``resume_from``, a
-    checkpoint directory, when Tune handed one back), and the trial's outcome."""
+               gpu_ids: list[str], meter: CostMeter) -> None:
+    """One attempt of a trial: the MLflow run (with MLflow's system metrics while it trains), the
+    core loop (resumed from ``resume_from``, a checkpoint directory, when Tune handed one back),
+    its cost (``meter``: cpu_seconds, gpu_seconds at each evaluation and as the attempt ends),
+    and the trial's outcome."""
     resumed_step = checkpoint_step(resume_from) if resume_from is not None else None
     log_path = output_dir / _log_name(resumed_step)
+    system = SystemMetrics(study.tracking_uri)
     run = TrialRun.open(study, trial_id, trial_name, core_config, run_name=run_name(config, core_config, study),
                         extra_tags=_placement_tags(device, gpu_ids, resumed_step))
+    meter.carry([run.carried])
 
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
         evaluation = math.ceil(metrics["step"] / core_config.train.eval_every)
-        stop_point = metrics["step"] >= core_config.train.steps or evaluation in study.stop_points
+        last = metrics["step"] >= core_config.train.steps
+        stop_point = last or evaluation in study.stop_points
+        meter.charge()
+        metrics = {**metrics, **meter.of(0)}
         record_evaluation(run, metrics, checkpoint_dir, log_path, stop_point, log)
+        if last:
+            system.stop()  # training is over: its last sample, before Tune ends the process
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
-    with open(log_path, "a", encoding="utf-8") as log_file:
+    with open(log_path, "a", encoding="utf-8") as log_file, system:
+        system.start(run.run_id)
+
         def log(text: str) -> None:
             log_file.write(text + "\n")
             log_file.flush()
@@ -205,6 +222,10 @@ def _run_trial(config: dict[str, Any], core_config: Config, study: StudyContext,
         except BaseException:
             run.upload(log_path)  # the run stays open: a retry reopens it, the driver ends it
             raise
+        finally:
+            # the work since the last evaluation, a failed attempt's included: a retry carries it on
+            meter.charge()
+            run.log_cost(meter.of(0))
     shutil.rmtree(output_dir, ignore_errors=True)
 
 
@@ -225,11 +246,13 @@ def train_pack_trial(config: dict[str, Any], corpus: Corpus | None = None, study
     if not members:
         raise CvaeError(f"a pack trial's config needs its members, got keys {sorted(config)}")
     device, gpu_ids = _assigned_device(study.gpus_per_trial)
+    meter = CostMeter(gpus=study.gpus_per_trial if device == "cuda" else 0.0)
     output_dir = _fresh_dir(_scratch_dir(context.get_trial_id()))
     checkpoint = tune.get_checkpoint()
     try:
         with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as restored:
-            _run_pack(members, study, corpus, asha, output_dir, restored, context.get_trial_id(), device, gpu_ids)
+            _run_pack(members, study, corpus, asha, output_dir, restored, context.get_trial_id(), device, gpu_ids,
+                      meter)
     except SystemExit:
         shutil.rmtree(output_dir, ignore_errors=True)
         raise  # Tune stopped the pack inside tune.report; the driver ends the MLflow runs
@@ -237,8 +260,13 @@ def train_pack_trial(config: dict[str, Any], corpus: Corpus | None = None, study
 
 
 def _run_pack(members: list[tuple[str, dict[str, Any]]], study: StudyContext, corpus: Corpus | None, asha,
-              output_dir: Path, restored: str | None, pack_id: str, device: str, gpu_ids: list[str]) -> None:
-    """One attempt of a pack: ``restored`` is the pack's Tune checkpoint when Tune handed one back."""
+              output_dir: Path, restored: str | None, pack_id: str, device: str, gpu_ids: list[str],
+              meter: CostMeter) -> None:
+    """One attempt of a pack: ``restored`` is the pack's Tune checkpoint when Tune handed one back.
+    The machine's system metrics go to the run of the first member still training (one monitor
+    per process: ``tracking.SystemMetrics``); each member's run gets its share of the pack's cost
+    (``meter``): the cost between two evaluations split evenly over the members evaluated at the
+    second."""
     import json
 
     import ray
@@ -255,9 +283,11 @@ def _run_pack(members: list[tuple[str, dict[str, Any]]], study: StudyContext, co
     resumed_step = checkpoint_step(resume_from[0]) if resume_from else None
     log_path = output_dir / _log_name(resumed_step)
     tags = {**_placement_tags(device, gpu_ids, resumed_step), Tag.PACK: pack_id}
+    system = SystemMetrics(study.tracking_uri)
     runs = [TrialRun.open(study, member_id, f"trial_{member_id}", core_config,
                           run_name=run_name(trial_config, core_config, study), extra_tags=tags)
             for (member_id, trial_config), core_config in zip(active, configs)]
+    meter.carry([run.carried for run in runs])
     eval_every, steps = configs[0].train.eval_every, configs[0].train.steps
     reported: set[str] = set(ended)  # ends already in a report
     metric = study.scheduler_metric
@@ -276,10 +306,12 @@ def _run_pack(members: list[tuple[str, dict[str, Any]]], study: StudyContext, co
         stop_point = step >= steps or evaluation in study.stop_points
         result: dict[str, Any] = {"step": float(step)}
         stops = []
+        meter.charge([item.member for item in evaluations])
         for item in evaluations:
             member_id = ids[item.member]
-            record_evaluation(runs[item.member], item.metrics, item.checkpoint, log_path, stop_point, log)
-            result.update({member_key(member_id, k): v for k, v in item.metrics.items()})
+            metrics = {**item.metrics, **meter.of(item.member)}
+            record_evaluation(runs[item.member], metrics, item.checkpoint, log_path, stop_point, log)
+            result.update({member_key(member_id, k): v for k, v in metrics.items()})
             result[member_key(member_id, TRAINING_ITERATION)] = evaluation
             if step >= steps:
                 ended[member_id] = {OUTCOME: Outcome.DONE}
@@ -295,6 +327,10 @@ def _run_pack(members: list[tuple[str, dict[str, Any]]], study: StudyContext, co
                 shutil.copytree(item.checkpoint, folder / ids[item.member])
         folder.mkdir(exist_ok=True)
         (folder / PACK_STATE).write_text(json.dumps({"ended": ended}))
+        if step >= steps:
+            system.stop()  # training is over: its last sample, before Tune ends the process
+        elif any(member_id in ended for member_id in monitored):
+            monitor_first_active()  # the monitored member stopped: the next one still training
         tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(folder)))
         shutil.rmtree(folder, ignore_errors=True)
         return stops
@@ -305,10 +341,24 @@ def _run_pack(members: list[tuple[str, dict[str, Any]]], study: StudyContext, co
             log(f"{member_id}: {end.diverged}")
             runs[end.member].set_tags({Tag.DIVERGED_AT_STEP: str(end.diverged.step)})
             runs[end.member].upload(log_path)
+            runs[end.member].log_cost(meter.of(end.member))
             ended[member_id] = {OUTCOME: Outcome.DIVERGED, "diverged_at_step": float(end.diverged.step),
                                 REASON: f"diverged at step {end.diverged.step}: {end.diverged.reason}"}
 
-    with open(log_path, "a", encoding="utf-8") as log_file:
+    monitored: list[str] = []  # the member whose run gets the system metrics
+
+    def monitor_first_active() -> None:
+        """The machine's system metrics go to one member's run: the first still training."""
+        member = next((i for i, member_id in enumerate(ids) if member_id not in ended), None)
+        monitored[:] = [ids[member]] if member is not None else []
+        if member is None:
+            system.stop()
+        else:
+            system.start(runs[member].run_id)
+
+    with open(log_path, "a", encoding="utf-8") as log_file, system:
+        monitor_first_active()
+
         def log(text: str) -> None:
             log_file.write(text + "\n")
             log_file.flush()
@@ -322,6 +372,11 @@ def _run_pack(members: list[tuple[str, dict[str, Any]]], study: StudyContext, co
             for run in runs:
                 run.upload(log_path)  # the runs stay open: a retry reopens them, the driver ends them
             raise
+        finally:
+            # the work since the last evaluation goes to the members evaluated last
+            meter.charge()
+            for member, run in enumerate(runs):
+                run.log_cost(meter.of(member))
     for run in runs:
         run.flush(wait_s=FINAL_FLUSH_S)
         run.upload(log_path, wait_s=FINAL_FLUSH_S)
