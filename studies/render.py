@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .effects import EFFECTS_HEADING, effect_line
+from .record import DASHBOARD_PORT, dashboard_command
 from .spec import StudySpec
 from .state import StudyState
 from .summary import TrialRow, broken, finite, oriented, rank
@@ -205,6 +206,9 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
     print(f"Analyse:      {analysis_command(state)}")
     if state.optuna_storage != "none":
         print(f"Optuna study: {state.study_name} in {state.optuna_storage}")
+        dashboard = dashboard_command(state.optuna_storage)
+        if dashboard:  # only with the dashboard extra installed
+            print(f"Dashboard:    {shlex.join(dashboard)}   # then open http://127.0.0.1:{DASHBOARD_PORT}/dashboard/")
     if interrupted:
         if stopped_because:
             print(f"\nStopped: {stopped_because}. Free space, then continue with: {resume_command(spec, state)}")
