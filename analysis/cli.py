@@ -1,4 +1,4 @@
-"""``python -m analysis``: export, table, reproduce, plots, best, compare.
+"""``python -m analysis``: export, table, reproduce, plots, best, compare, dashboard.
 
 Every subcommand reads one study of one MLflow experiment, but ``compare S1 S2 ...``, which puts two
 or more studies side by side (ranked against each other only when their budgets match):
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -207,6 +208,27 @@ def _compare(args) -> None:
         say(f"wrote {path} ({path.stat().st_size:,} bytes)")
 
 
+def _dashboard(args) -> int:
+    """Optuna's own dashboard on the study's recorded Optuna storage, on loopback, in the foreground.
+    -> the dashboard's exit status."""
+    from studies.record import DASHBOARD_INSTALL, dashboard_command, dashboard_script
+
+    from .store import connect, find_study, get_experiment, recorded_optuna_study, study_name
+
+    if not 1 <= args.port <= 65535:
+        raise AnalysisError(f"--port must be in 1..65535, got {args.port}")
+    if dashboard_script() is None:  # before the store is read: nothing else helps without it
+        raise AnalysisError(f"optuna-dashboard is not installed: {DASHBOARD_INSTALL}")
+    client, _ = connect(args.tracking_uri)
+    parent = find_study(client, get_experiment(client, args.experiment), args.study)
+    try:
+        storage, name = recorded_optuna_study(parent.data.tags)
+    except AnalysisError as exc:
+        raise AnalysisError(f"study {study_name(parent)!r}: {exc}") from None
+    _progress(f"Optuna study {name!r} in {storage}: open http://127.0.0.1:{args.port}/dashboard/ (Ctrl-C stops it)")
+    return subprocess.call(dashboard_command(storage, args.port))
+
+
 def parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     top = OneLineArgumentParser(prog=prog,
                                   description="From the MLflow runs of a Coupled-VAE study to tables, plots and "
@@ -215,8 +237,9 @@ def parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     store.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment (default %(default)s)")
     store.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; a "
                         "server's login: $MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD (not in the URI)")
-    common = argparse.ArgumentParser(add_help=False, parents=[store])
-    common.add_argument("--study", help="study name (parent run); default: the latest study in the experiment")
+    which = argparse.ArgumentParser(add_help=False, parents=[store])  # which study of which store
+    which.add_argument("--study", help="study name (parent run); default: the latest study in the experiment")
+    common = argparse.ArgumentParser(add_help=False, parents=[which])
     common.add_argument("--all-runs", action="store_true",
                         help="include FAILED/KILLED/RUNNING trials (default: FINISHED only)")
     common.add_argument("--complete-only", action="store_true",
@@ -291,6 +314,12 @@ def parser(prog: str = "python -m analysis") -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for compare.md and fronts.png (default analysis-compare/<S1>-vs-<S2>...)")
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("dashboard", parents=[which],
+                       help="Optuna's own dashboard on the study's Optuna storage (the dashboard extra), on "
+                            "127.0.0.1, until Ctrl-C")
+    p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default %(default)s)")
+    p.set_defaults(func=_dashboard)
     return top
 
 
@@ -299,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser(CONSOLE_SCRIPT if Path(sys.argv[0]).name == CONSOLE_SCRIPT else "python -m analysis").parse_args(argv)
     _quiet()
     try:
-        args.func(args)
+        code = args.func(args)
     except AnalysisError as exc:
         print(f"analysis: error: {redact(str(exc))}", file=sys.stderr)
         return 2
@@ -317,4 +346,4 @@ def main(argv: list[str] | None = None) -> int:
             print(f"analysis: error: MLflow: {redact(message)}", file=sys.stderr)
             return 2
         raise
-    return 0
+    return code or 0

@@ -32,11 +32,12 @@ import pandas as pd  # noqa: E402
 from cvae_core.errors import CvaeError  # noqa: E402
 from cvae_core.metrics.names import GRAD_KEYS, bare_name, direction, pareto_mask  # noqa: E402
 from cvae_core.metrics.names import metric as metric_info  # noqa: E402
-from studies.record import Tag, read_constraints_tag  # noqa: E402
+from studies.record import read_constraints_tag  # noqa: E402
 
 from .paper import DATASET_LABELS  # noqa: E402
 from .runs import BEST_PREFIX, run_label  # noqa: E402
 from .selection import broken_constraints, cfg, family_label, family_of, metric_column, ordered_datasets  # noqa: E402
+from .store import AnalysisError, recorded_optuna_study  # noqa: E402
 
 DPI = 130
 DISTANCE_STYLE = {"rq": ("tab:blue", "o", "RQ kernel"), "eucl": ("tab:orange", "s", "Euclidean")}
@@ -232,12 +233,10 @@ def load_optuna_study(parent_tags: dict[str, str], note: Note = print):
     """The persisted Optuna study named in the parent run's tags, or None (with a note why)."""
     import optuna
 
-    storage, name = parent_tags.get(Tag.OPTUNA_STORAGE), parent_tags.get(Tag.OPTUNA_STUDY)
-    if not storage or not name:
-        note("Optuna plots skipped: the study run has no optuna.storage / optuna.study_name tags")
-        return None
-    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
-        note(f"Optuna plots skipped: the Optuna storage {storage} is not on this machine")
+    try:
+        storage, name = recorded_optuna_study(parent_tags)
+    except AnalysisError as exc:
+        note(f"Optuna plots skipped: {exc}")
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

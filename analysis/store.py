@@ -74,6 +74,17 @@ def find_study(client, experiment, study: str | None = None):
     raise AnalysisError(f"no study {study!r} in experiment {experiment.name!r}; studies: {names}")
 
 
+def recorded_optuna_study(parent_tags: dict[str, str]) -> tuple[str, str]:
+    """-> (storage URL, study name) of the Optuna study a study's parent run records, or an
+    AnalysisError saying why it cannot be opened here (no tags, or a SQLite file not on this machine)."""
+    storage, name = parent_tags.get(Tag.OPTUNA_STORAGE), parent_tags.get(Tag.OPTUNA_STUDY)
+    if not storage or storage == "none" or not name:
+        raise AnalysisError(f"the study run has no {Tag.OPTUNA_STORAGE} / {Tag.OPTUNA_STUDY} tags")
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
+        raise AnalysisError(f"the Optuna storage {storage} is not on this machine")
+    return storage, name
+
+
 def trial_runs(client, experiment, study: str) -> list:
     return search_all(client, experiment.experiment_id, trial_runs_filter(study),
                       order_by=["attributes.start_time ASC"])

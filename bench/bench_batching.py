@@ -5,6 +5,7 @@
     python bench/bench_batching.py --default-study       # the default study's model and budget (minutes)
     python bench/bench_batching.py --results runs/batching   # keep each run's figures; a rerun continues
     python bench/bench_batching.py --results runs/batching --first-seed 2   # a second process, on another core
+    python bench/bench_batching.py --smoke    # the smallest settings: checks that it runs (figures meaningless)
 
 For each preset and data.batching (bucket | random) and seed: train on PTB, then report the best
 checkpoint's validation NLL, KL and MI (mi_loo) and the run's wall time.  Bucketing changes
@@ -30,6 +31,7 @@ from cvae_core.train import train
 
 METRICS = ("val_nll", "val_kl", "val_mi_loo")
 BUDGET_OPTIONS = ("scale", "steps", "valid_limit", "default_study")  # what a saved run must share to be reused
+SMOKE = {"presets": ["vae"], "seeds": 1, "steps": 2, "valid_limit": 8, "default_study": True}  # --smoke
 
 
 def one_run(preset: str, batching: str, seed: int, args) -> dict[str, float]:
@@ -62,7 +64,12 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0,
                         help="start at this seed: a second invocation sharing --results takes the later seeds while "
                              "the first works through the earlier ones (it skips what the other saved)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smallest settings {SMOKE}, explicit flags still win: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     if not 0 <= args.first_seed < args.seeds:
         parser.error(f"--first-seed must be in [0, --seeds {args.seeds}), got {args.first_seed}")
     budget = "the default study's model and budget" if args.default_study else f"scale {args.scale}"

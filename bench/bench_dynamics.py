@@ -3,6 +3,7 @@ of 10% of training time, at the default study's budget (studies/specs/lambda_swe
 
     python bench/bench_dynamics.py            # coupled-vae, the K the default study uses
     python bench/bench_dynamics.py --every 10 --preset vae
+    python bench/bench_dynamics.py --smoke    # the smallest settings: checks that it runs (figures meaningless)
 
 Times, in one process and one torch thread, ``--steps`` training steps (forward, backward, clip,
 Adam) and ``--measurements`` held-out measurements; the overhead at K is
@@ -25,6 +26,7 @@ from cvae_core.objectives import Objective
 
 SPEC = Path(__file__).resolve().parents[1] / "studies" / "specs" / "lambda_sweep.yaml"
 LIMIT = 0.10
+SMOKE = {"steps": 2, "measurements": 1}  # --smoke
 
 
 def main() -> None:
@@ -35,7 +37,12 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=int(overrides.get("train.dynamics_every", 20)))
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--measurements", type=int, default=10)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smallest settings {SMOKE}, explicit flags still win: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     torch.set_num_threads(1)
     config = build_config(args.preset, spec["base"]["dataset"], spec["base"]["scale"], overrides)
     corpus = load_corpus(config.data, ("train", "valid"))

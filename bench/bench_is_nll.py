@@ -1,6 +1,7 @@
 """IS-NLL with all samples of a chunk decoded in one batched pass vs one sample at a time.
 
     python bench/bench_is_nll.py --sentences 128 --n-samples 20
+    python bench/bench_is_nll.py --smoke     # the smallest settings: checks that it runs (figures meaningless)
 
 Same model, same sentences, same seeds: the estimates agree; the ratio shows what batching the
 samples buys.  The chunk size is what `importance_sampled_nll` picks under its memory budget.
@@ -19,6 +20,9 @@ from cvae_core.metrics import likelihood
 from cvae_core.models import build_model
 
 
+SMOKE = {"sentences": 8, "n_samples": 2}  # --smoke
+
+
 def run(model, batches, n_samples: int, budget: int) -> tuple[float, float]:
     likelihood.DECODE_BUDGET_BYTES = budget
     torch.manual_seed(0)
@@ -31,7 +35,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=128)
     parser.add_argument("--n-samples", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smallest settings {SMOKE}, explicit flags still win: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     config = build_config("vae", "ptb", "quick")
     corpus = load_corpus(config.data, ("train", "test"))
     model = build_model(config, len(corpus.vocab)).eval()

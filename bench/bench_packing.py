@@ -1,14 +1,18 @@
 """Training throughput of K members packed into one model against K separate runs.
 
     python bench/bench_packing.py [--model default-study|paper|both] [--members 1 2 4 8 16]
-                                  [--steps 30] [--threads 1] [--device cpu|cuda] [--json PATH]
+                                  [--steps 30] [--threads 1] [--device cpu|cuda] [--json PATH] [--smoke]
 
 Models: ``default-study`` is the default study's (``studies/specs/lambda_sweep.yaml``: its base
 preset and overrides, a small Coupled-VAE); ``paper`` is the paper's PTB Coupled-VAE
 (``build_config("coupled-vae", "ptb", "quick")``: its full shapes and 10K-word vocabulary).
 Default: the model of the device's target (default-study on CPU, both on CUDA).  The members
 differ in lambda_r, lambda_m and the matching distance, as a lambda study's do.  K defaults to
-1 2 4 8 16, plus 32 on CUDA.  The device is detected (CUDA if present).
+1 2 4 8 16, plus 32 on CUDA.  The device is detected (CUDA if present).  Packed training supports
+neither ``train.dynamics_every`` nor ``train.amp``: where the model's config sets them (the default
+study's sets ``train.dynamics_every: 10``) every run, packed and separate alike, trains without them,
+and the benchmark says so.  ``--smoke``: the smallest settings (K = 2, 1 step; seconds, figures
+meaningless), to check that the script runs.
 
 Every measurement runs in its own child process on the same PTB training batches, after a
 warm-up of a few steps; a training step is the trainer's (forward, the loss, backward, clipping,
@@ -42,7 +46,7 @@ from cvae_core.config import Config, build_config
 from cvae_core.data import BucketBatcher, load_corpus
 from cvae_core.models import build_model
 from cvae_core.objectives import Objective
-from cvae_core.packed import PackedObjective, pack
+from cvae_core.packed import UNSUPPORTED_WHEN_PACKED, PackedObjective, pack
 from cvae_core.packed import train_step as packed_train_step
 from cvae_core.train import make_optimizer
 from studies.spec import load_spec
@@ -61,14 +65,28 @@ MEMBER_WEIGHTS = [
 ]
 
 
-def member_configs(model: str, members: int) -> list[Config]:
+SMOKE = {"model": "default-study", "members": [2], "steps": 1}  # --smoke
+
+
+def model_settings(model: str) -> tuple[str, str, str, dict]:
+    """-> (preset, dataset, scale, overrides) of a benchmark model."""
     if model == "paper":
-        preset, dataset, scale, overrides = "coupled-vae", "ptb", "quick", {}
-    else:
-        spec = load_spec("lambda_sweep")
-        preset, dataset, scale, overrides = spec.preset, spec.dataset, spec.scale, spec.overrides
-    return [build_config(preset, dataset, scale,
-                         {**overrides, **MEMBER_WEIGHTS[k % len(MEMBER_WEIGHTS)], "train.seed": k})
+        return "coupled-vae", "ptb", "quick", {}
+    spec = load_spec("lambda_sweep")
+    return spec.preset, spec.dataset, spec.scale, spec.overrides
+
+
+def turned_off(model: str) -> dict[str, object]:
+    """The model's settings that packed training does not support -> their values in its config;
+    every measurement turns them off (UNSUPPORTED_WHEN_PACKED), packed and separate runs alike."""
+    flat = build_config(*model_settings(model)).flat()
+    return {key: flat[key] for key, off in UNSUPPORTED_WHEN_PACKED.items() if flat[key] != off}
+
+
+def member_configs(model: str, members: int) -> list[Config]:
+    preset, dataset, scale, overrides = model_settings(model)
+    return [build_config(preset, dataset, scale, {**overrides, **UNSUPPORTED_WHEN_PACKED,
+                                                  **MEMBER_WEIGHTS[k % len(MEMBER_WEIGHTS)], "train.seed": k})
             for k in range(members)]
 
 
@@ -171,6 +189,11 @@ def device_name(device: str) -> str:
 
 def bench_model(model: str, args: argparse.Namespace) -> dict:
     """Measure and print one model's table -> its figures (for --json and the targets)."""
+    off = turned_off(model)
+    if off:
+        print(f"\n{model} model: packed training supports neither train.dynamics_every nor train.amp, so every run "
+              "here (packed and separate) trains with " + ", ".join(
+                  f"{key} {UNSUPPORTED_WHEN_PACKED[key]} (its config: {value})" for key, value in off.items()))
     sequential = in_child(model, "separate", 1, args)
     print(f"\n{model} model: separate runs one after another (any K): {sequential['tokens_per_s']:,.0f} tokens/s, "
           f"{sequential['ms_per_step']:,.0f} ms/step, peak {sequential['peak_mb']:,.0f} MB")
@@ -188,7 +211,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
               f"{beside['tokens_per_s']:13,.0f} {row['speedup_vs_sequential']:6.2f} "
               f"{row['speedup_vs_side_by_side']:6.2f} {packed['peak_mb']:10,.0f} {beside['peak_mb']:12,.0f}",
               flush=True)
-    return {"sequential": sequential, "rows": rows}
+    return {"sequential": sequential, "rows": rows, "turned_off": off}
 
 
 def verdicts(figures: dict[str, dict], device_type: str) -> list[dict]:
@@ -214,7 +237,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--child", choices=["packed", "separate", "side-by-side"], help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smallest settings {SMOKE}, explicit flags still win: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here")
     if args.members is not None and min(args.members) < 1:

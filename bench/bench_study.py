@@ -1,6 +1,6 @@
 """Study overhead: one short training run directly vs as trials of a real study.
 
-    python bench/run_all.py --only-study [--study-steps 200]   (prints these rows of its table)
+    python bench/bench_study.py [--study-steps 200] [--smoke]   (= bench/run_all.py --only-study: its rows)
 
 The run is the VAE baseline trial of the default study (studies/specs/lambda_sweep.yaml: its
 small model, data subset, evaluations and gradient-norm measurements), shortened to ``steps``
@@ -122,3 +122,15 @@ def overhead(direct_s: float, trial_s: float, limit: float = OVERHEAD_LIMIT) -> 
         raise ValueError(f"direct run time must be positive, got {direct_s}")
     fraction = trial_s / direct_s - 1
     return {"fraction": fraction, "ratio": fraction / limit}
+
+
+def main() -> None:
+    """The study-overhead rows of ``bench/run_all.py``, which measures and prints them (in child
+    processes, each with its own peak memory): ``run_all.py --only-study`` with these flags."""
+    import run_all  # beside this script, on sys.path when it runs
+
+    run_all.main(["--only-study", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ per-call latency. The limit every row is measured against: lost == 0 and duplica
 
     python bench/bench_tracking_load.py                          # 16 writers, 30 s, both backends
     python bench/bench_tracking_load.py --backend sqlite --seconds 60
+    python bench/bench_tracking_load.py --smoke     # the smallest settings: checks that it runs
 
 PostgreSQL: mlflow/setup_postgres.sh starts the local server and creates the database
 `cvae_load_bench` (Debian's `postgresql` package, root or passwordless sudo; psycopg 3). A cluster
@@ -32,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC = "val_nll"
+SMOKE = {"backend": "sqlite", "writers": 2, "seconds": 2.0}  # --smoke
 
 
 def _free_port() -> int:
@@ -179,7 +181,12 @@ def main() -> int:
     parser.add_argument("--writers", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--interval", type=float, default=0.05, help="seconds between one writer's points")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smallest settings {SMOKE}, explicit flags still win: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     backends = ("sqlite", "postgresql") if args.backend == "both" else (args.backend,)
     print(f"{args.writers} writers x one point every {args.interval * 1000:.0f} ms for {args.seconds:g} s "
           f"(offered {args.writers / args.interval:.0f} points/s); limit: lost == 0 and duplicates == 0; "

@@ -1,6 +1,7 @@
 """Training throughput of a preset against the plain VAE, measured in one process.
 
     python bench/bench_train.py --presets vae coupled-vae --steps 40
+    python bench/bench_train.py --smoke     # the smallest settings: checks that it runs (figures meaningless)
 
 Runs the presets in alternating rounds on the same PTB batches (paper-size model), prints
 ms/step and tokens/s per preset, the ratio to the first preset, and the projected wall time of
@@ -21,6 +22,9 @@ from cvae_core.data.batching import POOL_BATCHES
 from cvae_core.models import build_model
 from cvae_core.objectives import Objective
 from cvae_core.train import make_optimizer
+
+
+SMOKE = {"steps": 1, "rounds": 1}  # --smoke
 
 
 def setup(presets: list[str], steps: int, batching: str = "bucket", device: torch.device = torch.device("cpu")):
@@ -78,7 +82,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="steps per round and preset")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smallest settings {SMOKE}, explicit flags still win: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     torch.set_num_threads(args.threads)
     figures = measure(args.presets, args.steps, args.rounds)
     base = figures[args.presets[0]]["ms_per_step"]

@@ -5,6 +5,7 @@ each cell's mean ± sd and the paired coupled − VAE differences with 95% t-int
     python bench/effect_design.py                    # design A: the default budget (5 cells x 3 seeds)
     python bench/effect_design.py --design later-anneal --design dropout
     python bench/effect_design.py --seeds 0 1 2 3 4 --out effect.jsonl
+    python bench/effect_design.py --smoke     # the smallest settings: checks that it runs (figures meaningless)
 
 Each design is the default spec's base overrides plus its own; a run is ``cvae_core.train`` in
 its own process (one torch thread), so the numbers equal those of the study's trials.
@@ -36,6 +37,7 @@ DESIGNS = {  # name -> (overrides on top of the default spec's, cells)
     "dropout": ({"model.dropout": 0.5}, ["vae", "rq-0.1", "rq-1"]),
 }
 METRICS = (("val_nll", 1), ("val_kl", 2), ("val_mi_loo", 2), ("val_au", 1))
+SMOKE = {"seeds": [0], "steps": 2}  # --smoke
 
 
 def run(job: tuple[str, str, int, dict]) -> dict:
@@ -83,10 +85,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also append every run's metrics here (JSON lines)")
+    parser.add_argument("--steps", type=int, default=0, help="train every run this many steps, evaluated at the end "
+                                                             "(0 = the default study's)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smallest settings {SMOKE}, explicit flags still win: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args()
     from studies.spec import load_spec
 
     base = load_spec("lambda_sweep").overrides
+    if args.steps:
+        base = {**base, "train.steps": args.steps, "train.eval_every": args.steps}
     jobs = [(design, cell, seed, {**base, **DESIGNS[design][0]})
             for design in args.design or ["default"] for cell in DESIGNS[design][1] for seed in args.seeds]
     print(f"{len(jobs)} runs, {args.processes} at a time", flush=True)

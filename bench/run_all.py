@@ -1,6 +1,6 @@
 """Every throughput figure of the project in one table, against this machine's measured limit.
 
-    python bench/run_all.py [--json PATH] [--quick] [--skip-study | --only-study]
+    python bench/run_all.py [--json PATH] [--quick | --smoke] [--skip-study | --only-study]
 
 Rows: training tokens/s (VAE, Coupled-VAE; PTB paper configuration, bucketed batches), IS-NLL
 sentences/s (N = 100, PTB test sentences) and its projected whole-test-set time, MI seconds
@@ -11,7 +11,9 @@ Study overhead (bench/bench_study.py): the default study's VAE trial run directl
 one-trial study (local Ray, SQLite MLflow; Ray start-up and study set-up reported apart), and two
 1-CPU trials at once vs one 2-CPU trial (summed training tokens/s).
 Runs unchanged on CUDA (``--device cuda``).  Models are freshly initialised: throughput does not
-depend on the weights for the Gaussian posterior.
+depend on the weights for the Gaussian posterior.  ``--smoke``: the smallest sizes, to check that
+every row is computed (seconds for the throughput rows, a few minutes with the study rows; figures
+meaningless).
 """
 from __future__ import annotations
 
@@ -143,16 +145,20 @@ def run_part(name: str, argv: list[str]) -> dict:
 
 
 QUICK = {"is_sentences": 32, "train_steps": 6, "train_rounds": 1, "study_steps": 20}
+SMOKE = {"is_sentences": 4, "train_steps": 1, "train_rounds": 1, "study_steps": 2, "n_samples": 2}  # --smoke
 DEFAULTS = {"is_sentences": 200, "train_steps": 20, "train_rounds": 2, "study_steps": 100}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true",
-                        help="reduced sizes (" + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items())
-                             + "); explicit flags still win")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true",
+                       help="reduced sizes (" + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+                            + "); explicit flags still win")
+    sizes.add_argument("--smoke", action="store_true",
+                       help=f"smallest settings {SMOKE}, explicit flags still win: checks that the script runs")
     parser.add_argument("--is-sentences", type=int, help=f"PTB test sentences for the IS-NLL rate "
                                                           f"(default {DEFAULTS['is_sentences']})")
     parser.add_argument("--n-samples", type=int, default=100, help="IS and MI samples per sentence")
@@ -166,7 +172,10 @@ def main() -> None:
     rows.add_argument("--only-study", action="store_true", help="only the study-overhead rows")
     parser.add_argument("--part", choices=("train", "eval", "direct", "study-one", "study-two"),
                         help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, QUICK[key] if args.quick else default)

