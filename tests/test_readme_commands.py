@@ -180,3 +180,23 @@ def test_every_cluster_command_of_the_readme_is_accepted_offline(checkout):
         if sweep_args:
             args = build_parser("lambda_sweep.py", "lambda_sweep", "").parse_args(sweep_args)
             load_spec(args.profile)
+
+
+STUDY_LIFE = (REPO / "docs" / "study-life.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_study_life_page_runs_as_written(checkout):
+    """docs/study-life.md's sequence: the default study as a screen, a larger study warm-started
+    from it, an extension, a comparison; each command as written (studies at a tiny budget)."""
+    sequence = commands(STUDY_LIFE)
+    assert sequence[0] == "source .venv/bin/activate"
+    kinds = [c.split()[1] if c.startswith("python studies/") else c.split()[3] for c in sequence[1:]]
+    assert kinds == ["studies/lambda_sweep.py"] * 3 + ["compare"], sequence
+    for command in sequence[1:]:
+        result = bash(shrink(command), checkout)
+        assert result.returncode == 0, f"{command}\n{result.stdout[-4000:]}"
+        if command.startswith("python studies/"):
+            assert "finished:" in result.stdout and "Cost: " in result.stdout, result.stdout[-2000:]
+    assert "Seeded from study screen (top=2" in (checkout / "studies_out" / "larger" / "summary.md").read_text()
+    assert (checkout / "analysis-compare" / "screen-vs-larger" / "fronts.png").is_file()
