@@ -1,6 +1,7 @@
 """Overhead of MLflow's system-metrics monitor on a trial, against its limit (2% of a trial).
 
     python bench/bench_system_metrics.py [--rounds 4] [--steps 400] [--interval 10] [--threads 1]
+    python bench/bench_system_metrics.py --smoke    # the smallest settings: checks that it runs (figures meaningless)
 
 The trial: the default study's VAE baseline trial (``bench_study``'s config:
 ``studies/specs/lambda_sweep.yaml``, shortened to ``--steps`` with two evaluations), trained by
@@ -91,6 +92,9 @@ def sample_cost(study, repeats: int = 20) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+SMOKE = {"rounds": 1, "steps": 4, "interval": 1.0}  # --smoke
+
+
 def main(argv: list[str] | None = None) -> int:
     from studies.tracking import SYSTEM_METRICS_INTERVAL_S
 
@@ -100,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=SYSTEM_METRICS_INTERVAL_S,
                         help="sampling interval in seconds (the trials': %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the study's cpus_per_trial)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"smallest settings {SMOKE}, explicit flags still win: checks that the script runs")
     args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**SMOKE)
+        args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-system-metrics-") as tmp:
         root = Path(tmp)

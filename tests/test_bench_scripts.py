@@ -39,6 +39,8 @@ FIGURES = {
         rf"^ +2 +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER}", r"^no target applies"],
     "bench_study.py": [rf"^direct cvae_core.train, s +{NUMBER}", rf"^study overhead per trial +{NUMBER}% +5%",
                        rf"^tokens/s: two 1-CPU trials \(sum\) / one 2-CPU +{NUMBER}"],
+    "bench_system_metrics.py": [rf"^  trial wall time, median of rounds +[+-]{NUMBER}% +2%",
+                                rf"^  one sample: {NUMBER} ms every 1 s +[+-]{NUMBER}% +2%"],
     "bench_tracking_load.py": [r"^sqlite +\d+ +\d+ +0 +\d+ +0 +0 .* ok$"],
     "bench_train.py": [rf"^vae +{NUMBER} +{NUMBER} +1.00", rf"^coupled-vae +{NUMBER} +{NUMBER} +{NUMBER}"],
     "effect_design.py": [rf"^  vae +n=1  nll {NUMBER}", r"^  rq-0.1 − vae \(1 seeds, paired, 95% t\): Δnll "],
