@@ -16,10 +16,10 @@ import pandas as pd
 
 from cvae_core.metrics.names import METRICS
 from cvae_core.metrics.names import metric as metric_info
+from cvae_core.stats import PairedDifference, decimals_needed, paired_difference, summarize
 
 from .paper import DATASET_LABELS, PAPER_ROWS, SOURCE, PaperRow
 from .selection import cfg, matches_coupling, metric_column, paired_runs, pick_config
-from cvae_core.stats import PairedDifference, paired_difference, summarize
 from .store import AnalysisError
 from .tables import preset_coupling
 
@@ -160,13 +160,9 @@ def values_frame(runs: pd.DataFrame, at: str = "best") -> pd.DataFrame:
 
 
 def _effect_decimals(e: Effect) -> int:
-    """The metric's decimals, or more (up to 4) when the difference would otherwise print as 0:
-    an interval such as [+0.001, +0.010] nats must not read [+0.0, +0.0]."""
-    d = metric_info(e.metric).decimals
-    value = abs(e.ours_value)
-    while d < 4 and 0 < value < 10 ** -d * 10:
-        d += 1
-    return d
+    """The metric's decimals, or more when the difference would otherwise print as 0: an
+    interval such as [+0.001, +0.010] nats must not read [+0.0, +0.0]."""
+    return decimals_needed(e.ours_value, metric_info(e.metric).decimals)
 
 
 def _fmt(value: float | None, metric: str, signed: bool = False) -> str:

@@ -114,3 +114,12 @@ def mean_interval(values: Iterable[float], confidence: float = 0.95) -> PairedDi
     half = t_quantile(confidence, s.n - 1) * s.std / math.sqrt(s.n)
     return PairedDifference(s.n, s.mean, s.std, s.mean - half, s.mean + half, confidence)
 
+
+
+def decimals_needed(value: float, decimals: int, most: int = 4) -> int:
+    """``decimals``, or more (up to ``most``) while ``value`` is under ten units of the last
+    digit: an effect of 0.007 nats must not print as +0.01 [+0.00, +0.01], nor as +0.0."""
+    value = abs(value)
+    while decimals < most and 0 < value < 10 ** -decimals * 10:
+        decimals += 1
+    return decimals

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
-from cvae_core.stats import PairedDifference, paired_difference
+from cvae_core.stats import PairedDifference, decimals_needed, paired_difference
 
 from .spaces import SEARCH_PREFIX
 
@@ -98,7 +98,7 @@ def effect_line(entry: dict[str, Any]) -> str:
     parts = []
     for metric in EFFECT_METRICS:
         d = entry[metric]
-        digits = 1 if metric in ("val_nll", "val_au") else 2
+        digits = decimals_needed(d["mean"] or 0.0, 1 if metric in ("val_nll", "val_au") else 2)
         interval = (f" [{_number(d['low'], digits)}, {_number(d['high'], digits)}]"
                     if d["low"] is not None else "")
         parts.append(f"{EFFECT_NAMES[metric]} {_number(d['mean'], digits)}{interval}")
