@@ -124,13 +124,15 @@ def overhead(direct_s: float, trial_s: float, limit: float = OVERHEAD_LIMIT) -> 
     return {"fraction": fraction, "ratio": fraction / limit}
 
 
-def main() -> None:
+def main() -> int:
     """The study-overhead rows of ``bench/run_all.py``, which measures and prints them (in child
-    processes, each with its own peak memory): ``run_all.py --only-study`` with these flags."""
-    import run_all  # beside this script, on sys.path when it runs
+    processes, each with its own peak memory): ``run_all.py --only-study`` with these flags, run
+    as a program (run_all imports this module: importing it back would make a circle)."""
+    import subprocess
 
-    run_all.main(["--only-study", *sys.argv[1:]])
+    return subprocess.run([sys.executable, str(Path(__file__).with_name("run_all.py")), "--only-study",
+                           *sys.argv[1:]]).returncode
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,6 +26,8 @@ def _modules() -> dict[str, Path]:
         for path in (REPO / package).rglob("*.py"):
             parts = list(path.relative_to(REPO).with_suffix("").parts)
             modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for path in (REPO / "bench").glob("*.py"):  # scripts: bench/ is sys.path[0], they import each other by bare name
+        modules[path.stem] = path
     return modules
 
 
