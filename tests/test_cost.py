@@ -21,7 +21,7 @@ import time
 
 import pytest
 from test_analysis import run_cli
-from test_analysis_record import TINY
+from conftest import TINY_STUDY as TINY
 
 STUDY = "tiny-cost"
 CPU_FACTOR = 2.0  # a trial's process: torch on cpus_per_trial threads, plus Ray's and MLflow's threads
