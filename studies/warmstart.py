@@ -11,6 +11,9 @@ trained at the new study's budget and ranked only by what they measure there.
 Grid cells name only what differs from the base configuration, so a cell is completed from the
 earlier study's base configuration (:data:`~studies.spaces.SPACE_PARAMS`) and kept only if the
 space, replayed on those parameters, gives back the configuration that ran.
+
+Optuna loads inside :func:`space_params`: the runner imports this module, and ``--help`` and bad
+input must answer before Optuna loads (``tests/test_house.py``).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cvae_core.config import build_config
+from cvae_core.guards import check_name
 from cvae_core.metrics.constraints import violated
 
 from .options import StudyError
@@ -64,8 +68,6 @@ def parse_warm_start(text: str) -> tuple[str, int]:
 def plan_warm_start(text: str, root: Path, spec: StudySpec) -> WarmStart:
     """What a new study ``spec`` enqueues when seeded from ``text``; every problem is one line,
     found before anything is written."""
-    from cvae_core.guards import check_name
-
     name, top = parse_warm_start(text)
     check_name(name, "--warm-start")
     if spec.search != "tpe":
