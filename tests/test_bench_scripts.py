@@ -31,6 +31,8 @@ FIGURES = {
                           rf"^overhead at train.dynamics_every=10: {NUMBER}% of training time \(limit 10%\)"],
     "bench_families.py": [rf"^\| .+ \| {NUMBER} \({NUMBER}\) \| {NUMBER} \({NUMBER}\) \| [+-]{NUMBER} \|"],
     "bench_is_nll.py": [rf"^batched samples +: +{NUMBER} s +mean NLL {NUMBER}", rf"^speed-up +: +{NUMBER}x"],
+    "bench_output_layer.py": [rf"^training, fused, buffer kept +{NUMBER} +{NUMBER} +\d+%",
+                              rf"^training speed-up, fused \(kept\) / plain: {NUMBER}x; evaluation: {NUMBER}x"],
     "bench_packing.py": [
         # the default study's model sets train.dynamics_every, which packed training lacks: said, not failed
         r"^default-study model: packed training supports neither .* trains with train.dynamics_every 0 "

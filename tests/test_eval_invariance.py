@@ -10,7 +10,7 @@ from cvae_core.data.batching import eval_batches, length_sorted_batches
 from cvae_core.metrics import likelihood
 from cvae_core.metrics.likelihood import evaluate
 from cvae_core.models import build_model
-from cvae_core.modules import networks
+from cvae_core.modules import output_layer
 from cvae_core.modules.networks import sequence_log_likelihood
 
 
@@ -65,7 +65,7 @@ def test_output_layer_at_real_positions_matches_full_log_softmax(model_and_split
     decoder, h = model.decoder, torch.randn(16, model.signal.net[-1].out_features)
     full = sequence_log_likelihood(decoder.logits(batch.inputs, h), batch.targets)
     with torch.no_grad():
-        monkeypatch.setattr(networks, "OUTPUT_TILE_ROWS", 5)  # many tiles, a ragged last one
+        monkeypatch.setattr(output_layer, "OUTPUT_TILE_ROWS", 5)  # many tiles, a ragged last one
         tiled = decoder.log_likelihood(batch.inputs, batch.targets, h)
     trained = decoder.log_likelihood(batch.inputs, batch.targets, h)  # autograd path
     assert torch.allclose(tiled, full, rtol=1e-5, atol=1e-4)

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from ..data.vocab import PAD, UNK
+from .output_layer import output_token_log_likelihood
 
 
 class BiGRUEncoder(nn.Module):
@@ -45,28 +46,17 @@ def sequence_log_likelihood(logits: Tensor, targets: Tensor) -> Tensor:
     return -token_nll.view(targets.shape).sum(-1)
 
 
-# Rows of the output layer evaluated at once without autograd: a [256, V] tile of logits (10 MB
-# for the 10K-word PTB vocabulary, cache- and allocator-friendly) instead of one [positions, V]
-# tensor plus its log-softmax for a whole chunk of importance samples.
-OUTPUT_TILE_ROWS = 256
-
-
 def output_log_likelihood(features: Tensor, targets: Tensor, output: nn.Linear) -> Tensor:
     """features [B, T, F] (the output layer's input), targets [B, T] -> [B]: the sum over
     non-pad targets of log softmax(output(features))[target], nats.
 
-    The output layer is computed only at real (non-pad) positions.  Without autograd it runs in
-    row tiles, each with its own log-softmax and target gather, so memory does not grow with the
-    number of positions; with autograd it is one cross-entropy (backward keeps the softmax anyway).
+    The output layer is computed only at real (non-pad) positions, fused with its log-softmax
+    (:mod:`.output_layer`: one full-vocabulary buffer per call, tiled without autograd).
     """
     real = targets != PAD
     rows, gold = features[real], targets[real]  # [R, F], [R], sentence-major
     sentence = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[real]
-    tile = max(1, rows.shape[0]) if torch.is_grad_enabled() else OUTPUT_TILE_ROWS
-    token_log_p = torch.cat([
-        -nn.functional.cross_entropy(output(rows[start : start + tile]).float(), gold[start : start + tile],
-                                     reduction="none")
-        for start in range(0, max(1, rows.shape[0]), tile)])
+    token_log_p = output_token_log_likelihood(rows, output.weight, output.bias, gold)
     total = torch.zeros(targets.shape[0], dtype=token_log_p.dtype, device=targets.device)
     return total.index_add(0, sentence, token_log_p)
 

@@ -18,6 +18,7 @@ from ..data.vocab import PAD
 from ..errors import CvaeError
 from ..models.text_vae import CoupledVAE, TextVAE
 from ..modules.networks import GRUDecoder
+from ..modules.output_layer import output_token_log_likelihood
 from ..modules.posteriors import GaussianHead
 from .layers import PackedEmbedding, PackedGRU, PackedLinear, dropout, gru_scan, gru_step, linear
 
@@ -124,12 +125,9 @@ def output_log_likelihood(features: Tensor, targets: Tensor, weight: Tensor, bia
     log softmax(W features + b)[target], computed only at real positions (as unpacked)."""
     real = targets != PAD
     rows, gold = features[:, real], targets[real]  # [M, R, F], [R]
-    members = rows.shape[0]
-    logits = linear(rows, weight, bias)  # [M, R, V]
-    token_log_p = -nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), gold.repeat(members),
-                                               reduction="none").view(members, -1)
+    token_log_p = output_token_log_likelihood(rows, weight, bias, gold)  # [M, R]
     sentence = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[real]
-    total = torch.zeros(members, targets.shape[0], dtype=token_log_p.dtype, device=targets.device)
+    total = torch.zeros(rows.shape[0], targets.shape[0], dtype=token_log_p.dtype, device=targets.device)
     return total.index_add(1, sentence, token_log_p)
 
 
