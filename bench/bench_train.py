@@ -43,10 +43,12 @@ def setup(presets: list[str], steps: int, batching: str = "bucket", device: torc
     return batches, setups
 
 
-def train_steps(model, optimizer, objective, batches) -> None:
-    """The trainer's step (loss, backward, clipping at 30, Adam) over ``batches``."""
+def train_steps(model, optimizer, objective, batches, bf16: bool = False) -> None:
+    """The trainer's step (loss, backward, clipping at 30, Adam) over ``batches``; ``bf16``: the
+    forward and loss under bf16 autocast, as train.amp runs them."""
     for step, batch in enumerate(batches, 1):
-        loss, _ = objective(model, model(batch), step)
+        with torch.autocast(batches[0].inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = objective(model, model(batch), step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 30.0)
@@ -54,16 +56,16 @@ def train_steps(model, optimizer, objective, batches) -> None:
 
 
 def measure(presets: list[str], steps: int, rounds: int, batching: str = "bucket",
-            device: torch.device = torch.device("cpu")) -> dict[str, dict[str, float]]:
+            device: torch.device = torch.device("cpu"), bf16: bool = False) -> dict[str, dict[str, float]]:
     """-> {preset: {ms_per_step, tokens_per_s, tokens_per_step}} (medians over ``rounds``,
-    after one warm-up round), all presets on the same PTB training batches."""
+    after one warm-up round), all presets on the same PTB training batches (``bf16``: train.amp)."""
     batches, setups = setup(presets, steps, batching, device)
     tokens = sum(b.n_tokens for b in batches)
     times: dict[str, list[float]] = {name: [] for name in presets}
     for round_index in range(rounds + 1):  # round 0 warms up
         for name, (model, optimizer, objective) in setups.items():
             start = time.perf_counter()
-            train_steps(model, optimizer, objective, batches)
+            train_steps(model, optimizer, objective, batches, bf16)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if round_index:

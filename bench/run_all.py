@@ -7,6 +7,9 @@ sentences/s (N = 100, PTB test sentences) and its projected whole-test-set time,
 (whole PTB test set, N = 100), peak RSS of training and of evaluation (each measured in its own
 child process), the analytic FLOPs it assumes and the dense fp32 matmul rate measured in this
 run.  limit = matmul rate / FLOPs per unit; ratio = achieved / limit (JSON fields *_ratio).
+Where the device has bf16 matrix units (CUDA, or a CPU with AMX/AVX512-BF16) the bf16 rows follow
+(train.amp, and IS-NLL under bf16 autocast) with their speed-up over fp32; elsewhere one line says
+why they are left out.
 Study overhead (bench/bench_study.py): the default study's VAE trial run directly vs as a
 one-trial study (local Ray, SQLite MLflow; Ray start-up and study set-up reported apart), and two
 1-CPU trials at once vs one 2-CPU trial (summed training tokens/s).
@@ -33,6 +36,7 @@ from cvae_core.config import build_config
 from cvae_core.data import load_corpus
 from cvae_core.metrics.likelihood import evaluate, latent_metrics
 from cvae_core.models import build_model
+from cvae_core.runtime import bf16_matmul_units
 
 BENCH = Path(__file__).resolve().parent
 
@@ -93,7 +97,7 @@ def part_train(args) -> dict:
     import bench_train
 
     figures = bench_train.measure(["vae", "coupled-vae"], args.train_steps, args.train_rounds,
-                                  device=torch.device(args.device))
+                                  device=torch.device(args.device), bf16=args.bf16)
     return {"vae": figures["vae"], "coupled": figures["coupled-vae"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -109,12 +113,16 @@ def part_eval(args) -> dict:
     step = max(1, len(test.examples) // args.is_sentences)
     subset = dataclasses.replace(test, examples=test.examples[::step][: args.is_sentences])
     subset_tokens = subset.n_tokens
-    evaluate(model, dataclasses.replace(subset, examples=subset.examples[:8]), n_samples=2, with_mi=False)  # warm-up
-    _synchronize(device)
-    start = time.perf_counter()
-    result = evaluate(model, subset, n_samples=args.n_samples, with_mi=False)
-    _synchronize(device)
+    precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    with precision:
+        evaluate(model, dataclasses.replace(subset, examples=subset.examples[:8]), n_samples=2, with_mi=False)  # warm-up
+        _synchronize(device)
+        start = time.perf_counter()
+        result = evaluate(model, subset, n_samples=args.n_samples, with_mi=False)
+        _synchronize(device)
     is_seconds = time.perf_counter() - start
+    if args.bf16:  # the bf16 rows need the IS-NLL rate only
+        return {"is_sentences": len(subset.examples), "is_seconds": is_seconds, "is_nll": result["nll"]}
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
@@ -172,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     rows.add_argument("--only-study", action="store_true", help="only the study-overhead rows")
     parser.add_argument("--part", choices=("train", "eval", "direct", "study-one", "study-two"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)  # a part under bf16 autocast
     args = parser.parse_args(argv)
     if args.smoke:
         parser.set_defaults(**SMOKE)
@@ -245,6 +254,56 @@ def study_figures(args, child_argv: list[str]) -> dict:
     return figures
 
 
+def matmul_rate_bf16(m: int, k: int, n: int, device: torch.device, seconds: float = 1.0) -> float:
+    """As :func:`matmul_rate`, in bf16 (fp32 accumulation, as autocast's matmuls)."""
+    a, b = (torch.randn(m, k, device=device).bfloat16(), torch.randn(k, n, device=device).bfloat16())
+    a @ b
+    best, spent = 0.0, 0.0
+    while spent < seconds:
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+        spent += elapsed
+        best = max(best, 2 * m * k * n / elapsed / 1e9)
+    return best
+
+
+def bf16_figures(args, child_argv: list[str], fp32: dict) -> dict:
+    """The bf16 rows (train.amp; IS-NLL under bf16 autocast) where the device has bf16 matrix
+    units, printed beside the fp32 ones; elsewhere one line saying why they are left out."""
+    device = torch.device(args.device)
+    rates = {"square_1024": matmul_rate_bf16(1024, 1024, 1024, device),
+             "output_projection": matmul_rate_bf16(2048, 200, 10002, device)}
+    figures = {"bf16_matmul_gflops": rates, "bf16_units": bf16_matmul_units(device)}
+    if not figures["bf16_units"]:
+        print(f"bf16: no rows, {fp32['machine']} has no bf16 matrix units (bf16 square matmul "
+              f"{rates['square_1024']:.1f} GFLOP/s against fp32 {fp32['limit_gflops']:.1f}); train.amp refuses to "
+              "run here")
+        return figures
+    evaluation = run_part("eval", [*child_argv, "--bf16"])
+    training = run_part("train", [*child_argv, "--bf16"])
+    figures.update({
+        "train_vae_tokens_per_s_bf16": training["vae"]["tokens_per_s"],
+        "train_coupled_tokens_per_s_bf16": training["coupled"]["tokens_per_s"],
+        "is_nll_sentences_per_s_bf16": evaluation["is_sentences"] / evaluation["is_seconds"],
+        "is_nll_bf16": evaluation["is_nll"],
+    })
+    print("bf16 matmul GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
+    print(f"{'bf16 (train.amp; IS-NLL under autocast)':<34} {'achieved':>10} {'fp32':>10} {'speed-up':>8}")
+    for name, bf16, base in [
+            ("training VAE, tokens/s", figures["train_vae_tokens_per_s_bf16"], fp32["train_vae_tokens_per_s"]),
+            ("training Coupled-VAE, tokens/s", figures["train_coupled_tokens_per_s_bf16"],
+             fp32["train_coupled_tokens_per_s"]),
+            (f"IS-NLL N={args.n_samples}, sentences/s", figures["is_nll_sentences_per_s_bf16"],
+             fp32["is_nll_sentences_per_s"])]:
+        print(f"{name:<34} {bf16:10,.1f} {base:10,.1f} {bf16 / base:7.2f}x")
+    print(f"IS-NLL of the untrained model: fp32 {fp32['is_nll']:.3f}, bf16 {figures['is_nll_bf16']:.3f} "
+          "(bench/bench_bf16.py measures a trained one)")
+    return figures
+
+
 def throughput_figures(args, child_argv: list[str]) -> dict:
     """The training / evaluation rows, printed; -> their JSON fields."""
     device = torch.device(args.device)
@@ -278,6 +337,7 @@ def throughput_figures(args, child_argv: list[str]) -> dict:
         "is_nll_test_set_minutes": evaluation["test_sentences"] / is_rate / 60,
         "mi_seconds": evaluation["mi_seconds"],
         "peak_rss_train_mb": training["peak_rss_mb"], "peak_rss_eval_mb": evaluation["peak_rss_mb"],
+        "is_nll": evaluation["is_nll"],
     }
     print(f"{figures['machine']} ({figures['device']}), {figures['threads']} threads, torch {figures['torch']}")
     print("matmul fp32 GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
@@ -301,6 +361,7 @@ def throughput_figures(args, child_argv: list[str]) -> dict:
     print(f"{'MI (PTB test, N=100), s':<34} {figures['mi_seconds']:10.1f}")
     print(f"{'peak RSS training, MB':<34} {figures['peak_rss_train_mb']:10,.0f}")
     print(f"{'peak RSS evaluation, MB':<34} {figures['peak_rss_eval_mb']:10,.0f}")
+    figures.update(bf16_figures(args, child_argv, figures))
     return figures
 
 

@@ -44,7 +44,7 @@ from .metrics.text import response_diversity
 from .models import build_model
 from .objectives import Objective
 from .prefb import init_from_dae, pretrained_dae
-from .runtime import format_duration, resolve_device
+from .runtime import bf16_autocast, format_duration, resolve_device
 
 Callback = Callable[[dict[str, float], Path], None]
 Log = Callable[[str], None]
@@ -152,6 +152,7 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
     output_dir = Path(output_dir).absolute()
     ckpt_root = output_dir / "checkpoints"
     device = resolve_device(config.train.device)
+    bf16_autocast(device, config.train.amp)  # a device without bf16 units stops here, before the data loads
     if corpus is None:
         log(f"loading {config.data.dataset} ...")
         corpus = load_corpus(config.data, ("train", "valid"))
@@ -268,8 +269,7 @@ class _Loop:
         self.config, self.model, self.optimizer, self.objective = config, model, optimizer, objective
         self.batcher, self.corpus, self.device, self.ckpt_root = batcher, corpus, device, ckpt_root
         self.state, self.log = state, log
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.train.amp and device.type == "cuda"
-                         else contextlib.nullcontext())
+        self.autocast = bf16_autocast(device, config.train.amp)
         self.progress = Progress(config.train.steps, state.step)
         self.divergence = DivergenceWatch(device)
         self.dynamics = (HeldOutDynamics(model, corpus["valid"].examples[:GRAD_BATCH], device, config.train.seed)

@@ -102,7 +102,7 @@ class TrainConfig:
     log_every: int = 100
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = False  # bfloat16 autocast on CUDA
+    amp: bool = False  # bf16 autocast in training steps (CUDA, or a CPU with bf16 matrix units)
     keep_last: int = 1  # step checkpoints kept besides the best
     # Lagging-VAE (He et al. 2019): aggressive inference-network updates until validation MI
     # (mi_batch) stops rising. Per training step: encoder-only updates on fresh batches, at most
