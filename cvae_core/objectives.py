@@ -31,18 +31,28 @@ def squared_distance(h: Tensor, target: Tensor) -> Tensor:
     return (h - target).pow(2).sum(-1)
 
 
-def matching_loss(h: Tensor, h_coupled: Tensor, distance: str, c: float) -> Tensor:
+def matching_loss(h: Tensor, h_coupled: Tensor, distance: str | Tensor, c: float | Tensor) -> Tensor:
     """Signal matching per example, [B]. ``h_coupled`` is detached here: no gradient reaches the
     deterministic path through this loss (h^c guides h, not the opposite).
 
     eucl: D = ||h - sg(h^c)||^2.   rq: -sum_s sC / (sC + D), s in RQ_SCALES (range [-7, 0)).
+
+    One run passes ``distance`` "eucl" or "rq" and a float ``c``.  A pack (K members, h [K, B, E])
+    passes per-member values broadcastable to D [K, B]: ``c`` [K, 1] and, where its members mix the
+    two distances, ``distance`` a bool [K, 1], True for the members that match with rq.
     """
     d2 = squared_distance(h, h_coupled.detach())
+    if isinstance(distance, Tensor):
+        return torch.where(distance, _rq_matching(d2, c), d2)
     if distance == "eucl":
         return d2
     if distance == "rq":
-        return -sum(s * c / (s * c + d2) for s in RQ_SCALES)
+        return _rq_matching(d2, c)
     raise ValueError(f"unknown matching distance {distance!r}")
+
+
+def _rq_matching(d2: Tensor, c: float | Tensor) -> Tensor:
+    return -sum(s * c / (s * c + d2) for s in RQ_SCALES)
 
 
 def pairwise_squared_distances(x: Tensor, y: Tensor) -> Tensor:

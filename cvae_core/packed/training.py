@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..config import Config
 from ..data import Batch
 from ..errors import CvaeError
-from ..objectives import RQ_SCALES, Objective, squared_distance
+from ..objectives import Objective, matching_loss
 from ..train import learning_rate
 from .model import PackedCoupledVAE, PackedOutput, PackedTextVAE
 
@@ -67,21 +67,20 @@ class PackedObjective:
 
         self.lambda_r = per_member(c.coupling.lambda_r for c in configs)
         self.lambda_m = per_member(c.coupling.lambda_m for c in configs)
-        self.rq_c = per_member(c.rq_c for c in configs)
-        self.uses_rq = torch.tensor([c.coupling.distance == "rq" for c in configs])
+        self.rq_c = per_member(c.rq_c for c in configs).unsqueeze(1)  # [K, 1], as D [K, B]
+        uses_rq = [c.coupling.distance == "rq" for c in configs]
+        # One distance for every member, or per member (matching_loss selects with torch.where).
+        self.distance: str | Tensor = ("rq" if all(uses_rq) else "eucl" if not any(uses_rq)
+                                       else torch.tensor(uses_rq).unsqueeze(1))
 
     def kl_weight(self, step: int) -> Tensor:
         """[K]: each member's KL weight at ``step`` from its own schedule."""
         return torch.tensor([objective.kl_weight(step) for objective in self.objectives], dtype=torch.float32)
 
     def matching(self, h: Tensor, h_coupled: Tensor) -> Tensor:
-        """[K, B] per member: eucl ||h - sg(h^c)||^2 or rq -sum_s sC_k / (sC_k + D), as ``matching_loss``."""
-        d2 = squared_distance(h, h_coupled.detach())
-        if not bool(self.uses_rq.any()):
-            return d2
-        c = self.rq_c.to(d2.device).unsqueeze(1)
-        rq = -sum(s * c / (s * c + d2) for s in RQ_SCALES)
-        return torch.where(self.uses_rq.to(d2.device).unsqueeze(1), rq, d2)
+        """[K, B] per member: its own ``matching_loss`` (distance and C)."""
+        distance = self.distance if isinstance(self.distance, str) else self.distance.to(h.device)
+        return matching_loss(h, h_coupled, distance, self.rq_c.to(h.device))
 
     def __call__(self, output: PackedOutput, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """-> (scalar: the sum of the members' losses, named parts [K] each a batch mean)."""
