@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..config import Config
 from ..data import Batch
 from ..errors import CvaeError
-from ..objectives import Objective, matching_loss
+from ..objectives import Objective, matching_loss, weighted_loss
 from ..train import learning_rate
 from .model import PackedCoupledVAE, PackedOutput, PackedTextVAE
 
@@ -55,7 +55,8 @@ def check_pack_configs(configs: list[Config]) -> None:
 
 class PackedObjective:
     """Each member's Eq. (4) with its own weights, as tensors over the K members:
-    loss_k = rec + w_KL,k(t)·KL + λ_r,k·rec^c + λ_m,k·match_k (batch means); returns their sum."""
+    loss_k = rec + w_KL,k(t)·KL + λ_r,k·rec^c + λ_m,k·match_k (batch means, ``weighted_loss``);
+    returns their sum."""
 
     def __init__(self, configs: list[Config]):
         check_pack_configs(configs)
@@ -86,12 +87,12 @@ class PackedObjective:
         """-> (scalar: the sum of the members' losses, named parts [K] each a batch mean)."""
         device = output.rec.device
         parts = {"rec": output.rec.mean(-1), "kl": output.kl.mean(-1)}
-        loss = parts["rec"] + self.kl_weight(step).to(device) * parts["kl"]
         if self.coupled:
             parts["rec_coupled"] = output.rec_coupled.mean(-1)
             parts["match"] = self.matching(output.h, output.h_coupled).mean(-1)
-            loss = loss + self.lambda_r.to(device) * parts["rec_coupled"] + self.lambda_m.to(device) * parts["match"]
-        parts["loss"] = loss
+        parts["loss"] = loss = weighted_loss(
+            parts["rec"], parts["kl"], self.kl_weight(step).to(device), rec_coupled=parts.get("rec_coupled"),
+            lambda_r=self.lambda_r.to(device), match=parts.get("match"), lambda_m=self.lambda_m.to(device))
         return loss.sum(), parts
 
 
