@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import kl_divergence
 
 from ..data import Batch
 from ..data.vocab import PAD
@@ -131,12 +132,11 @@ class PackedTextVAE(nn.Module):
 
     def sample(self, e: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
         """e [K, B, 2H], noise [K, B, d] (standard normal; drawn if None) -> (z, KL per sentence [K, B])."""
-        posterior = self.head(e)
-        loc, scale = posterior.loc, posterior.scale
-        noise = torch.randn_like(loc) if noise is None else noise
-        # KL(N(loc, scale^2) || N(0, 1)) summed over dims, in torch.distributions' formula.
-        kl = 0.5 * (scale.pow(2) + loc.pow(2) - 1 - scale.pow(2).log()).sum(-1)
-        return loc + noise * scale, kl
+        posterior = self.head(e)  # a DiagonalGaussian over [K, B, d]
+        noise = torch.randn_like(posterior.loc) if noise is None else noise
+        # The KL to N(0, I) is the ordinary model's: the analytic KL registered for the posterior.
+        kl = kl_divergence(posterior, self.head.prior(e.device))
+        return posterior.loc + noise * posterior.scale, kl
 
     def forward(self, batch: Batch, noise: Tensor | None = None) -> PackedOutput:
         z, kl = self.sample(self.encode(batch), noise)
