@@ -31,18 +31,28 @@ def squared_distance(h: Tensor, target: Tensor) -> Tensor:
     return (h - target).pow(2).sum(-1)
 
 
-def matching_loss(h: Tensor, h_coupled: Tensor, distance: str, c: float) -> Tensor:
+def matching_loss(h: Tensor, h_coupled: Tensor, distance: str | Tensor, c: float | Tensor) -> Tensor:
     """Signal matching per example, [B]. ``h_coupled`` is detached here: no gradient reaches the
     deterministic path through this loss (h^c guides h, not the opposite).
 
     eucl: D = ||h - sg(h^c)||^2.   rq: -sum_s sC / (sC + D), s in RQ_SCALES (range [-7, 0)).
+
+    One run passes ``distance`` "eucl" or "rq" and a float ``c``.  A pack (K members, h [K, B, E])
+    passes per-member values broadcastable to D [K, B]: ``c`` [K, 1] and, where its members mix the
+    two distances, ``distance`` a bool [K, 1], True for the members that match with rq.
     """
     d2 = squared_distance(h, h_coupled.detach())
+    if isinstance(distance, Tensor):
+        return torch.where(distance, _rq_matching(d2, c), d2)
     if distance == "eucl":
         return d2
     if distance == "rq":
-        return -sum(s * c / (s * c + d2) for s in RQ_SCALES)
+        return _rq_matching(d2, c)
     raise ValueError(f"unknown matching distance {distance!r}")
+
+
+def _rq_matching(d2: Tensor, c: float | Tensor) -> Tensor:
+    return -sum(s * c / (s * c + d2) for s in RQ_SCALES)
 
 
 def pairwise_squared_distances(x: Tensor, y: Tensor) -> Tensor:
@@ -77,8 +87,28 @@ def free_bits_kl(kl_per_dim: Tensor, nats_total: float) -> Tensor:
     return kl_per_dim.clamp(min=nats_total / kl_per_dim.shape[-1]).sum(-1)
 
 
+def weighted_loss(rec: Tensor, regularizer: Tensor | None = None, kl_weight: float | Tensor = 0.0, *,
+                  mmd: Tensor | None = None, mmd_weight: float = 0.0, rec_coupled: Tensor | None = None,
+                  lambda_r: float | Tensor = 0.0, match: Tensor | None = None,
+                  lambda_m: float | Tensor = 0.0) -> Tensor:
+    """Eq. (4) from its batch-mean terms: rec + w_KL(t)·Reg [+ mmd_weight·MMD] [+ λ_r·rec^c + λ_m·match].
+
+    A term left None is left out (no posterior: no Reg; uncoupled: no rec^c, match).  One run
+    passes scalar terms and float weights; a pack passes [K] terms and [K] weights (each member's
+    own), and gets each member's loss [K]."""
+    loss = rec
+    if regularizer is not None:
+        loss = loss + kl_weight * regularizer
+    if mmd is not None:
+        loss = loss + mmd_weight * mmd
+    if rec_coupled is not None:
+        loss = loss + lambda_r * rec_coupled + lambda_m * match
+    return loss
+
+
 class Objective:
-    """Eq. (4): L = rec + w_KL(t)·Reg + [mmd_weight·MMD] + λ_r·rec^c + λ_m·match (batch means).
+    """Eq. (4): L = rec + w_KL(t)·Reg + [mmd_weight·MMD] + λ_r·rec^c + λ_m·match (batch means),
+    weighted by :func:`weighted_loss`.
 
     Only the KL-like term is annealed; rec^c, matching and MMD are constant from step 1.
     """
@@ -96,7 +126,7 @@ class Objective:
         """-> (scalar loss, named parts for logging; each part is a batch mean)."""
         config, reg = self.config, self.config.regularizer
         parts: dict[str, Tensor] = {"rec": output.rec.mean()}
-        loss = parts["rec"]
+        reg_term = weight = None
         if output.posterior is not None:
             weight = self.kl_weight(step)
             prior = output.prior
@@ -106,15 +136,15 @@ class Objective:
                 reg_term = free_bits_kl(kl_per_dim, reg.free_bits).mean()
             else:
                 parts["kl"] = reg_term = output.posterior.regularizer(prior, output.sample).mean()
-            loss = loss + weight * reg_term
             if reg.kind == "mmd":
                 z = output.sample.z
                 parts["mmd"] = imq_mmd(z, prior.sample((z.shape[0],)).to(z), z.shape[-1])
-                loss = loss + reg.mmd_weight * parts["mmd"]
         if output.rec_coupled is not None:
             coupling = config.coupling
             parts["rec_coupled"] = output.rec_coupled.mean()
             parts["match"] = matching_loss(output.h, output.h_coupled, coupling.distance, config.rq_c).mean()
-            loss = loss + coupling.lambda_r * parts["rec_coupled"] + coupling.lambda_m * parts["match"]
-        parts["loss"] = loss
+        parts["loss"] = loss = weighted_loss(
+            parts["rec"], reg_term, weight, mmd=parts.get("mmd"), mmd_weight=reg.mmd_weight,
+            rec_coupled=parts.get("rec_coupled"), lambda_r=config.coupling.lambda_r, match=parts.get("match"),
+            lambda_m=config.coupling.lambda_m)
         return loss, parts

@@ -34,7 +34,7 @@ from .checkpoint import (BEST, LATEST, TrainState, install_checkpoint, load_chec
                          save_checkpoint, step_dir)
 from .config import Config, validate
 from .data import BucketBatcher, Corpus, load_corpus
-from .data.batching import POOL_BATCHES
+from .data.batching import POOL_BATCHES, BatchStream
 from .errors import CvaeError, Diverged, divergence_as_outcome
 from .lagging import LaggingPhase, parameter_groups
 from .metrics import evaluate
@@ -168,8 +168,6 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
         init_from_dae(model, dae_checkpoint, corpus.vocab, log)
     optimizer = make_optimizer(model, config)
     objective = Objective(config)
-    batcher = BucketBatcher(corpus["train"].examples, config.train.batch_size, config.train.seed,
-                            pool_batches=POOL_BATCHES[config.data.batching])
     state = TrainState(aggressive=True if config.train.aggressive else None)
     if resuming:
         state = _resume(latest, model, optimizer, config, device, log)
@@ -178,9 +176,18 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{config.preset} on {config.data.dataset} ({config.scale} scale): {n_params:,} parameters, "
         f"{len(corpus['train'].examples):,} training sentences, device {device}, {config.train.steps} steps")
-    loop = _Loop(config, model, optimizer, objective, batcher, corpus, device, ckpt_root, state, log)
+    loop = _Loop(config, model, optimizer, objective, training_batches(config, corpus, state), corpus, device,
+                 ckpt_root, state, log)
     last_metrics = loop.run(callbacks)
     return train_result(config, output_dir, state, last_metrics)
+
+
+def training_batches(config: Config, corpus: Corpus, state: TrainState) -> BatchStream:
+    """The run's training batches (``config``'s batch size, seed and batching) from where ``state``
+    stands; shared by ``train`` and the packed loop, whose members all read configs[0]'s."""
+    batcher = BucketBatcher(corpus["train"].examples, config.train.batch_size, config.train.seed,
+                            pool_batches=POOL_BATCHES[config.data.batching])
+    return BatchStream(batcher, state.epoch, state.batch_index)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path:
@@ -264,10 +271,10 @@ class _Loop:
     """One run's step loop over a TrainState: training steps, evaluations, checkpoints."""
 
     def __init__(self, config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective,
-                 batcher: BucketBatcher, corpus: Corpus, device: torch.device, ckpt_root: Path, state: TrainState,
+                 batches: BatchStream, corpus: Corpus, device: torch.device, ckpt_root: Path, state: TrainState,
                  log: Log):
         self.config, self.model, self.optimizer, self.objective = config, model, optimizer, objective
-        self.batcher, self.corpus, self.device, self.ckpt_root = batcher, corpus, device, ckpt_root
+        self.batches, self.corpus, self.device, self.ckpt_root = batches, corpus, device, ckpt_root
         self.state, self.log = state, log
         self.autocast = bf16_autocast(device, config.train.amp)
         self.progress = Progress(config.train.steps, state.step)
@@ -276,7 +283,6 @@ class _Loop:
                          if config.train.dynamics_every else None)
         self.lagging = (LaggingPhase(model, objective, optimizer, config, state, self.autocast, log)
                         if config.train.aggressive else None)
-        self.order = batcher.order(state.epoch)
 
     def run(self, callbacks: Iterable[Callback]) -> dict[str, float]:
         """Train to ``train.steps`` (or until a callback stops it). -> the last evaluation's metrics."""
@@ -304,17 +310,13 @@ class _Loop:
         return last_metrics
 
     def next_batch(self):
-        state = self.state
-        if state.batch_index >= len(self.order):
-            state.epoch, state.batch_index = state.epoch + 1, 0
-            self.order = self.batcher.order(state.epoch)
-        batch = self.batcher.batch(self.order[state.batch_index]).to(self.device)
-        state.batch_index += 1
+        batch = self.batches.next(self.device)
+        self.state.epoch, self.state.batch_index = self.batches.epoch, self.batches.batch_index
         return batch
 
     def fresh_batch(self):
         """Lagging-VAE's inner loop: a random batch of the current epoch."""
-        return self.batcher.batch(self.order[int(torch.randint(len(self.order), ()))]).to(self.device)
+        return self.batches.random(self.device)
 
     def train_step(self, batch) -> tuple[float, float]:
         """One optimizer step (after the Lagging-VAE inner loop, if on). -> (kl_weight, lr)."""

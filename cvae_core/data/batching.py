@@ -132,6 +132,29 @@ class BucketBatcher:
         return make_batch([self.examples[i] for i in indices])
 
 
+class BatchStream:
+    """A training run's batches, in ``batcher``'s order from the position (epoch, batch_index):
+    ``next`` rolls over to the next epoch's order after an epoch's last batch.  The position is
+    what a checkpoint records (``TrainState.epoch``, ``batch_index``) to resume exactly."""
+
+    def __init__(self, batcher: BucketBatcher, epoch: int = 0, batch_index: int = 0):
+        self.batcher, self.epoch, self.batch_index = batcher, epoch, batch_index
+        self.order = batcher.order(epoch)
+
+    def next(self, device: torch.device | str) -> Batch:
+        """The batch at the position (on ``device``); the position moves past it."""
+        if self.batch_index >= len(self.order):
+            self.epoch, self.batch_index = self.epoch + 1, 0
+            self.order = self.batcher.order(self.epoch)
+        batch = self.batcher.batch(self.order[self.batch_index]).to(device)
+        self.batch_index += 1
+        return batch
+
+    def random(self, device: torch.device | str) -> Batch:
+        """A random batch of the current epoch (drawn from torch's RNG); the position stays."""
+        return self.batcher.batch(self.order[int(torch.randint(len(self.order), ()))]).to(device)
+
+
 def eval_batches(examples: list[list[int]], batch_size: int) -> list[Batch]:
     """Consecutive, unshuffled batches in file order (the MI estimator's batches are these)."""
     return [make_batch(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]

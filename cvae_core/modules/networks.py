@@ -7,6 +7,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from ..data.vocab import PAD, UNK
 from .output_layer import output_token_log_likelihood
+from .stacked import make_linear
 
 
 class BiGRUEncoder(nn.Module):
@@ -28,11 +29,15 @@ class BiGRUEncoder(nn.Module):
 
 
 class SignalNetwork(nn.Module):
-    """z [..., d] -> decoding signal h [..., E]: Linear -> ReLU -> Linear ("toInit")."""
+    """z [..., d] -> decoding signal h [..., E]: Linear -> ReLU -> Linear ("toInit").
 
-    def __init__(self, latent_dim: int, signal_dim: int):
+    With ``members`` K: K such networks stacked (a pack's, ``cvae_core.packed``), z [K, ..., d]
+    -> h [K, ..., E], under the same parameter names."""
+
+    def __init__(self, latent_dim: int, signal_dim: int, members: int | None = None):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(latent_dim, signal_dim), nn.ReLU(), nn.Linear(signal_dim, signal_dim))
+        self.net = nn.Sequential(make_linear(latent_dim, signal_dim, members), nn.ReLU(),
+                                 make_linear(signal_dim, signal_dim, members))
 
     def forward(self, z: Tensor) -> Tensor:
         return self.net(z)

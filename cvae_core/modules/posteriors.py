@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, Normal, kl_divergence, register_kl
 
+from .stacked import make_linear
+
 
 class LatentSample(NamedTuple):
     z: Tensor  # [*S, B, d] code fed to the decoder
@@ -90,15 +92,19 @@ class GaussianHead(nn.Module):
     """e ``[B, in_dim]`` -> DiagonalGaussian: one Linear for the mean, one for the log-std.
 
     ``batch_norm=True`` adds BatchNorm1d after both Linears (the authors' NF/WAE-NF models).
+    With ``members`` K (no batch norm): K such heads stacked (a pack's, ``cvae_core.packed``),
+    e [K, B, in_dim] -> a DiagonalGaussian over [K, B, d], under the same parameter names.
     """
 
     family = "gaussian"
 
-    def __init__(self, in_dim: int, latent_dim: int, batch_norm: bool = False):
+    def __init__(self, in_dim: int, latent_dim: int, batch_norm: bool = False, members: int | None = None):
         super().__init__()
+        if batch_norm and members is not None:
+            raise ValueError("a member-stacked Gaussian head has no batch norm")
         self.latent_dim = latent_dim
-        self.mean = nn.Linear(in_dim, latent_dim)
-        self.log_std = nn.Linear(in_dim, latent_dim)
+        self.mean = make_linear(in_dim, latent_dim, members)
+        self.log_std = make_linear(in_dim, latent_dim, members)
         self.mean_norm = nn.BatchNorm1d(latent_dim) if batch_norm else nn.Identity()
         self.log_std_norm = nn.BatchNorm1d(latent_dim) if batch_norm else nn.Identity()
 

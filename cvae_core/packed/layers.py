@@ -1,7 +1,8 @@
 """Member-stacked layers: every parameter carries a leading member dimension K, and one batched
 matmul serves all members.  Parameter names and per-member layouts are those of the ordinary
-layers (``nn.Linear``, ``nn.Embedding``, ``nn.GRU``), so ``weight[k]`` is member k's ordinary
-tensor and a packed state_dict unstacks into ordinary ones.
+layers (``nn.Embedding``, ``nn.GRU``), so ``weight[k]`` is member k's ordinary tensor and a
+packed state_dict unstacks into ordinary ones.  The stacked Linear, which the ordinary modules
+also build (``SignalNetwork``, ``GaussianHead`` with ``members``), is ``modules.stacked.PackedLinear``.
 
 Shapes: K members, B sentences, T steps, M = K (or 2K when two stacks run as one, e.g. the
 encoder's two directions or a base decoder beside its coupled twin).
@@ -11,29 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..modules.stacked import linear
+
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Dropout with an independent mask per member (members are independent runs)."""
     return nn.functional.dropout(x, p, training) if p > 0 else x
-
-
-class PackedLinear(nn.Module):
-    """K Linear layers: weight [K, out, in], bias [K, out]; x [K, ..., in] -> [K, ..., out]."""
-
-    def __init__(self, members: int, in_dim: int, out_dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(members, out_dim, in_dim))
-        self.bias = nn.Parameter(torch.empty(members, out_dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """x [M, ..., in], weight [M, out, in], bias [M, out] -> [M, ..., out] in one baddbmm."""
-    flat = x.reshape(x.shape[0], -1, x.shape[-1])
-    out = torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
-    return out.view(*x.shape[:-1], weight.shape[1])
 
 
 class PackedEmbedding(nn.Module):

@@ -24,13 +24,12 @@ import torch
 
 from ..checkpoint import LATEST, TrainState, install_checkpoint, load_checkpoint
 from ..config import Config, validate
-from ..data import BucketBatcher, Corpus, load_corpus
-from ..data.batching import POOL_BATCHES
+from ..data import Corpus, load_corpus
 from ..errors import CvaeError, Diverged
 from ..models import build_model
 from ..runtime import format_duration, resolve_device
 from ..train import (DivergenceWatch, Log, Progress, StopTraining, TrainResult, check_resumable,
-                     evaluate_and_checkpoint, learning_rate, make_optimizer, train_result)
+                     evaluate_and_checkpoint, learning_rate, make_optimizer, train_result, training_batches)
 from .checkpoints import load_pack, save_member_checkpoint
 from .model import PackedCoupledVAE, PackedTextVAE, member_state_dict, pack
 from .training import PackedObjective, check_pack_configs, train_step
@@ -201,14 +200,11 @@ class _PackLoop:
         self.packed, self.optimizer, self.members = packed, optimizer, members
         self.corpus, self.device, self.log, self.on_member_end = corpus, device, log, on_member_end
         self.config = members[0].config
-        train = self.config.train
-        self.batcher = BucketBatcher(corpus["train"].examples, train.batch_size, train.seed,
-                                     pool_batches=POOL_BATCHES[self.config.data.batching])
         first = members[0].state
-        self.step, self.epoch, self.batch_index = first.step, first.epoch, first.batch_index
-        self.order = self.batcher.order(self.epoch)
+        self.step = first.step
+        self.batches = training_batches(self.config, corpus, first)  # the members share every train.* setting
         self.objective = PackedObjective([m.config for m in members])
-        self.progress = Progress(train.steps, self.step)  # sums of [K] tensors, one entry per member
+        self.progress = Progress(self.config.train.steps, self.step)  # sums of [K] tensors, one entry per member
         self.divergence = DivergenceWatch(device, len(members))
         self.ends: dict[int, MemberEnd] = {}
 
@@ -226,19 +222,12 @@ class _PackLoop:
         for member in list(self.members):
             self.end(member, "done")
 
-    def next_batch(self):
-        if self.batch_index >= len(self.order):
-            self.epoch, self.batch_index = self.epoch + 1, 0
-            self.order = self.batcher.order(self.epoch)
-        batch = self.batcher.batch(self.order[self.batch_index]).to(self.device)
-        self.batch_index += 1
-        return batch
-
     def train_step(self) -> None:
-        batch = self.next_batch()
+        batch = self.batches.next(self.device)
         self.step += 1
         for member in self.members:
-            member.state.step, member.state.epoch, member.state.batch_index = self.step, self.epoch, self.batch_index
+            member.state.step = self.step
+            member.state.epoch, member.state.batch_index = self.batches.epoch, self.batches.batch_index
         shape = (len(batch.lengths), self.config.model.latent_dim)
         noise = torch.stack([torch.empty(shape, device=self.device).normal_(generator=m.noise) for m in self.members])
         parts, grad_norms = train_step(self.packed, self.objective, self.optimizer, batch, self.step, self.config,

@@ -12,15 +12,17 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributions import kl_divergence
 
 from ..data import Batch
 from ..data.vocab import PAD
 from ..errors import CvaeError
 from ..models.text_vae import CoupledVAE, TextVAE
-from ..modules.networks import GRUDecoder
+from ..modules.networks import GRUDecoder, SignalNetwork
 from ..modules.output_layer import output_token_log_likelihood
 from ..modules.posteriors import GaussianHead
-from .layers import PackedEmbedding, PackedGRU, PackedLinear, dropout, gru_scan, gru_step, linear
+from ..modules.stacked import PackedLinear, linear
+from .layers import PackedEmbedding, PackedGRU, dropout, gru_scan, gru_step
 
 
 @dataclass
@@ -56,30 +58,6 @@ class PackedBiGRUEncoder(nn.Module):
         backward_input = embedded[:, torch.arange(batch, device=words.device).unsqueeze(1), reverse]
         _, last = gru_scan(torch.cat([embedded, backward_input]), self.gru.stacked(), None, mask)
         return torch.cat([last[:members], last[members:]], dim=-1)
-
-
-class PackedGaussianHead(nn.Module):
-    """e [K, B, in] -> (loc, log_std) [K, B, d], as ``GaussianHead`` without batch norm."""
-
-    def __init__(self, members: int, in_dim: int, latent_dim: int):
-        super().__init__()
-        self.mean = PackedLinear(members, in_dim, latent_dim)
-        self.log_std = PackedLinear(members, in_dim, latent_dim)
-
-    def forward(self, e: Tensor) -> tuple[Tensor, Tensor]:
-        return self.mean(e), self.log_std(e)
-
-
-class PackedSignalNetwork(nn.Module):
-    """z [K, ..., d] -> h [K, ..., E]: Linear -> ReLU -> Linear, as ``SignalNetwork``."""
-
-    def __init__(self, members: int, latent_dim: int, signal_dim: int):
-        super().__init__()
-        self.net = nn.Sequential(PackedLinear(members, latent_dim, signal_dim), nn.ReLU(),
-                                 PackedLinear(members, signal_dim, signal_dim))
-
-    def forward(self, z: Tensor) -> Tensor:
-        return self.net(z)
 
 
 class PackedGRUDecoder(nn.Module):
@@ -139,8 +117,8 @@ class PackedTextVAE(nn.Module):
         super().__init__()
         self.embedding = PackedEmbedding(members, vocab_size, embed_dim)
         self.encoder = PackedBiGRUEncoder(self.embedding, hidden_dim, dropout_rate)
-        self.head = PackedGaussianHead(members, 2 * hidden_dim, latent_dim)
-        self.signal = PackedSignalNetwork(members, latent_dim, embed_dim)
+        self.head = GaussianHead(2 * hidden_dim, latent_dim, members=members)
+        self.signal = SignalNetwork(latent_dim, embed_dim, members=members)
         self.decoder = PackedGRUDecoder(self.embedding, 2 * hidden_dim, dropout_rate)
 
     @property
@@ -152,12 +130,11 @@ class PackedTextVAE(nn.Module):
 
     def sample(self, e: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor]:
         """e [K, B, 2H], noise [K, B, d] (standard normal; drawn if None) -> (z, KL per sentence [K, B])."""
-        loc, log_std = self.head(e)
-        scale = log_std.exp()
-        noise = torch.randn_like(loc) if noise is None else noise
-        # KL(N(loc, scale^2) || N(0, 1)) summed over dims, in torch.distributions' formula.
-        kl = 0.5 * (scale.pow(2) + loc.pow(2) - 1 - scale.pow(2).log()).sum(-1)
-        return loc + noise * scale, kl
+        posterior = self.head(e)  # a DiagonalGaussian over [K, B, d]
+        noise = torch.randn_like(posterior.loc) if noise is None else noise
+        # The KL to N(0, I) is the ordinary model's: the analytic KL registered for the posterior.
+        kl = kl_divergence(posterior, self.head.prior(e.device))
+        return posterior.loc + noise * posterior.scale, kl
 
     def forward(self, batch: Batch, noise: Tensor | None = None) -> PackedOutput:
         z, kl = self.sample(self.encode(batch), noise)
@@ -172,11 +149,10 @@ class PackedCoupledVAE(nn.Module):
 
     def __init__(self, base: PackedTextVAE):
         super().__init__()
-        members, embed_dim = base.members, base.embedding.embedding_dim
-        latent_dim = base.head.mean.weight.shape[1]
+        members, embed_dim, latent_dim = base.members, base.embedding.embedding_dim, base.head.latent_dim
         self.base = base
-        self.twin_head = PackedGaussianHead(members, base.head.mean.weight.shape[2], latent_dim)
-        self.twin_signal = PackedSignalNetwork(members, latent_dim, embed_dim)
+        self.twin_head = GaussianHead(base.head.mean.weight.shape[2], latent_dim, members=members)
+        self.twin_signal = SignalNetwork(latent_dim, embed_dim, members=members)
         self.twin_decoder = PackedGRUDecoder(base.embedding, base.decoder.gru.hidden_dim, base.decoder.dropout_rate)
 
     @property

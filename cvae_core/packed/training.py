@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..config import Config
 from ..data import Batch
 from ..errors import CvaeError
-from ..objectives import RQ_SCALES, Objective, squared_distance
+from ..objectives import Objective, matching_loss, weighted_loss
 from ..train import learning_rate
 from .model import PackedCoupledVAE, PackedOutput, PackedTextVAE
 
@@ -55,7 +55,8 @@ def check_pack_configs(configs: list[Config]) -> None:
 
 class PackedObjective:
     """Each member's Eq. (4) with its own weights, as tensors over the K members:
-    loss_k = rec + w_KL,k(t)·KL + λ_r,k·rec^c + λ_m,k·match_k (batch means); returns their sum."""
+    loss_k = rec + w_KL,k(t)·KL + λ_r,k·rec^c + λ_m,k·match_k (batch means, ``weighted_loss``);
+    returns their sum."""
 
     def __init__(self, configs: list[Config]):
         check_pack_configs(configs)
@@ -67,32 +68,31 @@ class PackedObjective:
 
         self.lambda_r = per_member(c.coupling.lambda_r for c in configs)
         self.lambda_m = per_member(c.coupling.lambda_m for c in configs)
-        self.rq_c = per_member(c.rq_c for c in configs)
-        self.uses_rq = torch.tensor([c.coupling.distance == "rq" for c in configs])
+        self.rq_c = per_member(c.rq_c for c in configs).unsqueeze(1)  # [K, 1], as D [K, B]
+        uses_rq = [c.coupling.distance == "rq" for c in configs]
+        # One distance for every member, or per member (matching_loss selects with torch.where).
+        self.distance: str | Tensor = ("rq" if all(uses_rq) else "eucl" if not any(uses_rq)
+                                       else torch.tensor(uses_rq).unsqueeze(1))
 
     def kl_weight(self, step: int) -> Tensor:
         """[K]: each member's KL weight at ``step`` from its own schedule."""
         return torch.tensor([objective.kl_weight(step) for objective in self.objectives], dtype=torch.float32)
 
     def matching(self, h: Tensor, h_coupled: Tensor) -> Tensor:
-        """[K, B] per member: eucl ||h - sg(h^c)||^2 or rq -sum_s sC_k / (sC_k + D), as ``matching_loss``."""
-        d2 = squared_distance(h, h_coupled.detach())
-        if not bool(self.uses_rq.any()):
-            return d2
-        c = self.rq_c.to(d2.device).unsqueeze(1)
-        rq = -sum(s * c / (s * c + d2) for s in RQ_SCALES)
-        return torch.where(self.uses_rq.to(d2.device).unsqueeze(1), rq, d2)
+        """[K, B] per member: its own ``matching_loss`` (distance and C)."""
+        distance = self.distance if isinstance(self.distance, str) else self.distance.to(h.device)
+        return matching_loss(h, h_coupled, distance, self.rq_c.to(h.device))
 
     def __call__(self, output: PackedOutput, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """-> (scalar: the sum of the members' losses, named parts [K] each a batch mean)."""
         device = output.rec.device
         parts = {"rec": output.rec.mean(-1), "kl": output.kl.mean(-1)}
-        loss = parts["rec"] + self.kl_weight(step).to(device) * parts["kl"]
         if self.coupled:
             parts["rec_coupled"] = output.rec_coupled.mean(-1)
             parts["match"] = self.matching(output.h, output.h_coupled).mean(-1)
-            loss = loss + self.lambda_r.to(device) * parts["rec_coupled"] + self.lambda_m.to(device) * parts["match"]
-        parts["loss"] = loss
+        parts["loss"] = loss = weighted_loss(
+            parts["rec"], parts["kl"], self.kl_weight(step).to(device), rec_coupled=parts.get("rec_coupled"),
+            lambda_r=self.lambda_r.to(device), match=parts.get("match"), lambda_m=self.lambda_m.to(device))
         return loss.sum(), parts
 
 
