@@ -29,7 +29,7 @@ from cvae_core.config import build_config
 from cvae_core.data import load_corpus
 from cvae_core.errors import CvaeError
 from cvae_core.metrics.likelihood import evaluate
-from cvae_core.runtime import bf16_matmul_units, resolve_device
+from cvae_core.runtime import bf16_autocast, bf16_matmul_units, resolve_device
 from cvae_core.train import train
 
 SMOKE = {"steps": 2, "sentences": 4, "n_samples": 2, "train_steps": 2}  # --smoke
@@ -81,16 +81,17 @@ def main() -> None:
               "nats per sentence")
         if not args.train_steps:
             return
+        try:
+            bf16_autocast(device, enabled=True)  # the check train.amp makes, before any training
+        except CvaeError as error:
+            print(f"training with train.amp=true: not run: {error}")
+            return
         runs = {}
         for amp in (False, True):
             config = build_config("vae", "ptb", "quick", {
                 "train.steps": args.train_steps, "train.eval_every": args.train_steps, "train.amp": amp,
                 "train.device": str(device), "train.dynamics_every": 0})
-            try:
-                runs[amp] = train(config, Path(scratch) / f"amp-{amp}", log=quiet).last_metrics
-            except CvaeError as error:
-                print(f"training with train.amp=true: not run: {error}")
-                return
+            runs[amp] = train(config, Path(scratch) / f"amp-{amp}", log=quiet).last_metrics
         print(f"training {args.train_steps} steps (VAE, PTB), validation in fp32:")
         for amp, metrics in runs.items():
             print(f"train.amp={str(amp).lower():<5} NLL {metrics['val_nll']:.3f} KL {metrics['val_kl']:.3f} "

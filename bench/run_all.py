@@ -57,9 +57,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_rate(m: int, k: int, n: int, device: torch.device, seconds: float = 1.0) -> float:
-    """Best sustained GFLOP/s of [m, k] @ [k, n] in fp32 over repeats filling ~``seconds``."""
-    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+def matmul_rate(m: int, k: int, n: int, device: torch.device, seconds: float = 1.0,
+                dtype: torch.dtype = torch.float32) -> float:
+    """Best sustained GFLOP/s of [m, k] @ [k, n] in ``dtype`` (fp32 unless said) over repeats
+    filling ~``seconds``."""
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
     a @ b
     best, spent = 0.0, 0.0
     while spent < seconds:
@@ -254,28 +256,12 @@ def study_figures(args, child_argv: list[str]) -> dict:
     return figures
 
 
-def matmul_rate_bf16(m: int, k: int, n: int, device: torch.device, seconds: float = 1.0) -> float:
-    """As :func:`matmul_rate`, in bf16 (fp32 accumulation, as autocast's matmuls)."""
-    a, b = (torch.randn(m, k, device=device).bfloat16(), torch.randn(k, n, device=device).bfloat16())
-    a @ b
-    best, spent = 0.0, 0.0
-    while spent < seconds:
-        _synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        _synchronize(device)
-        elapsed = time.perf_counter() - start
-        spent += elapsed
-        best = max(best, 2 * m * k * n / elapsed / 1e9)
-    return best
-
-
 def bf16_figures(args, child_argv: list[str], fp32: dict) -> dict:
     """The bf16 rows (train.amp; IS-NLL under bf16 autocast) where the device has bf16 matrix
     units, printed beside the fp32 ones; elsewhere one line saying why they are left out."""
     device = torch.device(args.device)
-    rates = {"square_1024": matmul_rate_bf16(1024, 1024, 1024, device),
-             "output_projection": matmul_rate_bf16(2048, 200, 10002, device)}
+    rates = {"square_1024": matmul_rate(1024, 1024, 1024, device, dtype=torch.bfloat16),
+             "output_projection": matmul_rate(2048, 200, 10002, device, dtype=torch.bfloat16)}
     figures = {"bf16_matmul_gflops": rates, "bf16_units": bf16_matmul_units(device)}
     if not figures["bf16_units"]:
         print(f"bf16: no rows, {fp32['machine']} has no bf16 matrix units (bf16 square matmul "

@@ -63,6 +63,12 @@ class _BufferPool:
 _POOL = _BufferPool()
 
 
+def release_kept_buffers() -> None:
+    """Free the logits buffers kept between calls (e.g. when a process is done training)."""
+    with _POOL.lock:
+        _POOL.free.clear()
+
+
 def _logits(rows: Tensor, weight: Tensor, bias: Tensor, out: Tensor, low: torch.dtype | None) -> Tensor:
     """W rows + b into ``out`` (fp32): [R, V] from rows [R, F], or [M, R, V] from [M, R, F]."""
     if low is not None:  # autocast: the matmul in its dtype, the result widened into the buffer
