@@ -13,8 +13,8 @@ bias [M, V], one batched matmul for all members; gold [R] is shared by the membe
 
 Numbers: log p = x_gold - max - log sum exp(x - max), the formula of ``log_softmax``, in fp32;
 the same values as ``cross_entropy`` to float rounding (tests/test_output_layer.py).  Under
-autocast (``train.amp``) the two matmuls run in the autocast dtype, as they would as ``linear``,
-and the softmax stays fp32.
+autocast (``train.amp``) the matmuls (forward, and the two of backward) run in the autocast dtype,
+as they would as ``linear``, and the softmax stays fp32.
 """
 from __future__ import annotations
 
