@@ -65,13 +65,30 @@ def test_float64_inputs_are_computed_in_float64():
     assert torch.allclose(fused, reference(rows, weight, bias, gold), rtol=1e-12, atol=1e-12)
 
 
-def test_a_second_backward_through_the_same_graph_is_refused():
+def test_a_second_backward_through_the_same_graph_gives_the_same_gradients():
+    """retain_graph (Figure 2's gradient norms take several gradients of one forward pass): the
+    first backward consumes the buffer, a later one computes the softmax again."""
     rows, weight, bias, gold = leaves(None)
+    rows.requires_grad_()
+    upstream = torch.randn(rows.shape[0])
+    log_p = output_token_log_likelihood(rows, weight, bias, gold)
+    (first,) = torch.autograd.grad((log_p * upstream).sum(), rows, retain_graph=True)
+    _ = output_token_log_likelihood(rows, 2 * weight, bias, gold).sum()  # another forward reuses the buffer
+    (second,) = torch.autograd.grad((log_p * upstream).sum(), rows)
+    assert torch.equal(first, second)
+
+
+def test_a_buffer_from_an_evaluation_under_inference_mode_serves_training_afterwards():
+    """Evaluation runs under torch.inference_mode; the buffer it leaves in the pool must be an
+    ordinary tensor, or the next training step's in-place writes would be refused."""
+    rows, weight, bias, gold = leaves(None)
+    with torch.inference_mode():
+        evaluated = output_token_log_likelihood(rows, weight, bias, gold)
     weight.requires_grad_()
-    total = output_token_log_likelihood(rows, weight, bias, gold).sum()
-    total.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="runs once"):
-        total.backward()
+    trained = output_token_log_likelihood(rows, weight, bias, gold)
+    trained.sum().backward()
+    assert torch.allclose(trained.detach(), evaluated, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(weight.grad).all()
 
 
 def test_under_bfloat16_autocast_the_matmul_is_bfloat16_and_the_result_fp32():

@@ -51,7 +51,9 @@ class _BufferPool:
                 for i, buffer in enumerate(self.free):
                     if buffer.dtype == dtype:
                         return self.free.pop(i)
-        return rows.new_empty(0, dtype=dtype)
+        # a normal tensor even under inference_mode (evaluation), so that training may reuse it
+        with torch.inference_mode(False):
+            return torch.empty(0, dtype=dtype, device=rows.device)
 
     def give(self, buffer: Tensor) -> None:
         if buffer.device.type == "cpu":
@@ -95,29 +97,35 @@ def _log_softmax_at_gold(logits: Tensor, gold: Tensor, keep_softmax: bool = True
 
 class _OutputLogLikelihood(torch.autograd.Function):
     """Forward: the logits buffer becomes the softmax; backward turns it, in place, into the
-    gradient of the logits (softmax - onehot(gold)) * -grad, then the three matmul gradients."""
+    gradient of the logits (softmax - onehot(gold)) * -grad, then the three matmul gradients.
+    The buffer is consumed by the first backward and goes back to the pool; a later backward
+    through the same graph (``retain_graph``, e.g. the gradient norms of Figure 2, one quantity
+    after another) computes the softmax again from the saved inputs."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, weight: Tensor, bias: Tensor, gold: Tensor) -> Tensor:
         low = _matmul_dtype(rows.device)
         probabilities = _logits(rows, weight, bias, _POOL.take(rows, low), low)
         log_p = _log_softmax_at_gold(probabilities, gold)
-        ctx.save_for_backward(rows, weight, probabilities, gold)
-        ctx.low, ctx.used = low, False
+        ctx.save_for_backward(rows, weight, bias, gold)
+        # an attribute, not a saved tensor: once consumed it returns to the pool and may be
+        # rewritten by another forward, which autograd's version check on saved tensors would refuse
+        ctx.probabilities, ctx.low = probabilities, low
         return log_p.to(rows.dtype) if low is None else log_p
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        if ctx.used:  # the buffer became the gradient the first time
-            raise RuntimeError("the fused output layer's backward runs once (no retain_graph)")
-        ctx.used = True
-        rows, weight, gradient, gold = ctx.saved_tensors
+        rows, weight, bias, gold = ctx.saved_tensors
+        low = ctx.low
+        gradient, ctx.probabilities = ctx.probabilities, None
+        if gradient is None:  # a second backward: the softmax again, into a buffer of its own
+            gradient = _logits(rows, weight, bias, _POOL.take(rows, low), low)
+            _log_softmax_at_gold(gradient, gold)
         buffer = gradient
         gradient.mul_(-grad.unsqueeze(-1))  # d log_p / d logits = onehot(gold) - softmax
         index = gold.expand(*gradient.shape[:-1]).unsqueeze(-1)
         gradient.scatter_add_(-1, index, grad.unsqueeze(-1).to(gradient.dtype))
-        low = ctx.low
         if low is not None:
             gradient, rows_low, weight_low = gradient.to(low), rows.to(low), weight.to(low)
         else:
