@@ -152,7 +152,7 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
     output_dir = Path(output_dir).absolute()
     ckpt_root = output_dir / "checkpoints"
     device = resolve_device(config.train.device)
-    bf16_autocast(device, config.train.amp)  # a device without bf16 units stops here, before the data loads
+    autocast = bf16_autocast(device, config.train.amp)  # a device without bf16 units stops here, before the data loads
     if corpus is None:
         log(f"loading {config.data.dataset} ...")
         corpus = load_corpus(config.data, ("train", "valid"))
@@ -177,7 +177,7 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
     log(f"{config.preset} on {config.data.dataset} ({config.scale} scale): {n_params:,} parameters, "
         f"{len(corpus['train'].examples):,} training sentences, device {device}, {config.train.steps} steps")
     loop = _Loop(config, model, optimizer, objective, training_batches(config, corpus, state), corpus, device,
-                 ckpt_root, state, log)
+                 ckpt_root, state, log, autocast)
     last_metrics = loop.run(callbacks)
     return train_result(config, output_dir, state, last_metrics)
 
@@ -272,11 +272,11 @@ class _Loop:
 
     def __init__(self, config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective,
                  batches: BatchStream, corpus: Corpus, device: torch.device, ckpt_root: Path, state: TrainState,
-                 log: Log):
+                 log: Log, autocast: contextlib.AbstractContextManager):
         self.config, self.model, self.optimizer, self.objective = config, model, optimizer, objective
         self.batches, self.corpus, self.device, self.ckpt_root = batches, corpus, device, ckpt_root
         self.state, self.log = state, log
-        self.autocast = bf16_autocast(device, config.train.amp)
+        self.autocast = autocast  # train.amp's, from bf16_autocast
         self.progress = Progress(config.train.steps, state.step)
         self.divergence = DivergenceWatch(device)
         self.dynamics = (HeldOutDynamics(model, corpus["valid"].examples[:GRAD_BATCH], device, config.train.seed)
