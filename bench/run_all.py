@@ -117,7 +117,8 @@ def part_eval(args) -> dict:
     subset_tokens = subset.n_tokens
     precision = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     with precision:
-        evaluate(model, dataclasses.replace(subset, examples=subset.examples[:8]), n_samples=2, with_mi=False)  # warm-up
+        warm_up = dataclasses.replace(subset, examples=subset.examples[:8])
+        evaluate(model, warm_up, n_samples=2, with_mi=False)
         _synchronize(device)
         start = time.perf_counter()
         result = evaluate(model, subset, n_samples=args.n_samples, with_mi=False)
