@@ -23,7 +23,8 @@ from ..data import Batch
 from ..errors import CvaeError
 from ..modules.networks import BiGRUEncoder, GRUDecoder
 from ..modules.posteriors import GaussianHead
-from .text_vae import ModelOutput, TextVAE, make_embedding, with_condition
+from ..modules.stacked import make_embedding
+from .text_vae import ModelOutput, TextVAE, with_condition
 
 
 def _post(batch: Batch) -> tuple[Tensor, Tensor]:

@@ -20,11 +20,13 @@ from torch.distributions import Distribution
 
 from ..config import ModelConfig
 from ..data import Batch
+from ..errors import CvaeError
 from ..modules.cnn_decoder import CNNDecoder
 from ..modules.flows import PlanarFlowHead
 from ..modules.networks import BiGRUEncoder, GRUDecoder, SignalNetwork
 from ..modules.posteriors import GaussianHead, LatentDistribution, LatentSample
 from ..modules.power_spherical import PowerSphericalHead
+from ..modules.stacked import make_embedding
 from ..modules.vmf import VonMisesFisherHead
 
 
@@ -41,11 +43,14 @@ class ModelOutput:
     prior: Distribution | None = None  # p(z) or p(z|post), what the KL term regularises towards
 
 
-def make_posterior_head(config: ModelConfig, in_dim: int) -> nn.Module:
-    """A fresh posterior head of the configured family (each call has its own weights)."""
+def make_posterior_head(config: ModelConfig, in_dim: int, members: int | None = None) -> nn.Module:
+    """A fresh posterior head of the configured family (each call has its own weights); with
+    ``members``, K stacked heads (the Gaussian family only)."""
     family = config.posterior
+    if members is not None and family != "gaussian":
+        raise CvaeError(f"a member-stacked model supports the Gaussian posterior only, got {family!r}")
     if family == "gaussian":
-        return GaussianHead(in_dim, config.latent_dim)
+        return GaussianHead(in_dim, config.latent_dim, members=members)
     if family == "vmf":
         return VonMisesFisherHead(in_dim, config.latent_dim, wood_b=config.vmf_sampler)
     if family == "power_spherical":
@@ -55,19 +60,16 @@ def make_posterior_head(config: ModelConfig, in_dim: int) -> nn.Module:
     raise ValueError(f"unknown posterior family {family!r}")
 
 
-def make_decoder(config: ModelConfig, embedding: nn.Embedding) -> nn.Module:
-    """A fresh decoder sharing ``embedding`` (decoders expose logits/log_likelihood/greedy)."""
+def make_decoder(config: ModelConfig, embedding: nn.Module, members: int | None = None) -> nn.Module:
+    """A fresh decoder sharing ``embedding`` (decoders expose logits/log_likelihood/greedy); with
+    ``members``, K stacked decoders (the GRU decoder only)."""
     if config.decoder == "gru":
-        return GRUDecoder(embedding, 2 * config.hidden_dim, config.dropout)
+        return GRUDecoder(embedding, 2 * config.hidden_dim, config.dropout, members=members)
+    if members is not None:
+        raise CvaeError(f"a member-stacked model supports the GRU decoder only, got {config.decoder!r}")
     if config.decoder == "cnn":
         return CNNDecoder(embedding, config.cnn_filters, config.cnn_dilations, config.dropout)
     raise ValueError(f"unknown decoder {config.decoder!r}")
-
-
-def make_embedding(vocab_size: int, embed_dim: int) -> nn.Embedding:
-    embedding = nn.Embedding(vocab_size, embed_dim)
-    nn.init.normal_(embedding.weight, 0.0, 1.0)  # the authors' N(0, 1) initialisation
-    return embedding
 
 
 def with_condition(h: Tensor, condition: Tensor | None) -> Tensor:
@@ -117,18 +119,24 @@ class DenoisingAutoencoder(nn.Module):
 
 
 class TextVAE(nn.Module):
-    """encoder -> posterior head -> signal network -> decoder, for any posterior family."""
+    """encoder -> posterior head -> signal network -> decoder, for any posterior family.
+
+    ``members`` K: K such models of one config stacked as one (a pack, ``cvae_core.packed``; the
+    Gaussian GRU model only): the same wiring and parameter names, every parameter and every
+    tensor of ``forward`` with a leading member dimension (rec [K, B], z [K, B, d], h [K, B, E]).
+    """
 
     kind = "vae"
     conditional = False  # reads post/response pairs
 
-    def __init__(self, config: ModelConfig, vocab_size: int):
+    def __init__(self, config: ModelConfig, vocab_size: int, members: int | None = None):
         super().__init__()
-        self.embedding = make_embedding(vocab_size, config.embed_dim)
-        self.encoder = BiGRUEncoder(self.embedding, config.hidden_dim, config.dropout)
-        self.head = make_posterior_head(config, self.head_input_dim)
-        self.signal = SignalNetwork(config.latent_dim, config.embed_dim)
-        self.decoder = make_decoder(config, self.embedding)
+        self.members = members
+        self.embedding = make_embedding(vocab_size, config.embed_dim, members)
+        self.encoder = BiGRUEncoder(self.embedding, config.hidden_dim, config.dropout, members)
+        self.head = make_posterior_head(config, self.head_input_dim, members)
+        self.signal = SignalNetwork(config.latent_dim, config.embed_dim, members)
+        self.decoder = make_decoder(config, self.embedding, members)
 
     @property
     def head_input_dim(self) -> int:
@@ -194,15 +202,17 @@ class TextVAE(nn.Module):
             target.copy_(source.to(target.device, target.dtype))
         return list(targets)
 
-    def forward_from_encoding(self, batch: Batch, e: Tensor) -> ModelOutput:
+    def forward_from_encoding(self, batch: Batch, e: Tensor, noise: Tensor | None = None) -> ModelOutput:
+        """``noise``: the standard normal draw of a Gaussian posterior's sample (drawn if None;
+        a pack passes each member's draw from its own stream)."""
         posterior = self.head(e)
-        sample = posterior.rsample_with_log_prob()
+        sample = posterior.rsample_with_log_prob() if noise is None else posterior.sample_from_noise(noise)
         h = with_condition(self.signal(sample.z), self.condition_from_encoding(e))
         rec = -self.decoder.log_likelihood(batch.inputs, batch.targets, h)
         return ModelOutput(rec=rec, posterior=posterior, sample=sample, h=h, prior=self.prior_from_encoding(e))
 
-    def forward(self, batch: Batch) -> ModelOutput:
-        return self.forward_from_encoding(batch, self.encode(batch))
+    def forward(self, batch: Batch, noise: Tensor | None = None) -> ModelOutput:
+        return self.forward_from_encoding(batch, self.encode(batch), noise)
 
 
 class CoupledVAE(nn.Module):
@@ -220,9 +230,13 @@ class CoupledVAE(nn.Module):
     def __init__(self, base: TextVAE, config: ModelConfig):
         super().__init__()
         self.base = base
-        self.twin_head = make_posterior_head(config, base.head_input_dim)
-        self.twin_signal = SignalNetwork(config.latent_dim, config.embed_dim)
-        self.twin_decoder = make_decoder(config, base.embedding)
+        self.twin_head = make_posterior_head(config, base.head_input_dim, base.members)
+        self.twin_signal = SignalNetwork(config.latent_dim, config.embed_dim, base.members)
+        self.twin_decoder = make_decoder(config, base.embedding, base.members)
+
+    @property
+    def members(self) -> int | None:
+        return self.base.members
 
     @property
     def conditional(self) -> bool:
@@ -248,9 +262,9 @@ class CoupledVAE(nn.Module):
         """The base's inference network plus the twin's posterior head (both read e = enc(x))."""
         return [*self.base.inference_parameters(), *self.twin_head.parameters()]
 
-    def forward(self, batch: Batch) -> ModelOutput:
+    def forward(self, batch: Batch, noise: Tensor | None = None) -> ModelOutput:
         e = self.base.encode(batch)
-        out = self.base.forward_from_encoding(batch, e)
+        out = self.base.forward_from_encoding(batch, e, noise)
         code = self.twin_head(e).coupled_code()
         out.h_coupled = with_condition(self.twin_signal(code), self.base.condition_from_encoding(e))
         out.rec_coupled = -self.twin_decoder.log_likelihood(batch.inputs, batch.targets, out.h_coupled)

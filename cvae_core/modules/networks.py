@@ -1,4 +1,11 @@
-"""Encoder, decoding-signal network and GRU decoder of the paper, as the authors' code builds them."""
+"""Encoder, decoding-signal network and GRU decoder of the paper, as the authors' code builds them.
+
+Each takes ``members``: None builds one network, K builds K of them stacked (a pack's,
+``cvae_core.packed``) from the layers of :mod:`.stacked`, under the same parameter names, with a
+leading member dimension on every parameter and on every activation (x [B, ...] -> [K, B, ...];
+the batch's token ids are shared).  The wiring is written once, here; only the GRU has two
+implementations: ``nn.GRU`` (cuDNN, fused CPU kernels) for one network, a stacked scan for K.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,32 +14,33 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from ..data.vocab import PAD, UNK
 from .output_layer import output_token_log_likelihood
-from .stacked import make_linear
+from .stacked import PackedGRU, make_gru, make_linear
 
 
 class BiGRUEncoder(nn.Module):
-    """words [B, T], lengths [B] -> e [B, 2H]: the final forward and backward states, forward first."""
+    """words [B, T], lengths [B] -> e [B, 2H] ([K, B, 2H] with members): the final forward and
+    backward states, forward first."""
 
-    def __init__(self, embedding: nn.Embedding, hidden_dim: int, dropout: float):
+    def __init__(self, embedding: nn.Module, hidden_dim: int, dropout: float, members: int | None = None):
         super().__init__()
         self.embedding = embedding
         self.dropout = nn.Dropout(dropout)
-        self.gru = nn.GRU(embedding.embedding_dim, hidden_dim, batch_first=True, bidirectional=True)
+        self.gru = make_gru(embedding.embedding_dim, hidden_dim, members, bidirectional=True)
         self.out_dim = 2 * hidden_dim
 
     def forward(self, words: Tensor, lengths: Tensor) -> Tensor:
         embedded = self.dropout(self.embedding(words))
         # An empty sentence is read as one <pad>: its code then depends on the model, not on NaNs.
-        packed = pack_padded_sequence(embedded, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        lengths = lengths.clamp(min=1)
+        if isinstance(self.gru, PackedGRU):
+            return self.gru.final_states(embedded, lengths.to(words.device))
+        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
         _, last = self.gru(packed)  # [2, B, H]
         return last.transpose(0, 1).reshape(words.shape[0], self.out_dim)
 
 
 class SignalNetwork(nn.Module):
-    """z [..., d] -> decoding signal h [..., E]: Linear -> ReLU -> Linear ("toInit").
-
-    With ``members`` K: K such networks stacked (a pack's, ``cvae_core.packed``), z [K, ..., d]
-    -> h [K, ..., E], under the same parameter names."""
+    """z [..., d] -> decoding signal h [..., E]: Linear -> ReLU -> Linear ("toInit")."""
 
     def __init__(self, latent_dim: int, signal_dim: int, members: int | None = None):
         super().__init__()
@@ -51,19 +59,20 @@ def sequence_log_likelihood(logits: Tensor, targets: Tensor) -> Tensor:
     return -token_nll.view(targets.shape).sum(-1)
 
 
-def output_log_likelihood(features: Tensor, targets: Tensor, output: nn.Linear) -> Tensor:
-    """features [B, T, F] (the output layer's input), targets [B, T] -> [B]: the sum over
-    non-pad targets of log softmax(output(features))[target], nats.
+def output_log_likelihood(features: Tensor, targets: Tensor, output: nn.Module) -> Tensor:
+    """features [B, T, F] (the output layer's input; [K, B, T, F] with members), targets [B, T]
+    -> [B] ([K, B]): the sum over non-pad targets of log softmax(output(features))[target], nats.
 
     The output layer is computed only at real (non-pad) positions, fused with its log-softmax
     (:mod:`.output_layer`: one full-vocabulary buffer per call, tiled without autograd).
     """
     real = targets != PAD
-    rows, gold = features[real], targets[real]  # [R, F], [R], sentence-major
+    members = features.dim() - targets.dim() - 1  # 1 when the features carry a member dimension
+    rows, gold = features[(slice(None),) * members + (real,)], targets[real]  # [(K,) R, F], [R], sentence-major
     sentence = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[real]
-    token_log_p = output_token_log_likelihood(rows, output.weight, output.bias, gold)
-    total = torch.zeros(targets.shape[0], dtype=token_log_p.dtype, device=targets.device)
-    return total.index_add(0, sentence, token_log_p)
+    token_log_p = output_token_log_likelihood(rows, output.weight, output.bias, gold)  # [(K,) R]
+    total = torch.zeros(*rows.shape[:members], targets.shape[0], dtype=token_log_p.dtype, device=targets.device)
+    return total.index_add(members, sentence, token_log_p)
 
 
 class GRUDecoder(nn.Module):
@@ -72,28 +81,31 @@ class GRUDecoder(nn.Module):
     With a signal: the state starts from zeros and takes ONE step on [h; h]; every step's input
     is Dropout([Emb(y_{t-1}); h]).  Without a signal (GRU-LM) the input is the embedding alone.
     Output: Linear_{200->V}(tanh(Linear_{2H->200}(Dropout(GRU output)))), untied from the embedding.
+    With members: h [K, B, E] -> features and log-likelihoods with a leading K (``greedy`` is for
+    one network: a pack's members are decoded as the ordinary models they unpack into).
     """
 
-    def __init__(self, embedding: nn.Embedding, hidden_dim: int, dropout: float, conditioned: bool = True):
+    def __init__(self, embedding: nn.Module, hidden_dim: int, dropout: float, conditioned: bool = True,
+                 members: int | None = None):
         super().__init__()
         self.embedding = embedding
         embed_dim, vocab_size = embedding.embedding_dim, embedding.num_embeddings
-        self.gru = nn.GRU(embed_dim * (2 if conditioned else 1), hidden_dim, batch_first=True)
+        self.gru = make_gru(embed_dim * (2 if conditioned else 1), hidden_dim, members)
         self.dropout = nn.Dropout(dropout)
-        self.project = nn.Linear(hidden_dim, embed_dim)
-        self.output = nn.Linear(embed_dim, vocab_size)
+        self.project = make_linear(hidden_dim, embed_dim, members)
+        self.output = make_linear(embed_dim, vocab_size, members)
 
     def _initial_state(self, h: Tensor | None) -> Tensor | None:
         if h is None:
             return None
-        _, state = self.gru(torch.cat([h, h], dim=-1).unsqueeze(1))  # one step from zeros
+        _, state = self.gru(torch.cat([h, h], dim=-1).unsqueeze(-2))  # one step from zeros
         return state
 
     def features(self, inputs: Tensor, h: Tensor | None) -> Tensor:
         """inputs [B, T] (starting with <bos>), h [B, E] or None -> output-layer inputs [B, T, embed]."""
         embedded = self.embedding(inputs)
         if h is not None:
-            embedded = torch.cat([embedded, h.unsqueeze(1).expand(-1, inputs.shape[1], -1)], dim=-1)
+            embedded = torch.cat([embedded, h.unsqueeze(-2).expand(*embedded.shape[:-1], -1)], dim=-1)
         states, _ = self.gru(self.dropout(embedded), self._initial_state(h))
         return torch.tanh(self.project(self.dropout(states)))
 

@@ -77,6 +77,12 @@ class DiagonalGaussian(LatentDistribution):
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         return self._normal.rsample(sample_shape)
 
+    def sample_from_noise(self, noise: Tensor) -> LatentSample:
+        """The reparameterised sample loc + noise * scale of a given standard normal draw ``noise``
+        (shaped as ``loc``): what ``rsample_with_log_prob()`` computes from its own draw."""
+        z = self.loc + noise * self.scale
+        return LatentSample(z, self.log_prob(z), z)
+
     def log_prob(self, value: Tensor) -> Tensor:
         return self._normal.log_prob(value)
 
@@ -92,7 +98,7 @@ class GaussianHead(nn.Module):
     """e ``[B, in_dim]`` -> DiagonalGaussian: one Linear for the mean, one for the log-std.
 
     ``batch_norm=True`` adds BatchNorm1d after both Linears (the authors' NF/WAE-NF models).
-    With ``members`` K (no batch norm): K such heads stacked (a pack's, ``cvae_core.packed``),
+    With ``members`` K (no batch norm): K such heads stacked (``modules.stacked``),
     e [K, B, in_dim] -> a DiagonalGaussian over [K, B, d], under the same parameter names.
     """
 

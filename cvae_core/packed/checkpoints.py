@@ -25,10 +25,8 @@ from ..data.vocab import Vocab
 from ..errors import CvaeError
 from ..models import build_model
 from ..train import make_optimizer
-from .model import PackedCoupledVAE, PackedTextVAE, member_state_dict, pack
+from .model import Packed, member_state_dict, pack
 from .training import check_pack_configs
-
-Packed = PackedTextVAE | PackedCoupledVAE
 
 
 @dataclass

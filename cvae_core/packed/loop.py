@@ -31,10 +31,8 @@ from ..runtime import format_duration, resolve_device
 from ..train import (DivergenceWatch, Log, Progress, StopTraining, TrainResult, check_resumable,
                      evaluate_and_checkpoint, learning_rate, make_optimizer, train_result, training_batches)
 from .checkpoints import load_pack, save_member_checkpoint
-from .model import PackedCoupledVAE, PackedTextVAE, member_state_dict, pack
+from .model import Packed, member_state_dict, pack
 from .training import PackedObjective, check_pack_configs, train_step
-
-Packed = PackedTextVAE | PackedCoupledVAE
 
 
 @dataclass

@@ -17,7 +17,8 @@ from ..data import Batch
 from ..errors import CvaeError
 from ..objectives import Objective, matching_loss, weighted_loss
 from ..train import learning_rate
-from .model import PackedCoupledVAE, PackedOutput, PackedTextVAE
+from ..models.text_vae import ModelOutput
+from .model import Packed
 
 # Settings that may differ between the members of one pack (the loss weights, their schedule,
 # the seed); every other setting must be equal.  The preset is only a label.
@@ -83,10 +84,12 @@ class PackedObjective:
         distance = self.distance if isinstance(self.distance, str) else self.distance.to(h.device)
         return matching_loss(h, h_coupled, distance, self.rq_c.to(h.device))
 
-    def __call__(self, output: PackedOutput, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """-> (scalar: the sum of the members' losses, named parts [K] each a batch mean)."""
+    def __call__(self, output: ModelOutput, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """A pack's forward output (tensors [K, B, ...]) -> (scalar: the sum of the members'
+        losses, named parts [K] each a batch mean).  The KL is the ordinary model's term."""
         device = output.rec.device
-        parts = {"rec": output.rec.mean(-1), "kl": output.kl.mean(-1)}
+        kl = output.posterior.regularizer(output.prior, output.sample)  # [K, B]
+        parts = {"rec": output.rec.mean(-1), "kl": kl.mean(-1)}
         if self.coupled:
             parts["rec_coupled"] = output.rec_coupled.mean(-1)
             parts["match"] = self.matching(output.h, output.h_coupled).mean(-1)
@@ -110,7 +113,7 @@ def clip_grad_norm_per_member(parameters: Iterable[nn.Parameter], max_norm: floa
     return norms
 
 
-def train_step(packed: PackedTextVAE | PackedCoupledVAE, objective: PackedObjective, optimizer: torch.optim.Optimizer,
+def train_step(packed: Packed, objective: PackedObjective, optimizer: torch.optim.Optimizer,
                batch: Batch, step: int, config: Config, noise: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
     """Training step ``step`` (1-based) of every member, as the trainer makes it for one model:
     the learning rate of ``step``, forward in training mode (posterior noise [K, B, d], drawn if
