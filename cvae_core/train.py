@@ -178,8 +178,8 @@ def train(config: Config, output_dir: str | Path, callbacks: Iterable[Callback] 
         f"{len(corpus['train'].examples):,} training sentences, device {device}, {config.train.steps} steps")
     loop = _Loop(config, model, optimizer, objective, training_batches(config, corpus, state), corpus, device,
                  ckpt_root, state, log, autocast)
-    last_metrics = loop.run(callbacks)
-    return train_result(config, output_dir, state, last_metrics)
+    loop.run(callbacks)
+    return train_result(config, output_dir, state, loop.last_metrics)
 
 
 def training_batches(config: Config, corpus: Corpus, state: TrainState) -> BatchStream:
@@ -267,7 +267,58 @@ def _diverged(step: int, loss: float, grad_norm: float, preset: str) -> Diverged
     return Diverged(step, f"gradient norm is {grad_norm} ({preset}); lower train.lr")
 
 
-class _Loop:
+class StepLoop:
+    """The phases of a training loop, written once for one run (``_Loop``) and for a pack
+    (``cvae_core.packed.loop``): a training step; at a log or evaluation step the divergence check;
+    at a log step the progress line; at an evaluation step (every ``train.eval_every`` and the
+    last) the evaluations, checkpoints and callbacks.  A subclass says what each phase does."""
+
+    config: Config
+    log: Log
+    step: int
+    callbacks: list
+
+    def run(self, callbacks: Iterable) -> None:
+        """Train to ``train.steps``, or until nothing is left training or a callback stops it."""
+        self.callbacks = list(callbacks)
+        train = self.config.train
+        while self.training() and self.step < train.steps:
+            self.train_step()
+            evaluating = self.step % train.eval_every == 0 or self.step == train.steps
+            if self.step % train.log_every == 0 or evaluating:
+                self.check_divergence()
+            if self.training() and self.step % train.log_every == 0:
+                self.log(self.line())
+            if self.training() and evaluating and self.evaluate():
+                return
+
+    def training(self) -> bool:
+        """Whether anything is left to train (a pack's members can all leave before the last step)."""
+        return True
+
+    def train_step(self) -> None:
+        raise NotImplementedError
+
+    def check_divergence(self) -> None:
+        raise NotImplementedError
+
+    def line(self) -> str:
+        raise NotImplementedError
+
+    def evaluate(self) -> bool:
+        """Evaluate, checkpoint, call the callbacks. -> whether training stops here."""
+        raise NotImplementedError
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: Config, step: int) -> float:
+    """Give every parameter group step ``step``'s learning rate. -> that rate."""
+    lr = learning_rate(config, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+class _Loop(StepLoop):
     """One run's step loop over a TrainState: training steps, evaluations, checkpoints."""
 
     def __init__(self, config: Config, model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective,
@@ -283,31 +334,12 @@ class _Loop:
                          if config.train.dynamics_every else None)
         self.lagging = (LaggingPhase(model, objective, optimizer, config, state, self.autocast, log)
                         if config.train.aggressive else None)
+        self.kl_weight = self.lr = 0.0  # the last step's
+        self.last_metrics: dict[str, float] = {}  # the last evaluation's
 
-    def run(self, callbacks: Iterable[Callback]) -> dict[str, float]:
-        """Train to ``train.steps`` (or until a callback stops it). -> the last evaluation's metrics."""
-        config, state = self.config, self.state
-        last_metrics: dict[str, float] = {}
-        while state.step < config.train.steps:
-            kl_weight, lr = self.train_step(self.next_batch())
-            step = state.step
-            if self.dynamics is not None and step % config.train.dynamics_every == 0:
-                self.dynamics.measure()
-            evaluating = step % config.train.eval_every == 0 or step == config.train.steps
-            if step % config.train.log_every == 0 or evaluating:
-                self.divergence.check(config.preset)
-            if step % config.train.log_every == 0:
-                self.log(self.progress.line(step, kl_weight, lr))
-            if evaluating:
-                metrics, ckpt = self.evaluate_and_checkpoint(kl_weight, lr)
-                last_metrics = metrics
-                try:
-                    for callback in callbacks:
-                        callback(metrics, ckpt)
-                except StopTraining:
-                    self.log(f"stopped by a callback at step {step}")
-                    break
-        return last_metrics
+    @property
+    def step(self) -> int:
+        return self.state.step
 
     def next_batch(self):
         batch = self.batches.next(self.device)
@@ -318,14 +350,14 @@ class _Loop:
         """Lagging-VAE's inner loop: a random batch of the current epoch."""
         return self.batches.random(self.device)
 
-    def train_step(self, batch) -> tuple[float, float]:
-        """One optimizer step (after the Lagging-VAE inner loop, if on). -> (kl_weight, lr)."""
+    def train_step(self) -> None:
+        """One optimizer step (after the Lagging-VAE inner loop, if on), then Figure 2's gradient
+        norms when due."""
         config, model, optimizer, state = self.config, self.model, self.optimizer, self.state
+        batch = self.next_batch()
         state.step += 1
         step = state.step
-        lr = learning_rate(config, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        self.lr = set_learning_rate(optimizer, config, step)
         model.train()
         extra = {}
         scope = contextlib.nullcontext()
@@ -345,26 +377,40 @@ class _Loop:
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.train.clip_norm)
         self.divergence.watch(step, loss, grad_norm)
         optimizer.step()
-        kl_weight = self.objective.kl_weight(step)
+        self.kl_weight = self.objective.kl_weight(step)
         self.progress.add(parts, batch.n_tokens, {"grad_norm": grad_norm, **extra})
-        return kl_weight, lr
+        if self.dynamics is not None and step % config.train.dynamics_every == 0:
+            self.dynamics.measure()
 
-    def evaluate_and_checkpoint(self, kl_weight: float, lr: float) -> tuple[dict[str, float], Path]:
-        """Validation metrics, the best-so-far bookkeeping, a checkpoint (and the links).
-        -> (the evaluation's metrics, the checkpoint written)."""
+    def check_divergence(self) -> None:
+        self.divergence.check(self.config.preset)
+
+    def line(self) -> str:
+        return self.progress.line(self.step, self.kl_weight, self.lr)
+
+    def evaluate(self) -> bool:
+        """Validation metrics, the best-so-far bookkeeping, a checkpoint (and the links), then the
+        callbacks. -> whether one of them stopped training."""
         def save(directory: Path) -> Path:
             return save_checkpoint(directory, model=self.model, optimizer=self.optimizer, state=self.state,
                                    config=self.config, vocab=self.corpus.vocab)
 
         progress = self.progress
-        training = {"kl_weight": kl_weight, "lr": lr, "tokens_per_s": progress.tokens_per_second(), **progress.means(),
-                    **(self.dynamics.means() if self.dynamics is not None else {})}
+        training = {"kl_weight": self.kl_weight, "lr": self.lr, "tokens_per_s": progress.tokens_per_second(),
+                    **progress.means(), **(self.dynamics.means() if self.dynamics is not None else {})}
         progress.reset()
         metrics, ckpt, eval_seconds = evaluate_and_checkpoint(
             self.config, self.model, self.state, training, self.corpus, self.ckpt_root, save, self.log,
             lagging=self.lagging)
         progress.exclude(eval_seconds)
-        return metrics, ckpt
+        self.last_metrics = metrics
+        try:
+            for callback in self.callbacks:
+                callback(metrics, ckpt)
+        except StopTraining:
+            self.log(f"stopped by a callback at step {self.step}")
+            return True
+        return False
 
 
 def evaluate_and_checkpoint(config: Config, model: nn.Module, state: TrainState, training: dict[str, float],

@@ -28,7 +28,7 @@ from ..data import Corpus, load_corpus
 from ..errors import CvaeError, Diverged
 from ..models import build_model
 from ..runtime import format_duration, resolve_device
-from ..train import (DivergenceWatch, Log, Progress, StopTraining, TrainResult, check_resumable,
+from ..train import (DivergenceWatch, Log, Progress, StepLoop, StopTraining, TrainResult, check_resumable,
                      evaluate_and_checkpoint, learning_rate, make_optimizer, train_result, training_batches)
 from .checkpoints import load_pack, save_member_checkpoint
 from .model import Packed, member_state_dict, pack
@@ -189,9 +189,9 @@ class _StreamAsProcessRng:
         return self.fork.__exit__(*exc)
 
 
-class _PackLoop:
-    """The pack's step loop: training steps of every member at once, per-member divergence,
-    evaluations, callbacks and dropping members."""
+class _PackLoop(StepLoop):
+    """The pack's phases of ``train.StepLoop``: training steps of every member at once, per-member
+    divergence, evaluations, callbacks and dropping members."""
 
     def __init__(self, packed: Packed, optimizer: torch.optim.Optimizer, members: list[_Member], corpus: Corpus,
                  device: torch.device, log: Log, on_member_end: Callable[[MemberEnd], None] | None):
@@ -207,18 +207,12 @@ class _PackLoop:
         self.ends: dict[int, MemberEnd] = {}
 
     def run(self, callbacks: list[PackCallback]) -> None:
-        train = self.config.train
-        while self.members and self.step < train.steps:
-            self.train_step()
-            evaluating = self.step % train.eval_every == 0 or self.step == train.steps
-            if self.step % train.log_every == 0 or evaluating:
-                self.drop_diverged()
-            if self.members and self.step % train.log_every == 0:
-                self.log(self.line())
-            if self.members and evaluating:
-                self.evaluate(callbacks)
+        super().run(callbacks)
         for member in list(self.members):
             self.end(member, "done")
+
+    def training(self) -> bool:
+        return bool(self.members)
 
     def train_step(self) -> None:
         batch = self.batches.next(self.device)
@@ -242,7 +236,8 @@ class _PackLoop:
         return (f"step {self.step}/{self.config.train.steps} | {len(self.members)} members | loss {summary} | "
                 f"lr {lr:.2e} | {rate * len(self.members):,.0f} tok/s | ETA {format_duration(eta)}")
 
-    def drop_diverged(self) -> None:
+    def check_divergence(self) -> None:
+        """Diverged members end "diverged" and leave the pack; the others go on."""
         outcomes = self.divergence.outcomes([m.config.preset for m in self.members])
         diverged = [(m, outcome) for m, outcome in zip(self.members, outcomes) if outcome is not None]
         if not diverged:
@@ -251,8 +246,9 @@ class _PackLoop:
             self.log(f"member {member.index}: {outcome}")
         self.drop([m for m, _ in diverged], "diverged", [outcome for _, outcome in diverged])
 
-    def evaluate(self, callbacks: list[PackCallback]) -> None:
-        """Every member's evaluation and checkpoint (as train() makes them), then the callbacks."""
+    def evaluate(self) -> bool:
+        """Every member's evaluation and checkpoint (as train() makes them), then the callbacks;
+        the members they stop leave the pack. -> False: the loop ends when no member is left."""
         lr = learning_rate(self.config, self.step)
         tokens_per_s = self.progress.tokens_per_second()
         evaluations, seconds = [], 0.0
@@ -270,7 +266,7 @@ class _PackLoop:
         self.progress.exclude(seconds)
         stop: set[int] = set()
         try:
-            for callback in callbacks:
+            for callback in self.callbacks:
                 stop.update(callback(evaluations) or ())
         except StopTraining:
             self.log(f"stopped by a callback at step {self.step}")
@@ -281,6 +277,7 @@ class _PackLoop:
                 self.log(f"stopped by a callback at step {self.step}: member "
                          + ", ".join(str(m.index) for m in stopped))
             self.drop(stopped, "stopped")
+        return False
 
     def member_model(self, k: int) -> torch.nn.Module:
         """Member k's ordinary model holding its current weights (for evaluation)."""

@@ -16,7 +16,7 @@ from ..config import Config
 from ..data import Batch
 from ..errors import CvaeError
 from ..objectives import Objective, matching_loss, weighted_loss
-from ..train import learning_rate
+from ..train import set_learning_rate
 from ..models.text_vae import ModelOutput
 from .model import Packed
 
@@ -120,9 +120,7 @@ def train_step(packed: Packed, objective: PackedObjective, optimizer: torch.opti
     None), the summed loss, backward, per-member clipping by train.clip_norm, one Adam step.
     ``config`` is any member's (they share every train.* setting).
     -> (named loss parts [K] each a batch mean, gradient norms before clipping [K])."""
-    lr = learning_rate(config, step)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(optimizer, config, step)
     packed.train()
     loss, parts = objective(packed(batch, noise), step)
     optimizer.zero_grad(set_to_none=True)
