@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -54,7 +55,9 @@ def run_one(preset: str, out: str, steps: int = 0) -> dict:
     torch.set_num_threads(1)
     config = build_config(preset, "ptb", "quick", budget(preset, steps))
     started = time.perf_counter()
-    result = train(config, Path(out) / preset, log=lambda text: None)
+    run = Path(out) / preset
+    shutil.rmtree(run, ignore_errors=True)  # this benchmark's own folder from an earlier run: train() would refuse it
+    result = train(config, run, log=lambda text: None)
     best = result.best_metrics
     return {"preset": preset, "seconds": time.perf_counter() - started, "step": best.get("step"),
             **{k: best.get(k) for k in METRICS}}
@@ -69,7 +72,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=FAMILIES, choices=FAMILIES, metavar="FAMILY",
                         help=f"base presets whose coupled- twin is run too (default: all: {' '.join(FAMILIES)})")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each")
-    parser.add_argument("--out", default="bench_out/families", help="run folders and results.jsonl")
+    parser.add_argument("--out", default="bench_out/families", help="run folders and results.jsonl (replaced on each run)")
     parser.add_argument("--steps", type=int, default=0, help="train every run this many steps (0 = the budget's)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"smallest settings {SMOKE}, explicit flags still win: checks that the script runs")
