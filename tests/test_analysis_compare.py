@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
 from conftest import TINY_STUDY as TINY
-from test_analysis import run_cli
+from test_analysis import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -139,3 +140,18 @@ def test_bad_input_stops_in_one_line_and_writes_nothing(store, tmp_path, studies
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith("analysis: error: ") and fragment in lines[0], lines[0]
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_after_a_study_page_command_runs_as_written(store):
+    """docs/after-a-study.md's compare command (the output it shows is these studies'), copied from
+    the page and run in the folder the studies ran in, after the README's activation line."""
+    from test_readme_commands import VENV, bash, commands
+
+    page = (REPO / "docs" / "after-a-study.md").read_text()
+    (command,) = [c for c in commands(page) if c.startswith("python -m analysis compare")]
+    root = Path(store["uri"].removeprefix("sqlite:///")).parent
+    (root / ".venv").symlink_to(VENV)
+    done = bash(command, root)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert "# 2 studies compared (experiment coupled-vae-studies): screen, full" in done.stdout, done.stdout
+    assert (root / "analysis-compare" / "screen-vs-full" / "compare.md").is_file()

@@ -1,6 +1,12 @@
-"""Every command of the README's "Studies" (with its cluster part) and "After a study" sections,
-copied from the README at test time and run as written, in a bash shell after the README's own
-`source .venv/bin/activate`, in a scratch folder laid out like a fresh clone.
+"""Every command of the README and of the docs pages that show commands, copied from the page at
+test time and run as written, in a bash shell after the README's own `source .venv/bin/activate`,
+in a scratch folder laid out like a fresh clone.  Which test runs which page's commands:
+`test_every_command_on_a_page_is_run_by_a_test` (a new page or section with commands fails it).
+
+`cvae` training commands get `--set` flags that shrink the model and the budget (evaluations a
+`--limit`); the placeholders `DIR` and `/data/yahoo` become folders cut from ../shared/data, and
+`...` the flags `--preset coupled-vae`; the development commands run with `--collect-only` (pytest)
+or `--smoke` (benchmarks).
 
 Study commands get extra flags that shrink the budget (the README's text comes first, unchanged);
 `best` gets flags for a quick evaluation. The MLflow UI command is started on a free loopback
@@ -10,6 +16,7 @@ The cluster commands need AWS: offline, each `ray` subcommand and every flag the
 are checked against the installed CLI's help, and the sweep's flags against its own parser."""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import signal
@@ -67,6 +74,109 @@ README = (REPO / "README.md").read_text()
 STUDIES = section(README, "## Studies")
 CLUSTER = section(STUDIES, "### On a cluster")
 AFTER = section(README, "## After a study")
+CVAE = section(README, "## The `cvae` command")
+DEVELOPMENT = section(README, "## Development")
+SETUP = README.split("\n## ", 1)[0]  # the two commands above the first section
+DOCS = REPO / "docs"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def test_every_command_on_a_page_is_run_by_a_test():
+    """The README's commands lie in the sections the tests here run (the two set-up commands are
+    .ci/run's), and the docs pages that show commands are the ones these tests read."""
+    covered = [*commands(SETUP), *commands(CVAE), *commands(STUDIES), *commands(AFTER), *commands(DEVELOPMENT)]
+    assert sorted(commands(README)) == sorted(covered)
+    assert commands(SETUP) == ['python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && '
+                               ".venv/bin/python studies/lambda_sweep.py",
+                               'python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && .venv/bin/pytest']
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert ci[-3:] == ["python3 -m venv .venv", '.venv/bin/pip install --quiet -e ".[dev]"', ".venv/bin/pytest"]
+    # docs/cluster.md repeats the README's cluster commands, which the offline test below checks
+    assert commands((DOCS / "cluster.md").read_text()) == commands(CLUSTER)
+    with_commands = sorted(page.name for page in DOCS.glob("*.md") if commands(page.read_text()))
+    assert with_commands == ["after-a-study.md", "cluster.md", "study-life.md"]
+    page = commands((DOCS / "after-a-study.md").read_text())
+    # the other two run in the tests whose studies the page shows: test_analysis_compare.py
+    # (as written) and test_dashboard.py (on a free port, the study named)
+    assert [c for c in page if c not in commands(AFTER)] == ["python -m analysis dashboard --port 8137",
+                                                            "python -m analysis compare screen full"]
+
+
+def cut_data(root: Path) -> dict[str, Path]:
+    """The folders the README's placeholders stand for, cut from ../shared/data (the shared
+    splits have no training file: each training file is its validation split)."""
+    folders = {}
+    for name, suffix in (("yahoo", ".txt"), ("swda", ".jsonl")):
+        folder = root / f"data-{name}"
+        folder.mkdir(exist_ok=True)
+        valid = (SHARED_DATA / name / f"valid{suffix}").read_text(encoding="utf-8")
+        for split in ("train", "valid"):
+            (folder / f"{split}{suffix}").write_text(valid, encoding="utf-8")
+        (folder / f"test{suffix}").write_text((SHARED_DATA / name / f"test{suffix}").read_text(encoding="utf-8"),
+                                              encoding="utf-8")
+        folders[name] = folder
+    return folders
+
+
+TINY_RUN = " ".join(f"--set {k}={v}" for k, v in TINY.items())
+
+
+@pytest.mark.slow
+def test_every_cvae_command_of_the_readme_runs_as_written(checkout):
+    """The `cvae` section (with the dialogue part) in order: presets, training at both scales and
+    on the Yahoo and Switchboard layouts, an interrupted run continued with --resume, evaluation
+    of its best checkpoint, the conditional model's evaluation and responses."""
+    data = cut_data(checkout)
+    listed = commands(CVAE)
+    resume = next(c for c in listed if "--resume" in c)
+    for command in listed:
+        runnable = (command.replace("/data/yahoo", str(data["yahoo"])).replace("--data-dir DIR", f"--data-dir {data['swda']}")
+                    .replace("cvae train ...", "cvae train --preset coupled-vae"))
+        if runnable.startswith("cvae train"):
+            runnable = f"{runnable} {TINY_RUN}"
+        if runnable.startswith("cvae evaluate"):  # the first 100 sentences, fewer prior samples for --dist
+            runnable += " --limit 100" + (" --dist-samples 200" if "--dist" in runnable else "")
+        if command == resume:
+            # an interrupted run to continue: the same command without --resume, stopped with
+            # Ctrl-C (SIGINT) after its first evaluation
+            first = runnable.replace(" --resume", "")
+            proc = subprocess.Popen(["bash", "-c", f"source .venv/bin/activate && exec {first}"], cwd=checkout,
+                                    env=env_without_mlflow(PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO)), text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if "eval step 10 " in line:
+                    proc.send_signal(signal.SIGINT)
+                    break
+            rest = proc.communicate(timeout=300)[0]
+            assert proc.returncode != 0, "".join(lines) + rest
+            kill_group(proc)
+        result = bash(runnable, checkout)
+        assert result.returncode == 0, f"{command}\n{result.stdout[-4000:]}"
+        if command == resume:
+            assert re.search(r"resumed from step-0*10 at step 10 ", result.stdout), result.stdout[-2000:]
+        if "--json" in command:  # one indented JSON object, printed last
+            assert json.loads(result.stdout[result.stdout.index("{"):])["nll"] > 0, result.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_every_development_command_of_the_readme_runs(checkout):
+    """pytest as written plus --collect-only (the suite cannot run inside itself): both marker
+    selections are accepted and the second leaves the slow tests out; every benchmark as written
+    plus --smoke (its smallest settings)."""
+    collected = {}
+    for command in commands(DEVELOPMENT):
+        if command.startswith(".venv/bin/pytest"):
+            result = bash(f"cd {REPO} && {command} --collect-only -q", checkout, timeout_s=600)  # writes nothing
+            assert result.returncode == 0, f"{command}\n{result.stdout[-4000:]}"
+            collected[command] = int(re.search(r"(\d+)(?:/\d+)? tests? (?:collected|selected)", result.stdout).group(1))
+        else:
+            assert command.startswith(".venv/bin/python bench/"), command
+            result = bash(f"{command} --smoke", checkout)  # what it writes stays in the scratch folder
+            assert result.returncode == 0, f"{command}\n{result.stdout[-4000:]}"
+    whole, fast = (collected[c] for c in commands(DEVELOPMENT)[:2])
+    assert 0 < fast < whole, collected
 
 
 def test_the_sections_hold_the_commands_this_test_runs():
@@ -83,7 +193,8 @@ def test_the_sections_hold_the_commands_this_test_runs():
 def checkout(tmp_path_factory) -> Path:
     """A folder shaped like a fresh clone after the setup line: the project's files and `.venv`."""
     root = tmp_path_factory.mktemp("clone")
-    for name in ("studies", "analysis", "cvae_core", "mlflow", "ray_cluster.yaml", "pyproject.toml", "README.md"):
+    for name in ("studies", "analysis", "cvae_core", "mlflow", "bench", "ray_cluster.yaml", "pyproject.toml",
+                 "README.md"):
         (root / name).symlink_to(REPO / name)
     (root / ".venv").symlink_to(VENV)
     return root
