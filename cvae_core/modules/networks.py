@@ -67,12 +67,11 @@ def output_log_likelihood(features: Tensor, targets: Tensor, output: nn.Module) 
     (:mod:`.output_layer`: one full-vocabulary buffer per call, tiled without autograd).
     """
     real = targets != PAD
-    members = features.dim() - targets.dim() - 1  # 1 when the features carry a member dimension
-    rows, gold = features[(slice(None),) * members + (real,)], targets[real]  # [(K,) R, F], [R], sentence-major
+    rows, gold = features[..., real, :], targets[real]  # [(K,) R, F], [R], sentence-major
     sentence = torch.arange(targets.shape[0], device=targets.device).unsqueeze(1).expand_as(targets)[real]
     token_log_p = output_token_log_likelihood(rows, output.weight, output.bias, gold)  # [(K,) R]
-    total = torch.zeros(*rows.shape[:members], targets.shape[0], dtype=token_log_p.dtype, device=targets.device)
-    return total.index_add(members, sentence, token_log_p)
+    total = token_log_p.new_zeros(*token_log_p.shape[:-1], targets.shape[0])
+    return total.index_add(-1, sentence, token_log_p)
 
 
 class GRUDecoder(nn.Module):

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from ..config import Config
 from ..data import Batch
 from ..errors import CvaeError
+from ..models.text_vae import ModelOutput
 from ..objectives import Objective, matching_loss, weighted_loss
 from ..train import set_learning_rate
-from ..models.text_vae import ModelOutput
 from .model import Packed
 
 # Settings that may differ between the members of one pack (the loss weights, their schedule,
